@@ -1,0 +1,34 @@
+# Set-up and everyday commands. Every target creates the virtual environment first if it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONSTRAINTS := requirements/constraints.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: venv run test test-fast lint clean demo-data
+
+venv: $(STAMP)
+
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c $(CONSTRAINTS) torch==2.13.0
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]'
+	touch $(STAMP)
+
+# The main job: a real SegProp run on the embedded default (local Ray, local run directory,
+# a tiny Llama and a text corpus generated into .demo/).
+run: $(STAMP)
+	$(BIN)/segprop demo --out .demo
+
+# The whole test suite, slow end-to-end tests included (what .ci/run calls).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+# Everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) .demo runs .pytest_cache

@@ -1,0 +1,217 @@
+"""The typed run configuration: every field documented, impossible settings rejected."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from segprop_ray.config.training import TRAINING_FIELDS, Strict, TrainingConfig
+
+
+class DataConfig(Strict):
+    """Where the text comes from and how it is cut into fixed-length blocks."""
+
+    train: str | list[str]
+    """Training text: files, directories or globs (local paths or any fsspec URI, e.g. ``s3://``)."""
+    eval: str | list[str] | None = None
+    """Held-out text; when unset, ``eval_fraction`` of the training blocks is held out instead."""
+    eval_fraction: float = Field(0.05, gt=0, lt=1)
+    """Share of training blocks held out for evaluation when ``eval`` is unset."""
+    seq_len: int = Field(512, ge=8)
+    """Tokens per packed block (documents are concatenated with EOS and cut to this length)."""
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    """Input format; ``auto`` picks by file extension (.jsonl/.json, .parquet, anything else is text)."""
+    text_field: str = "text"
+    """Column (Parquet) or key (JSONL) holding the text."""
+    max_train_blocks: int | None = Field(None, ge=1)
+    """Keep at most this many training blocks (None: all)."""
+    max_eval_blocks: int | None = Field(None, ge=1)
+    """Keep at most this many evaluation blocks (None: all)."""
+    shuffle: bool = True
+    """Shuffle block order each epoch (deterministically, from ``training.seed`` and the epoch)."""
+
+
+class SegPropConfig(Strict):
+    """The algorithm: which layers form the base prefix, which form LL, and which mode runs."""
+
+    mode: Literal["segprop", "lw", "e2e"] = "segprop"
+    """``segprop`` (the paper), ``lw`` (layer-wise, LM head only, i.e. r = 0) or ``e2e`` (full fine-tuning)."""
+    base_depth: int = Field(0, ge=0)
+    """p: Stage 1 trains decoder layers 0..p (inclusive) with LL; Stage 2 starts at layer p + 1."""
+    last_layers: int = Field(2, ge=0)
+    """r: decoder layers in LL (the last r layers, plus final norm and LM head); forced to 0 in ``lw`` mode."""
+    ll_baseline: Literal["input", "stage1"] = "input"
+    """Weights LL's decoder layers are reset to at the start of every Stage 2 iteration:
+    the input model's (``input``) or those trained in Stage 1 (``stage1``)."""
+
+    @property
+    def effective_last_layers(self) -> int:
+        """r as the algorithm uses it: 0 in ``lw`` mode."""
+        return 0 if self.mode == "lw" else self.last_layers
+
+
+class LayerExitConfig(Strict):
+    """When one iteration (Stage 1 or one Stage 2 layer) stops, besides its step/epoch budget."""
+
+    patience: int = Field(0, ge=0)
+    """Stop after this many evaluations without improving the best eval loss by ``min_delta`` (0: off).
+    Needs ``training.eval_steps`` > 0."""
+    min_delta: float = Field(0.0, ge=0)
+    """Improvement of the eval loss that counts as progress for ``patience``."""
+    target_loss: float | None = None
+    """Stop as soon as the eval loss reaches this value."""
+
+
+class RunExitConfig(Strict):
+    """The global exit: when to stop adding depth and keep a shallower model."""
+
+    target_loss: float | None = None
+    """Stop once an exit's eval loss is at or below this value."""
+    patience_layers: int = Field(0, ge=0)
+    """Stop when the exit's eval loss has not improved by ``min_delta`` over this many layers (0: off)."""
+    min_delta: float = Field(0.0, ge=0)
+    """Improvement of the exit eval loss that counts as progress for ``patience_layers``."""
+    max_depth: int | None = Field(None, ge=0)
+    """Train no layer deeper than this index (a depth budget)."""
+
+
+class ExitConfig(Strict):
+    """Exit criteria: per iteration (``layer``) and global (``run``)."""
+
+    layer: LayerExitConfig = LayerExitConfig()
+    """Per-iteration criteria."""
+    run: RunExitConfig = RunExitConfig()
+    """Global criterion deciding whether to train the next layer."""
+
+
+class SnapCheckConfig(Strict):
+    """Activation snapshots of the frozen prefix (SnapCheck)."""
+
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """Precision the hidden states are stored in (bf16 bits are kept exactly)."""
+    rows_per_group: int | None = Field(None, ge=1)
+    """Blocks per Parquet row group, the unit of shuffling and reading (None: about 64 MiB of activations)."""
+    groups_per_file: int = Field(4, ge=1)
+    """Row groups per shard file."""
+    keep_depths: int = Field(2, ge=1)
+    """Committed snapshot depths kept on storage; older ones are deleted."""
+    compression: Literal["none", "zstd", "lz4", "snappy"] = "none"
+    """Parquet compression of shards (activation bits compress poorly; ``none`` reads fastest)."""
+
+
+class TrainResources(Strict):
+    """Ray Train resources for one kind of training job."""
+
+    num_workers: int = Field(1, ge=1)
+    """Data-parallel workers."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    resources_per_worker: dict[str, float] = {}
+    """Extra Ray resources per worker, e.g. ``{"CPU": 4}`` or a custom ``{"spot_gpu": 1}``."""
+    label_selector: dict[str, str] = {}
+    """Ray node labels the workers must run on, e.g. ``{"ray.io/market-type": "spot"}``."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Data-parallel strategy (FSDP shards the parameters; useful for Stage 1 and E2E)."""
+
+
+class SnapshotResources(Strict):
+    """Ray Data resources of the snapshot (frozen-layer forward) job."""
+
+    num_actors: int = Field(1, ge=1)
+    """Actors in the pool, each holding the layer(s) it applies."""
+    num_cpus: float = Field(1, ge=0)
+    """CPUs per actor."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per actor (0: CPU)."""
+    resources: dict[str, float] = {}
+    """Extra custom Ray resources per actor."""
+    label_selector: dict[str, str] = {}
+    """Ray node labels the actors must run on."""
+
+
+class ResourcesConfig(Strict):
+    """Where the work runs: the Ray cluster and the resources of each job kind."""
+
+    address: str | None = None
+    """Ray cluster to connect to (else ``RAY_ADDRESS``, else a local Ray started by the command)."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of the local Ray started when no cluster is given (None: all)."""
+    tokenize_cpus: float = Field(1, gt=0)
+    """CPUs per tokenize task."""
+    snapshot: SnapshotResources = SnapshotResources()
+    """Snapshot job actors."""
+    stage1: TrainResources = TrainResources()
+    """Stage 1 (and ``e2e``) training workers."""
+    segment: TrainResources = TrainResources()
+    """Stage 2 segment training workers."""
+    max_failures: int = Field(3, ge=0)
+    """Worker failures Ray Train retries per iteration (preemptions have their own unlimited budget)."""
+
+
+class Config(Strict):
+    """A SegProp run. Loaded from YAML; ``--set a.b=c`` overrides any field."""
+
+    run_dir: str
+    """Where everything of the run lives: a local path or any fsspec URI (``s3://bucket/prefix``)."""
+    model: str
+    """The input model: a Hugging Face hub id, or a directory (local or ``s3://``)."""
+    storage_options: dict[str, Any] = {}
+    """Extra fsspec options for the run directory and model (e.g. ``endpoint_url``, ``profile``).
+    Credentials are better left to the standard AWS environment; these are never printed or saved."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device of in-process work (``auto``: CUDA when available)."""
+    data: DataConfig
+    """Input text."""
+    segprop: SegPropConfig = SegPropConfig()
+    """The algorithm."""
+    training: TrainingConfig = TrainingConfig()
+    """Hyper-parameters of every segment (Stage 1, each Stage 2 layer, or the whole ``e2e`` run)."""
+    stage1: dict[str, Any] = {}
+    """Overrides of ``training`` fields for Stage 1 only (e.g. ``{max_steps: 200}``)."""
+    exit: ExitConfig = ExitConfig()
+    """Early-exit criteria."""
+    snapcheck: SnapCheckConfig = SnapCheckConfig()
+    """Activation snapshots."""
+    resources: ResourcesConfig = ResourcesConfig()
+    """Ray resources and scheduling."""
+
+    @field_validator("run_dir", "model")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("stage1")
+    @classmethod
+    def _known_training_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - TRAINING_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown training field(s) {unknown}")
+        return value
+
+    @model_validator(mode="after")
+    def _stage1_overrides_valid(self) -> "Config":
+        self.training_for("stage1")
+        return self
+
+    def training_for(self, stage: Literal["stage1", "stage2", "e2e"]) -> TrainingConfig:
+        """The hyper-parameters of a stage: ``training`` with the Stage 1 overrides applied."""
+        if stage != "stage1" or not self.stage1:
+            return self.training
+        return TrainingConfig.model_validate({**self.training.model_dump(), **self.stage1})
+
+    def check_against_model(self, num_layers: int) -> None:
+        """Reject settings impossible for a model of ``num_layers`` decoder layers (one-line ValueError)."""
+        p, r, mode = self.segprop.base_depth, self.segprop.effective_last_layers, self.segprop.mode
+        if mode == "e2e":
+            return
+        if p + r > num_layers - 2:
+            raise ValueError(
+                f"segprop.base_depth + segprop.last_layers = {p} + {r} leaves no middle layer in a "
+                f"{num_layers}-layer model (need base_depth + last_layers <= {num_layers - 2})"
+            )
+        max_depth = self.exit.run.max_depth
+        if max_depth is not None and max_depth < p:
+            raise ValueError(f"exit.run.max_depth = {max_depth} is shallower than segprop.base_depth = {p}")

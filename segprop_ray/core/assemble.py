@@ -1,0 +1,91 @@
+"""Assembling a standard Hugging Face model directory at any exit depth K.
+
+The model that exits at K is: embeddings, committed layers 0..K, then exit K's LL layers
+(renumbered K+1 .. K+r) and its head; ``num_hidden_layers`` is K+1+r and per-layer config lists
+(``layer_types``) are cut the same way. The head is always saved untied.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from segprop_ray.core.layout import ArchLayout
+from segprop_ray.core.plan import SegPropPlan
+from segprop_ray.core.weights import save_tensors
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def exit_state_dict(
+    plan: SegPropPlan,
+    layout: ArchLayout,
+    depth: int,
+    committed: Mapping[str, torch.Tensor],
+    exit_weights: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The full state dict of the model exiting at ``depth``, with LL layers renumbered after it."""
+    keep = tuple(p + "." for p in layout.embed_paths()) + tuple(layout.layer_path(i) + "." for i in range(depth + 1))
+    state = {k: v for k, v in committed.items() if k.startswith(keep)}
+    renumber = {layout.layer_path(old) + ".": layout.layer_path(depth + 1 + j) + "." for j, old in enumerate(plan.ll_layers)}
+    for name, tensor in exit_weights.items():
+        for old, new in renumber.items():
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        state[name] = tensor
+    return state
+
+
+def exit_config(config: Any, plan: SegPropPlan, depth: int) -> Any:
+    """The HF config of the model exiting at ``depth``: fewer layers, per-layer lists cut to match."""
+    config = copy.deepcopy(config)
+    kept = plan.exit_layers(depth)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        config.layer_types = [layer_types[i] for i in kept]
+    if hasattr(config, "n_layer"):  # GPT-2 names it n_layer (num_hidden_layers is an alias)
+        config.n_layer = len(kept)
+    config.num_hidden_layers = len(kept)
+    config.tie_word_embeddings = False
+    return config
+
+
+def write_model_dir(
+    out_dir: str | Path,
+    config: Any,
+    state: Mapping[str, torch.Tensor],
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and the tokenizer files: a directory ``from_pretrained`` loads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
+    if dtype is not None:
+        config.torch_dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(out)
+    save_tensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, out / name)
+    if metadata:
+        (out / "segprop.json").write_text(json.dumps(metadata, indent=2))
+    return out

@@ -1,0 +1,121 @@
+"""Every transformers call whose signature changed between 4.5x and 5.x lives here, and only here.
+
+- Decoder layers return a tuple in 4.x and a tensor in 5.x, and take different keyword names.
+- ``create_causal_mask`` takes ``input_embeds`` + ``cache_position`` in 4.5x, ``inputs_embeds`` in 5.x,
+  and does not exist before 4.53 (we then build the mask ourselves).
+- ``from_config`` takes ``torch_dtype`` in 4.x and ``dtype`` in 5.x.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+try:  # transformers >= 4.53
+    from transformers import masking_utils as _masking
+except ImportError:  # pragma: no cover - older transformers
+    _masking = None
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted_kwargs(fn: Any) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def call_decoder_layer(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Run one HF decoder layer on ``hidden`` (B, T, H) and return its output hidden states."""
+    accepted = _accepted_kwargs(type(layer).forward)
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+    if "position_ids" in accepted:
+        kwargs["position_ids"] = position_ids
+    if position_embeddings is not None:
+        kwargs["position_embeddings"] = position_embeddings
+    out = layer(hidden, **{k: v for k, v in kwargs.items() if k in accepted or "kwargs" in accepted})
+    return out[0] if isinstance(out, tuple) else out  # 4.x returns (hidden, ...)
+
+
+def layer_attention_type(config: Any, index: int) -> str:
+    """``full_attention`` or ``sliding_attention`` for decoder layer ``index``, as the HF model decides it."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return layer_types[index]
+    return SLIDING if getattr(config, "sliding_window", None) and _uses_global_sliding(config) else FULL
+
+
+def _uses_global_sliding(config: Any) -> bool:
+    # Mistral-style configs without ``layer_types`` slide in every layer when ``sliding_window`` is set;
+    # Qwen2-style configs also need ``use_sliding_window``.
+    return getattr(config, "use_sliding_window", True) is not False
+
+
+def attention_masks(
+    config: Any, hidden: torch.Tensor, position_ids: torch.Tensor, kinds: set[str]
+) -> dict[str, torch.Tensor | None]:
+    """The attention mask of each kind for packed, unpadded blocks (``None`` where SDPA's is_causal suffices)."""
+    masks = {}
+    for kind in kinds:
+        if _masking is not None:
+            fn = _masking.create_sliding_window_causal_mask if kind == SLIDING else _masking.create_causal_mask
+            masks[kind] = fn(**_mask_kwargs(fn, config, hidden, position_ids))
+        else:  # pragma: no cover - transformers < 4.53
+            window = getattr(config, "sliding_window", None) if kind == SLIDING else None
+            masks[kind] = additive_causal_mask(hidden, window)
+    return masks
+
+
+def _mask_kwargs(fn: Any, config: Any, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, Any]:
+    accepted = _accepted_kwargs(fn)
+    kwargs: dict[str, Any] = {"config": config, "attention_mask": None, "past_key_values": None}
+    kwargs["inputs_embeds" if "inputs_embeds" in accepted else "input_embeds"] = hidden
+    if "cache_position" in accepted:  # 4.5x
+        kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
+    if "position_ids" in accepted:
+        kwargs["position_ids"] = position_ids
+    return kwargs
+
+
+def additive_causal_mask(hidden: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """A (1, 1, T, T) additive mask: 0 where query t may see key s (s <= t, within ``window``), -inf-like elsewhere."""
+    t = hidden.shape[1]
+    q = torch.arange(t, device=hidden.device)[:, None]
+    k = torch.arange(t, device=hidden.device)[None, :]
+    allowed = k <= q
+    if window:
+        allowed &= q - k < window
+    mask = torch.zeros(t, t, dtype=hidden.dtype, device=hidden.device)
+    mask.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
+    return mask[None, None]  # (1, 1, T, T)
+
+
+def model_from_config(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """``AutoModelForCausalLM.from_config`` with the dtype keyword of the installed transformers."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {} if dtype is None else {("dtype" if _is_v5() else "torch_dtype"): dtype}
+    return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def make_rotary(rotary_cls: type[nn.Module], config: Any, device: torch.device) -> nn.Module:
+    """A fresh rotary-embedding module on ``device`` (its buffers are computed, not stored)."""
+    with torch.device(device):
+        return rotary_cls(config=config)
+
+
+def _is_v5() -> bool:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5

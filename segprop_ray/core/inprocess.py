@@ -1,0 +1,141 @@
+"""The whole SegProp algorithm in one process, snapshots in memory: the reference the Ray pipeline must equal.
+
+Given a model directory and packed token blocks, it runs Stage 1, then each Stage 2 iteration fed
+from in-memory SnapCheck tensors (rounded to the storage precision exactly as the shards are),
+with the same block order, seeds and exit rules as the distributed pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from segprop_ray.core.data_order import BlockOrder, default_group_size
+from segprop_ray.core.exits import IterationExit, RunExit
+from segprop_ray.core.iteration import RunWeights, build_segment, snapshot_cast, split_trained
+from segprop_ray.core.parts import ModelParts
+from segprop_ray.core.plan import SegPropPlan, segment_seed
+from segprop_ray.core.training import LoopHooks, SegmentLoop, evaluate_loss
+from segprop_ray.core.weights import DictSource, SafetensorsSource
+
+
+@dataclass
+class InProcessResult:
+    """Committed weights, exits and the record of every iteration."""
+
+    plan: SegPropPlan
+    committed: dict[str, torch.Tensor] = field(default_factory=dict)
+    exits: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    iterations: list[dict[str, Any]] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final_depth(self) -> int:
+        """Deepest committed exit."""
+        return max(self.exits)
+
+
+def group_size_for(snapcheck: Any, seq_len: int, hidden_size: int) -> int:
+    """Blocks per row group (the unit of shuffling): the configured value or ~64 MiB of activations."""
+    if snapcheck.rows_per_group:
+        return snapcheck.rows_per_group
+    return default_group_size(seq_len, hidden_size, 2 if snapcheck.dtype == "bf16" else 4)
+
+
+class InProcessRun:
+    """Runs Algorithm 1 on in-memory blocks; see :func:`run_inprocess`."""
+
+    def __init__(self, model_dir: str, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Any, device: str = "cpu"):
+        from transformers import AutoConfig
+
+        self.cfg, self.device = cfg, torch.device(device)
+        self.parts = ModelParts(AutoConfig.from_pretrained(model_dir), self.device)
+        self.plan = SegPropPlan.from_config(cfg.segprop, self.parts.num_layers)
+        self.base = SafetensorsSource.from_model_dir(model_dir)
+        self.train_ids, self.eval_ids = train_ids, eval_ids
+        hidden = self.parts.config.hidden_size
+        self.group_size = group_size_for(cfg.snapcheck, train_ids.shape[1], hidden)
+        self.result = InProcessResult(self.plan)
+        self.weights = RunWeights(
+            self.plan, self.base, DictSource({}), lambda d: DictSource(self.result.exits[d]), cfg.segprop.ll_baseline
+        )
+
+    def run(self, log: Callable[[str], None] = lambda _: None) -> InProcessResult:
+        """Stage 1, then Stage 2 layer by layer until the global exit stops it."""
+        p = self.plan.base_depth
+        self.train_depth(p, None, None)
+        log(f"stage 1 done: exit {p} eval loss {self.result.iterations[-1]['eval_loss']:.4f}")
+        if self.plan.mode == "e2e":
+            return self.result
+        snap_train, snap_eval = self.snapshot(p, self.train_ids, None), self.snapshot(p, self.eval_ids, None)
+        run_exit = RunExit.from_config(self.cfg.exit.run)
+        for q in self.plan.middle_layers:
+            self.train_depth(q, snap_train, snap_eval)
+            log(f"layer {q} done: exit eval loss {self.result.iterations[-1]['eval_loss']:.4f}")
+            snap_train, snap_eval = self.snapshot(q, self.train_ids, snap_train), self.snapshot(q, self.eval_ids, snap_eval)
+            losses = {it["depth"]: it["eval_loss"] for it in self.result.iterations}
+            decision = run_exit.decide(losses, q, self.plan.last_depth)
+            self.result.decisions.append(asdict(decision))
+            if not decision.continue_training:
+                break
+        return self.result
+
+    def train_depth(self, depth: int, snap_train: torch.Tensor | None, snap_eval: torch.Tensor | None) -> None:
+        """Train the segment that commits ``depth`` and record committed and exit weights."""
+        stage = "stage1" if depth == self.plan.base_depth else "stage2"
+        args = self.cfg.training_for("e2e" if self.plan.mode == "e2e" else stage)
+        torch.manual_seed(segment_seed(args.seed, depth))
+        segment = build_segment(self.parts, self.weights.training_spec(depth), trainable=True)
+        order = BlockOrder(len(self.train_ids), self.group_size, args.per_device_train_batch_size, args.seed, self.cfg.data.shuffle)
+
+        def batches(epoch: int, skip: int) -> Iterator[dict]:
+            for ids in order.epoch_batches(epoch)[skip:]:
+                yield _blocks(self.train_ids, snap_train, ids)
+
+        def evaluate(limit: int = args.max_eval_blocks) -> float:
+            return evaluate_loss(segment, eval_batches(self.eval_ids, snap_eval, args.per_device_eval_batch_size, limit), self.device, args.bf16)
+
+        exit_rule = IterationExit.from_config(self.cfg.exit.layer, args)
+        loop = SegmentLoop(segment, args, batches, order.batches_per_epoch(), self.device, exit_rule, LoopHooks(evaluate=evaluate))
+        state = loop.run()
+        committed, exit_weights = split_trained(segment, self.parts, self.plan)
+        self.result.committed.update(committed)
+        self.result.exits[depth] = exit_weights
+        self.weights.committed = DictSource(self.result.committed)
+        eval_loss = evaluate(0) if args.max_eval_blocks else state.history[-1]["eval_loss"]
+        self.result.iterations.append({"stage": stage, "depth": depth, "steps": state.step, "eval_loss": eval_loss,
+                                       "history": state.history, "decision": state.decision})
+
+    def snapshot(self, depth: int, ids: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """S[depth] for ``ids``: the prefix on tokens at the base depth, else layer ``depth`` on S[depth-1]."""
+        producer = build_segment(self.parts, self.weights.snapshot_spec(depth), trainable=False)
+        outputs = []
+        with torch.no_grad():
+            for start in range(0, len(ids), self.group_size):  # one row group at a time, as the shards are
+                chunk = slice(start, start + self.group_size)
+                hidden = None if previous is None else previous[chunk].to(self.device).float()
+                outputs.append(snapshot_cast(producer(ids[chunk].to(self.device), hidden), self.cfg.snapcheck.dtype).cpu())
+        return torch.cat(outputs)  # (N, T, H) in the snapshot dtype
+
+
+def _blocks(ids: torch.Tensor, snap: torch.Tensor | None, rows: list[int]) -> dict[str, torch.Tensor]:
+    index = torch.tensor(rows)
+    batch = {"input_ids": ids[index]}  # (B, T)
+    if snap is not None:
+        batch["hidden"] = snap[index]  # (B, T, H)
+    return batch
+
+
+def eval_batches(ids: torch.Tensor, snap: torch.Tensor | None, batch_size: int, limit: int = 0) -> Iterator[dict]:
+    """Evaluation blocks in order, ``batch_size`` at a time (the first ``limit`` blocks if set)."""
+    count = min(limit, len(ids)) if limit else len(ids)
+    for start in range(0, count, batch_size):
+        yield _blocks(ids, snap, list(range(start, min(start + batch_size, count))))
+
+
+def run_inprocess(model_dir: str, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Any, device: str = "cpu",
+                  log: Callable[[str], None] = lambda _: None) -> InProcessResult:
+    """Run SegProp (or ``lw`` / ``e2e``) on packed blocks (N, T) of token ids, entirely in this process."""
+    return InProcessRun(model_dir, train_ids, eval_ids, cfg, device).run(log)

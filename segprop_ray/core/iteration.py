@@ -1,0 +1,76 @@
+"""One SegProp iteration, the same in-process and on a Ray worker: build, train, split the weights.
+
+``RunWeights`` answers "where do this piece's weights come from now": the input model, the
+committed layers, or an exit (LL + head trained in an earlier iteration). Whoever runs an
+iteration (the in-process runner or a Ray Train worker) builds the segment from it, trains it with
+:class:`SegmentLoop`, and splits the result into what is committed and what is kept as the exit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from segprop_ray.core.parts import ModelParts, SegmentSpec
+from segprop_ray.core.plan import SegPropPlan, snapshot_spec, split_exit_weights, stage1_spec, stage2_spec
+from segprop_ray.core.stack import Segment
+from segprop_ray.core.weights import ChainSource, TensorSource
+
+
+@dataclass
+class RunWeights:
+    """Weight sources of a run at the current point of the algorithm."""
+
+    plan: SegPropPlan
+    base: TensorSource
+    """The input model."""
+    committed: TensorSource
+    """Committed weights so far (embedder, prefix and middle layers), under original names."""
+    exit_weights: Callable[[int], TensorSource]
+    """LL layers + head kept as exit ``depth``."""
+    ll_baseline: str = "input"
+    """``input``: LL layers restart from the input model each iteration; ``stage1``: from Stage 1's."""
+
+    def training_spec(self, depth: int) -> SegmentSpec:
+        """The segment trained to commit ``depth``: Stage 1 at the base depth, else a Stage 2 iteration."""
+        if depth == self.plan.base_depth:
+            return stage1_spec(self.plan, self.base)
+        head = self.exit_weights(self.previous_depth(depth))
+        ll = self.base if self.ll_baseline == "input" else self.exit_weights(self.plan.base_depth)
+        return stage2_spec(self.plan, depth, self.base, ll, head)
+
+    def snapshot_spec(self, depth: int) -> SegmentSpec:
+        """The producer of S[depth]: embedder + prefix for the base depth, else committed layer ``depth`` alone."""
+        source = ChainSource(self.committed, self.base)
+        if depth == self.plan.base_depth:
+            return snapshot_spec(self.plan.prefix_layers, source, embed=True)
+        return snapshot_spec([depth], source, embed=False)
+
+    def exit_spec(self, depth: int) -> SegmentSpec:
+        """Exit ``depth``'s LL + head, fed with S[depth]."""
+        source = self.exit_weights(depth)
+        return SegmentSpec(layers=[(i, source) for i in self.plan.ll_layers], head_source=source)
+
+    def previous_depth(self, depth: int) -> int:
+        """The depth committed before ``depth``."""
+        return depth - 1
+
+
+def build_segment(parts: ModelParts, spec: SegmentSpec, trainable: bool) -> Segment:
+    """Materialise a segment; all its parameters train when ``trainable``, else none."""
+    segment = parts.segment(spec)
+    segment.requires_grad_(trainable)
+    return segment if trainable else segment.eval()
+
+
+def split_trained(segment: Segment, parts: ModelParts, plan: SegPropPlan) -> tuple[dict, dict]:
+    """(committed tensors, exit tensors) of a trained segment, as CPU copies under original names."""
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in segment.original_state_dict().items()}
+    return split_exit_weights(tensors, parts.layout, plan)
+
+
+def snapshot_cast(hidden: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Activations in the SnapCheck storage precision (``bf16`` rounds, ``fp32`` keeps)."""
+    return hidden.to(torch.bfloat16 if dtype == "bf16" else torch.float32)

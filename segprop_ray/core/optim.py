@@ -1,0 +1,87 @@
+"""AdamW and its learning-rate schedule, with Hugging Face ``TrainingArguments`` semantics."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Protocol
+
+import torch
+from torch import nn
+
+
+class TrainArgs(Protocol):
+    """The training fields the core reads (satisfied by ``segprop_ray.config.TrainingConfig``)."""
+
+    learning_rate: float
+    num_train_epochs: float
+    max_steps: int
+    per_device_train_batch_size: int
+    per_device_eval_batch_size: int
+    gradient_accumulation_steps: int
+    max_grad_norm: float
+    lr_scheduler_type: str
+    warmup_ratio: float
+    warmup_steps: int
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_epsilon: float
+    bf16: bool
+    seed: int
+    eval_steps: int
+    logging_steps: int
+    save_steps: int
+    max_eval_blocks: int
+
+
+def total_steps(args: TrainArgs, batches_per_epoch: int) -> int:
+    """Optimizer steps of a segment: ``max_steps``, else ``num_train_epochs`` worth of micro-batches."""
+    if args.max_steps > 0:
+        return args.max_steps
+    micro = math.ceil(args.num_train_epochs * batches_per_epoch)
+    return max(1, math.ceil(micro / args.gradient_accumulation_steps))
+
+
+def warmup_steps(args: TrainArgs, steps: int) -> int:
+    """Warmup steps: ``warmup_steps`` if set, else ``ceil(warmup_ratio * steps)``, as HF does."""
+    return args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * steps)
+
+
+def decay_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Parameter groups: weight decay on matrices, none on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for _, param in named_params:
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(module: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``module`` (fused on CUDA)."""
+    groups = decay_groups(module.named_parameters(), args.weight_decay)
+    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(
+        groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=on_cuda or None,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, steps: int):
+    """The learning-rate schedule named by ``lr_scheduler_type``, with warmup."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=warmup_steps(args, steps),
+        num_training_steps=steps,
+    )
+
+
+def autocast_context(device: torch.device, bf16: bool):
+    """bf16 autocast on ``device`` when asked for and supported, else a no-op context."""
+    enabled = bf16 and (device.type != "cuda" or torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

@@ -1,0 +1,199 @@
+"""The training loop of one segment (Stage 1, a Stage 2 layer, or E2E), resumable at any step.
+
+Semantics follow Hugging Face ``TrainingArguments``: a step is one optimizer update after
+``gradient_accumulation_steps`` micro-batches; the loss of each micro-batch is divided by that
+number; gradients are clipped to ``max_grad_norm``; the schedule steps once per update. The loop
+knows nothing of Ray or storage: it takes batches from a callable, reports through hooks, and
+its whole state (weights, optimizer, schedule, counters, RNG) can be saved and restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from segprop_ray.core.exits import IterationExit, StopDecision
+from segprop_ray.core.optim import TrainArgs, autocast_context, build_optimizer, build_scheduler, total_steps
+
+Batch = dict[str, torch.Tensor]
+BatchSource = Callable[[int, int], Iterator[Batch]]  # (epoch, batches to skip) -> micro-batches
+
+
+@dataclass
+class LoopState:
+    """Counters of a segment's training, saved with each checkpoint."""
+
+    step: int = 0
+    micro_batches: int = 0
+    tokens: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    exit: dict[str, Any] = field(default_factory=dict)
+    decision: dict[str, Any] | None = None
+
+
+@dataclass
+class LoopHooks:
+    """What the caller wants to hear about; every hook is optional."""
+
+    evaluate: Callable[[], float] | None = None
+    """Mean eval loss of the current weights (must give the same number on every rank)."""
+    checkpoint: Callable[["SegmentLoop"], None] | None = None
+    """Called every ``save_steps`` steps and at the end, to persist :meth:`SegmentLoop.state_dict`."""
+    log: Callable[[dict[str, float]], None] | None = None
+    """Called with each history record (step, train_loss, lr, and eval_loss when evaluated)."""
+
+
+class SegmentLoop:
+    """Trains ``model``'s trainable parameters on micro-batches from ``batches``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainArgs,
+        batches: BatchSource,
+        batches_per_epoch: int,
+        device: torch.device,
+        exit_rule: IterationExit,
+        hooks: LoopHooks | None = None,
+    ):
+        self.model, self.args, self.batches, self.device = model, args, batches, device
+        self.batches_per_epoch = batches_per_epoch
+        self.total_steps = total_steps(args, batches_per_epoch)
+        self.optimizer = build_optimizer(model, args)
+        self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
+        self.exit_rule = exit_rule
+        self.hooks = hooks or LoopHooks()
+        self.state = LoopState()
+        self.wall_s = 0.0
+        self.data_wait_s = 0.0
+        self._pending_loss: list[float] = []
+
+    def run(self) -> LoopState:
+        """Train until the step budget or an exit criterion stops the segment; returns the final state."""
+        if self.state.decision is not None:  # restored from a finished checkpoint
+            return self.state
+        self.model.train()
+        start = time.perf_counter()
+        while self.state.decision is None:
+            epoch, offset = divmod(self.state.micro_batches, self.batches_per_epoch)
+            self._train_epoch(epoch, offset)
+        self.wall_s += time.perf_counter() - start
+        return self.state
+
+    def _train_epoch(self, epoch: int, offset: int) -> None:
+        iterator = self.batches(epoch, offset)
+        while self.state.decision is None:
+            waited = time.perf_counter()
+            batch = next(iterator, None)
+            self.data_wait_s += time.perf_counter() - waited
+            if batch is None:
+                return
+            self._micro_step(batch)
+
+    def _micro_step(self, batch: Batch) -> None:
+        accumulate = self.args.gradient_accumulation_steps
+        boundary = (self.state.micro_batches + 1) % accumulate == 0
+        batch = model_inputs(batch, self.device)
+        with self._no_sync(not boundary), autocast_context(self.device, self.args.bf16):
+            loss = self.model(**batch)
+        (loss / accumulate).backward()
+        self.state.micro_batches += 1
+        self.state.tokens += batch["input_ids"].numel()
+        self._pending_loss.append(float(loss.detach()))
+        if boundary:
+            self._optimizer_step()
+
+    def _no_sync(self, skip_sync: bool):
+        no_sync = getattr(self.model, "no_sync", None)  # DDP: sync gradients only on the last micro-batch
+        return no_sync() if skip_sync and no_sync is not None else contextlib.nullcontext()
+
+    def _optimizer_step(self) -> None:
+        if self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self._after_step()
+
+    def _after_step(self) -> None:
+        step, args = self.state.step, self.args
+        record: dict[str, float] = {}
+        if step % args.logging_steps == 0 or step == self.total_steps:
+            record = {"step": step, "train_loss": sum(self._pending_loss) / len(self._pending_loss)}
+            record["lr"] = self.scheduler.get_last_lr()[0]
+            self._pending_loss.clear()
+        eval_now = step == self.total_steps or (args.eval_steps > 0 and step % args.eval_steps == 0)
+        if eval_now and self.hooks.evaluate is not None:
+            record = {**record, "step": step, "eval_loss": self.hooks.evaluate()}
+            self.model.train()
+        if record:
+            self.state.history.append(record)
+            if self.hooks.log:
+                self.hooks.log(record)
+        self._decide(record.get("eval_loss"))
+        if self.hooks.checkpoint and (step % args.save_steps == 0 or self.state.decision is not None):
+            self.hooks.checkpoint(self)
+
+    def _decide(self, eval_loss: float | None) -> None:
+        decision: StopDecision | None = None
+        if eval_loss is not None:
+            decision = self.exit_rule.observe(self.state.exit, self.state.step, eval_loss)
+        if decision is None and self.state.step >= self.total_steps:
+            decision = self.exit_rule.budget_spent(self.state.exit, self.state.step, self.total_steps)
+        if decision is not None:
+            self.state.decision = asdict(decision)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where the loop is (weights under local names)."""
+        return {
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loop": asdict(self.state),
+            "pending_loss": list(self._pending_loss),
+            "timing": {"wall_s": self.wall_s, "data_wait_s": self.data_wait_s},
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`."""
+        _unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.state = LoopState(**state["loop"])
+        self._pending_loss = list(state["pending_loss"])
+        self.wall_s, self.data_wait_s = state["timing"]["wall_s"], state["timing"]["data_wait_s"]
+        torch.set_rng_state(state["rng"])
+
+
+def model_inputs(batch: Batch, device: torch.device) -> Batch:
+    """The tensors a :class:`Segment` takes, on ``device``: token ids, and stored activations as fp32."""
+    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
+    if "hidden" in batch:  # bf16 or fp32 snapshot -> fp32 master precision (exact widening)
+        inputs["hidden"] = batch["hidden"].to(device, non_blocking=True).float()
+    return inputs
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DDP / FSDP keep the user's module as ``.module``
+
+
+def evaluate_loss(model: nn.Module, batches: Iterator[Batch], device: torch.device, bf16: bool) -> float:
+    """Token-weighted mean loss of ``model`` over ``batches`` (no gradients)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast_context(device, bf16):
+        for batch in batches:
+            batch = model_inputs(batch, device)
+            n = batch["input_ids"].shape[0]
+            total += float(model(**batch)) * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)

@@ -85,7 +85,8 @@ def format_validation_error(err: ValidationError) -> str:
         elif item["type"] == "missing":
             parts.append(f"missing required key '{where}'")
         else:
-            parts.append(f"{where}: {_first_line(item['msg'])} (got {_short(item.get('input'))})")
+            message = _first_line(item["msg"]).removeprefix("Value error, ")
+            parts.append(f"{where}: {message} (got {_short(item.get('input'))})")
     return "config: " + "; ".join(parts)
 
 

@@ -47,10 +47,12 @@ def group_size_for(snapcheck: Any, seq_len: int, hidden_size: int) -> int:
 class InProcessRun:
     """Runs Algorithm 1 on in-memory blocks; see :func:`run_inprocess`."""
 
-    def __init__(self, model_dir: str, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Any, device: str = "cpu"):
+    def __init__(self, model_dir: str, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Any, device: str = "cpu",
+                 observer: Callable[[str, int, Any], None] | None = None):
         from transformers import AutoConfig
 
         self.cfg, self.device = cfg, torch.device(device)
+        self.observe = observer or (lambda event, depth, segment: None)  # ("built" | "trained", depth, segment)
         self.parts = ModelParts(AutoConfig.from_pretrained(model_dir), self.device)
         self.plan = SegPropPlan.from_config(cfg.segprop, self.parts.num_layers)
         self.base = SafetensorsSource.from_model_dir(model_dir)
@@ -88,6 +90,7 @@ class InProcessRun:
         args = self.cfg.training_for("e2e" if self.plan.mode == "e2e" else stage)
         torch.manual_seed(segment_seed(args.seed, depth))
         segment = build_segment(self.parts, self.weights.training_spec(depth), trainable=True)
+        self.observe("built", depth, segment)
         order = BlockOrder(len(self.train_ids), self.group_size, args.per_device_train_batch_size, args.seed, self.cfg.data.shuffle)
 
         def batches(epoch: int, skip: int) -> Iterator[dict]:
@@ -100,6 +103,7 @@ class InProcessRun:
         exit_rule = IterationExit.from_config(self.cfg.exit.layer, args)
         loop = SegmentLoop(segment, args, batches, order.batches_per_epoch(), self.device, exit_rule, LoopHooks(evaluate=evaluate))
         state = loop.run()
+        self.observe("trained", depth, segment)
         committed, exit_weights = split_trained(segment, self.parts, self.plan)
         self.result.committed.update(committed)
         self.result.exits[depth] = exit_weights
@@ -136,6 +140,7 @@ def eval_batches(ids: torch.Tensor, snap: torch.Tensor | None, batch_size: int, 
 
 
 def run_inprocess(model_dir: str, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Any, device: str = "cpu",
-                  log: Callable[[str], None] = lambda _: None) -> InProcessResult:
+                  log: Callable[[str], None] = lambda _: None, observer: Callable[[str, int, Any], None] | None = None
+                  ) -> InProcessResult:
     """Run SegProp (or ``lw`` / ``e2e``) on packed blocks (N, T) of token ids, entirely in this process."""
-    return InProcessRun(model_dir, train_ids, eval_ids, cfg, device).run(log)
+    return InProcessRun(model_dir, train_ids, eval_ids, cfg, device, observer).run(log)

@@ -77,8 +77,12 @@ class SegmentLoop:
         """Train until the step budget or an exit criterion stops the segment; returns the final state."""
         if self.state.decision is not None:  # restored from a finished checkpoint
             return self.state
-        self.model.train()
         start = time.perf_counter()
+        if self.state.step == 0 and not self.state.history and self.hooks.evaluate is not None:
+            start_loss = self.hooks.evaluate()  # where the segment starts from: the exit rule's first point
+            self._record({"step": 0, "eval_loss": start_loss})
+            self._decide(start_loss)
+        self.model.train()
         while self.state.decision is None:
             epoch, offset = divmod(self.state.micro_batches, self.batches_per_epoch)
             self._train_epoch(epoch, offset)
@@ -133,12 +137,15 @@ class SegmentLoop:
             record = {**record, "step": step, "eval_loss": self.hooks.evaluate()}
             self.model.train()
         if record:
-            self.state.history.append(record)
-            if self.hooks.log:
-                self.hooks.log(record)
+            self._record(record)
         self._decide(record.get("eval_loss"))
         if self.hooks.checkpoint and (step % args.save_steps == 0 or self.state.decision is not None):
             self.hooks.checkpoint(self)
+
+    def _record(self, record: dict[str, float]) -> None:
+        self.state.history.append(record)
+        if self.hooks.log:
+            self.hooks.log(record)
 
     def _decide(self, eval_loss: float | None) -> None:
         decision: StopDecision | None = None

@@ -1,0 +1,1 @@
+"""The SegProp algorithm on Hugging Face models: plain torch + transformers, no Ray, no storage."""

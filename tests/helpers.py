@@ -1,0 +1,42 @@
+"""Small builders shared by the tests: tiny models from configs, token blocks, configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segprop_ray.config import Config, validate_config
+from segprop_ray.demo.corpus import generate_corpus
+from segprop_ray.demo.tiny_model import build_tokenizer, make_tiny_model
+
+
+def tiny_model_dir(tmp: Path, family: str = "llama", num_layers: int = 6, hidden: int = 32, **overrides: Any) -> Path:
+    """A random tiny model of ``family`` saved with the demo tokenizer."""
+    return make_tiny_model(tmp / f"{family}-{num_layers}", family, num_layers=num_layers, hidden=hidden, **overrides)
+
+
+def corpus_blocks(num_blocks: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """(num_blocks, seq_len) token ids of the demo corpus, packed with EOS between documents."""
+    tokenizer = build_tokenizer()
+    stream: list[int] = []
+    docs = iter(generate_corpus(10_000, seed))
+    while len(stream) < num_blocks * seq_len:
+        stream += tokenizer(next(docs))["input_ids"] + [tokenizer.eos_token_id]
+    return torch.tensor(stream[: num_blocks * seq_len]).view(num_blocks, seq_len)  # (N, T)
+
+
+def make_config(model_dir: Path | str, **sections: Any) -> Config:
+    """A validated config for ``model_dir`` with small defaults, sections overridden by keyword."""
+    raw: dict[str, Any] = {
+        "run_dir": "unused",
+        "model": str(model_dir),
+        "data": {"train": "unused", "seq_len": 16},
+        "segprop": {"base_depth": 1, "last_layers": 2},
+        "training": {"learning_rate": 1e-2, "max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 2},
+        "snapcheck": {"rows_per_group": 4},
+    }
+    for name, value in sections.items():
+        raw[name] = {**raw.get(name, {}), **value} if isinstance(value, dict) else value
+    return validate_config(raw)

@@ -1,0 +1,85 @@
+"""Configs: stable names, overrides, and a one-line error for each impossible setting."""
+
+import pytest
+
+from segprop_ray.config import ConfigError, load_config, validate_config
+from segprop_ray.config.loading import apply_overrides
+
+MINIMAL = {"run_dir": "runs/x", "model": "some/model", "data": {"train": "train.jsonl"}}
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_names_users_rely_on(tmp_path):
+    path = write(tmp_path, """
+run_dir: s3://bucket/run
+model: meta-llama/Llama-3.2-1B
+data: {train: t.jsonl, eval: e.jsonl, seq_len: 1024}
+segprop: {mode: lw, base_depth: 4, last_layers: 2}
+training:
+  learning_rate: 1.0e-4
+  num_train_epochs: 2
+  max_steps: 100
+  per_device_train_batch_size: 4
+  gradient_accumulation_steps: 8
+  max_grad_norm: 0.5
+  lr_scheduler_type: cosine
+  warmup_ratio: 0.03
+  weight_decay: 0.01
+  bf16: true
+  seed: 7
+""")
+    cfg = load_config(path)
+    assert (cfg.run_dir, cfg.data.eval, cfg.data.seq_len) == ("s3://bucket/run", "e.jsonl", 1024)
+    assert (cfg.segprop.mode, cfg.segprop.base_depth, cfg.segprop.effective_last_layers) == ("lw", 4, 0)
+    t = cfg.training
+    assert (t.learning_rate, t.max_steps, t.gradient_accumulation_steps, t.lr_scheduler_type, t.bf16, t.seed) == (
+        1e-4, 100, 8, "cosine", True, 7)
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    path = write(tmp_path, "run_dir: a\nmodel: m\ndata: {train: t}\n")
+    cfg = load_config(path, ["training.learning_rate=0", "segprop.base_depth=3", "data.train=[a, b]",
+                             "training.bf16=true", "stage1.max_steps=9"])
+    assert cfg.training.learning_rate == 0 and cfg.segprop.base_depth == 3 and cfg.data.train == ["a", "b"]
+    assert cfg.training.bf16 is True and cfg.training_for("stage1").max_steps == 9
+    assert cfg.segprop.last_layers == 2  # default r
+
+
+@pytest.mark.parametrize("raw,overrides,message", [
+    ({"run_dir": "a", "data": {"train": "t"}}, [], "missing required key 'model'"),
+    (MINIMAL, ["segprop.last_layers=-1"], "segprop.last_layers: Input should be greater than or equal to 0"),
+    (MINIMAL, ["segprop.basedepth=3"], "unknown key 'segprop.basedepth'"),
+    (MINIMAL, ["learning_rate=1"], "unknown key 'learning_rate'"),
+    (MINIMAL, ["segprop.mode=fast"], "segprop.mode: Input should be 'segprop', 'lw' or 'e2e'"),
+    (MINIMAL, ["stage1.lr=3"], "unknown training field(s) ['lr']"),
+    (MINIMAL, ["training.max_steps=0"], "max_steps is 0"),
+    (MINIMAL, ["model="], "model:"),
+    (MINIMAL, ["training"], "expected KEY=VALUE"),
+])
+def test_bad_configs_give_one_line_errors(raw, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config(apply_overrides(raw, overrides))
+    text = str(err.value)
+    assert message in text and "\n" not in text
+
+
+def test_base_depth_plus_last_layers_checked_against_model():
+    cfg = validate_config({**MINIMAL, "segprop": {"base_depth": 4, "last_layers": 2}})
+    cfg.check_against_model(num_layers=8)  # layers 0..4 prefix, 5 middle, 6..7 LL
+    with pytest.raises(ValueError, match="leaves no middle layer in a 7-layer model") as err:
+        cfg.check_against_model(num_layers=7)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="no middle layer"):
+        validate_config({**MINIMAL, "segprop": {"base_depth": 6, "last_layers": 2}}).check_against_model(8)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1, 2\n"))

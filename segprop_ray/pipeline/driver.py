@@ -1,0 +1,211 @@
+"""The driver: a small state machine over tokenize -> Stage 1 -> snapshot -> (train q -> snapshot q)* -> export.
+
+Its only state is the run manifest. Every step first asks the manifest (and, for shards, their
+commit markers) whether it is already done, so the same command started again continues from the
+last committed step and never redoes committed work; a Ray Train iteration interrupted mid-way
+resumes from its own latest checkpoint (same run name).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from segprop_ray.config import Config
+from segprop_ray.core.exits import RunExit
+from segprop_ray.pipeline.context import JobContext
+from segprop_ray.pipeline.prepare import RunSetup, prepare_run
+from segprop_ray.pipeline.segment_run import stage_of
+from segprop_ray.storage.layout import SPLITS
+from segprop_ray.storage.manifest import LayerRecord, Manifest, ManifestStore, now
+from segprop_ray.storage.snapcheck import apply_retention, commit_depth, inspect_committed
+from segprop_ray.storage.weights_store import EMBED_FILE, layer_file, weights_hash
+
+log = logging.getLogger("segprop_ray")
+
+
+class Driver:
+    """Runs (or continues) the SegProp pipeline of one run directory."""
+
+    def __init__(self, cfg: Config, restart: bool = False, echo: Callable[[str], None] = print):
+        self.cfg, self.restart, self.echo = cfg, restart, echo
+        self.setup: RunSetup | None = None
+
+    @property
+    def manifest(self) -> Manifest:
+        """The run's manifest (after :meth:`prepare`)."""
+        assert self.setup is not None
+        return self.setup.manifest
+
+    def prepare(self) -> RunSetup:
+        """Check everything cheap first (config vs model, data, run directory), then open or create the run."""
+        self.setup = prepare_run(self.cfg, self.restart)
+        self.store = ManifestStore(self.setup.layout)
+        return self.setup
+
+    def run(self) -> Manifest:
+        """The whole pipeline; returns the final manifest."""
+        from segprop_ray.pipeline.runtime import connect
+
+        if self.setup is None:
+            self.prepare()
+        connect(self.cfg)
+        try:
+            self._run_steps()
+        except BaseException as error:
+            self._save(lambda m: setattr(m, "error", f"{type(error).__name__}: {error}"))
+            raise
+        return self.manifest
+
+    def _run_steps(self) -> None:
+        plan = self.setup.plan
+        self.tokenize()
+        self.train_depth(plan.base_depth)
+        if plan.mode != "e2e":
+            for depth in plan.middle_layers:
+                if not self._continue_after(depth - 1):
+                    break
+                self.ensure_snapshot(depth - 1)
+                self.train_depth(depth)
+            else:
+                self._continue_after(plan.last_depth)  # records the closing "last_layer" decision
+        final = max(self.manifest.committed_depths())
+        self._save(lambda m: (setattr(m, "final_depth", final), setattr(m, "state", "done"), setattr(m, "error", None)))
+        self.echo(f"done: exit {final} is the final model (segprop export {self.cfg.run_dir} --depth {final} --out DIR)")
+
+    # -- tokens ---------------------------------------------------------------------------------
+    def tokenize(self) -> None:
+        """Write the token shards of both splits, unless committed with the run's tokenization."""
+        from segprop_ray.pipeline.tokenize_job import tokenize_and_pack
+
+        setup = self.setup
+        if all(self._committed(split, None) for split in SPLITS):
+            return
+        self.echo("tokenizing and packing the data (Ray Data)")
+        started = self._start_step("tokenize")
+        sinks = tokenize_and_pack(self._context(depth=-1), setup.spec)
+        for split, sink in sinks.items():
+            commit_depth(setup.layout, split, None, sink.files, setup.tokens_hash, setup.spec)
+        tokens = {split: {"num_blocks": s.count, "files": len(s.files), "seq_len": setup.spec.seq_len} for split, s in sinks.items()}
+        self._finish_step("tokenize", started, tokens)
+        self._save(lambda m: setattr(m, "tokens", tokens))
+        self.echo("blocks: " + ", ".join(f"{k} {v['num_blocks']}" for k, v in tokens.items()))
+
+    # -- training -------------------------------------------------------------------------------
+    def train_depth(self, depth: int) -> None:
+        """Train and commit ``depth`` (Stage 1 at the base depth), unless already committed."""
+        from segprop_ray.pipeline.train_job import run_trainer
+
+        record = self.manifest.layer(depth)
+        if record is not None and record.status == "done":
+            return
+        stage = stage_of(self.setup.plan, depth)
+        source = None if stage != "stage2" else depth - 1
+        ctx = self._context(depth, input_hash=self._hash_of(source))
+        started = self._start_layer(depth, stage)
+        self.echo(f"training {_label(stage, depth)} (Ray Train)")
+        result = run_trainer(ctx, name=f"{self.manifest.run_id}-depth{depth}", stage=stage)
+        self._finish_layer(depth, stage, started, result)
+        self.echo(f"committed {_label(stage, depth)}: eval loss {result['eval_loss']:.4f} after {result['steps']} steps "
+                  f"({result['decision']['reason']})")
+
+    def _continue_after(self, depth: int) -> bool:
+        """The global exit criterion after committing ``depth``: train the next layer or stop."""
+        decisions = {d["depth"]: d for d in self.manifest.decisions}
+        if depth not in decisions:
+            losses = {d: self.manifest.layer(d).eval_loss for d in self.manifest.committed_depths()}
+            decision = RunExit.from_config(self.cfg.exit.run).decide(losses, depth, self.setup.plan.last_depth)
+            decisions[depth] = vars(decision)
+            self._save(lambda m: m.decisions.append(vars(decision)))
+            self.echo(f"global exit after layer {depth}: {decision.reason} ({decision.detail})")
+        return bool(decisions[depth]["continue_training"])
+
+    # -- snapshots ------------------------------------------------------------------------------
+    def ensure_snapshot(self, depth: int) -> None:
+        """Make S[depth] committed for both splits with the committed weights, regenerating what is not."""
+        if all(self._committed(split, depth) for split in SPLITS):
+            return
+        base = self.setup.plan.base_depth
+        if depth > base:
+            self.ensure_snapshot(depth - 1)
+        from segprop_ray.pipeline.snapshot_job import run_snapshot_job
+
+        self.echo(f"snapshot S[{depth}] (Ray Data)")
+        started = self._start_step(f"snapshot:{depth}")
+        ctx = self._context(depth, input_hash=self._hash_of(None if depth == base else depth - 1))
+        written = run_snapshot_job(ctx, self.setup.model_info.hidden_size)
+        expected = self._hash_of(depth)
+        for split in SPLITS:
+            commit_depth(self.setup.layout, split, depth, written[split], expected, self.setup.spec)
+            apply_retention(self.setup.layout, split, self.cfg.snapcheck.keep_depths, protect=[depth])
+        self._finish_step(f"snapshot:{depth}", started, {"files": {s: len(w) for s, w in written.items()}})
+
+    def _committed(self, split: str, depth: int | None) -> bool:
+        tokens = self.manifest.tokens.get(split, {})
+        if not tokens:
+            return False
+        layout, expected = self.setup.layout, self._hash_of(depth)
+        marker, reason = inspect_committed(layout, split, depth, expected, tokens["num_blocks"], self.setup.spec)
+        if marker is None and layout.fs.exists(layout.commit_marker(split, depth)):
+            self.echo(f"{split} {'tokens' if depth is None else f'snapshot S[{depth}]'} cannot be used ({reason}): regenerating")
+        return marker is not None
+
+    def _hash_of(self, depth: int | None) -> str:
+        """Weights hash of S[depth]: the embedding file and layers 0..depth (tokens: the tokenization's hash)."""
+        if depth is None:
+            return self.setup.tokens_hash
+        files = self._files()
+        return weights_hash([files[EMBED_FILE]] + [files[layer_file(i)] for i in range(depth + 1)])
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def _files(self) -> dict[str, str]:
+        files: dict[str, str] = {}
+        for depth in self.manifest.committed_depths():
+            record = self.manifest.layer(depth)
+            files.update(record.files)
+        return files
+
+    def _context(self, depth: int, input_hash: str = "") -> JobContext:
+        blocks = {split: info.get("num_blocks", 0) for split, info in self.manifest.tokens.items()}
+        return JobContext(self.cfg.model_dump(mode="json"), depth, self.setup.spec.group_size, blocks, self._files(), input_hash)
+
+    def _save(self, change: Callable[[Manifest], Any]) -> None:
+        self.store.update(self.manifest, change)
+
+    def _start_step(self, name: str) -> float:
+        def change(m: Manifest) -> None:
+            step = m.step(name)
+            step.status, step.started, step.attempts, step.error = "running", now(), step.attempts + 1, None
+
+        self._save(change)
+        return time.time()
+
+    def _finish_step(self, name: str, started: float, outputs: dict[str, Any]) -> None:
+        def change(m: Manifest) -> None:
+            step = m.step(name)
+            step.status, step.finished, step.wall_s, step.outputs = "done", now(), round(time.time() - started, 2), outputs
+
+        self._save(change)
+
+    def _start_layer(self, depth: int, stage: str) -> float:
+        def change(m: Manifest) -> None:
+            record = m.layers.setdefault(str(depth), LayerRecord(depth=depth, stage=stage))
+            record.status, record.started = "running", record.started or now()
+
+        self._save(change)
+        return time.time()
+
+    def _finish_layer(self, depth: int, stage: str, started: float, result: dict[str, Any]) -> None:
+        def change(m: Manifest) -> None:
+            record = m.layers[str(depth)]
+            for key in ("steps", "train_loss", "eval_loss", "perplexity", "decision", "history", "files", "exit_file"):
+                setattr(record, key, result[key])
+            record.metrics = {**result["metrics"], "driver_wall_s": round(time.time() - started, 2)}
+            record.status, record.finished = "done", now()
+
+        self._save(change)
+
+
+def _label(stage: str, depth: int) -> str:
+    return {"stage1": f"Stage 1 (layers 0..{depth} + LL)", "e2e": "E2E (all layers)"}.get(stage, f"layer {depth}")

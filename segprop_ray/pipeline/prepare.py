@@ -1,0 +1,125 @@
+"""Before any expensive work: check the config against the model, the data and the run directory,
+then open the run (or create it). Every problem is one line naming it; nothing written is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from segprop_ray.config import Config, config_to_yaml
+from segprop_ray.core.parts import ModelParts
+from segprop_ray.core.plan import SegPropPlan
+from segprop_ray.storage.fs import check_writable
+from segprop_ray.storage.inputs import expand_inputs
+from segprop_ray.storage.layout import RunLayout
+from segprop_ray.storage.manifest import Manifest, ManifestStore, ModelInfo
+from segprop_ray.storage.models import resolve_model_dir
+from segprop_ray.storage.shard_format import ShardSpec
+
+# Settings that say where and how fast a run goes, not what it computes: changing them continues a run.
+WHERE_NOT_WHAT = {"run_dir", "storage_options", "resources", "device"}
+
+
+class RunConflict(ValueError):
+    """The run directory holds a different run."""
+
+
+@dataclass
+class RunSetup:
+    """Everything the driver derives once at start."""
+
+    layout: RunLayout
+    manifest: Manifest
+    plan: SegPropPlan
+    spec: ShardSpec
+    tokens_hash: str
+    model_info: ModelInfo
+
+
+def semantic_config(cfg: Config) -> dict[str, Any]:
+    """The settings that decide what the run computes."""
+    return cfg.model_dump(mode="json", exclude=WHERE_NOT_WHAT)
+
+
+def digest(data: Any) -> str:
+    """sha256 of a JSON-able value (key order independent)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def inspect_model(cfg: Config) -> tuple[ModelInfo, ModelParts]:
+    """The input model's facts (one-line errors for a missing or unsupported model)."""
+    from transformers import AutoConfig
+
+    model_dir = resolve_model_dir(cfg.model, cfg.storage_options)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    parts = ModelParts(hf_config)
+    arch = (getattr(hf_config, "architectures", None) or [type(parts.skeleton).__name__])[0]
+    info = ModelInfo(uri=cfg.model, architecture=arch, family=parts.layout.family, num_layers=parts.num_layers,
+                     hidden_size=hf_config.hidden_size, vocab_size=hf_config.vocab_size, tied_embeddings=parts.tied,
+                     untied=parts.tied)
+    return info, parts
+
+
+def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
+    """Validate, then open or create the run in ``cfg.run_dir``."""
+    info, parts = inspect_model(cfg)
+    cfg.check_against_model(info.num_layers)
+    expand_inputs(cfg.data.train, cfg.storage_options)
+    if cfg.data.eval is not None:
+        expand_inputs(cfg.data.eval, cfg.storage_options)
+    check_writable(cfg.run_dir, cfg.storage_options)
+    layout = RunLayout.open(cfg.run_dir, cfg.storage_options)
+    snap = cfg.snapcheck
+    spec = ShardSpec.for_snapcheck(cfg.data.seq_len, info.hidden_size, snap.dtype, snap.rows_per_group,
+                                   snap.groups_per_file, snap.compression)
+    plan = SegPropPlan.from_config(cfg.segprop, info.num_layers)
+    manifest = _open_manifest(cfg, layout, info, plan, spec, restart)
+    tokens_hash = digest({"data": cfg.data.model_dump(mode="json"), "model": cfg.model, "spec": spec.to_dict()})
+    return RunSetup(layout, manifest, plan, spec, tokens_hash, info)
+
+
+def _open_manifest(cfg: Config, layout: RunLayout, info: ModelInfo, plan: SegPropPlan, spec: ShardSpec,
+                   restart: bool) -> Manifest:
+    store = ManifestStore(layout)
+    existing = store.read()
+    semantic = semantic_config(cfg)
+    config_hash = digest(semantic)
+    if existing is not None and existing.config_hash == config_hash and not restart:
+        return existing
+    if existing is not None and not restart:
+        changed = _changed_keys(existing.config, semantic)
+        raise RunConflict(f"run directory {layout.describe()} holds another run (config differs in: "
+                          f"{', '.join(changed) or 'unknown keys'}); pass --restart to start over there, "
+                          f"or choose another run_dir")
+    if existing is not None:
+        _wipe(layout)
+    manifest = Manifest(run_id=f"{plan.mode}-{config_hash[:10]}", config_hash=config_hash, config=semantic,
+                        mode=plan.mode, base_depth=plan.base_depth, last_layers=plan.last_layers, model=info,
+                        group_size=spec.group_size)
+    store.write(manifest)
+    layout.fs.pipe_file(layout.config_resolved, config_to_yaml(cfg).encode())
+    return manifest
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(prefix + key)
+    return keys
+
+
+def _wipe(layout: RunLayout) -> None:
+    """Start over: the manifest goes first, so a crash mid-wipe leaves a directory seen as new."""
+    fs = layout.fs
+    fs.rm_file(layout.manifest)
+    for name in ("config.resolved.yaml", "tokens", "snapshots", "layers", "exits", "checkpoints", "export", "report"):
+        path = layout.join(name)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)

@@ -1,0 +1,34 @@
+"""Connecting to Ray: an existing cluster (config address or ``RAY_ADDRESS``) or a local one started here."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from segprop_ray.config import Config
+
+# Non-secret settings a worker on another node needs to reach the same storage (credentials stay with
+# the cluster's own environment: instance roles, mounted secrets; they are never shipped from here).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "AWS_EC2_METADATA_DISABLED", "HF_HUB_OFFLINE", "SEGPROP_CACHE")
+
+
+def ray_address(cfg: Config) -> str | None:
+    """The cluster to join, if any: the config's ``resources.address``, else ``RAY_ADDRESS``."""
+    return cfg.resources.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def connect(cfg: Config) -> None:
+    """Initialise Ray once per process (a no-op when already connected, e.g. inside a submitted job)."""
+    if ray.is_initialized():
+        return
+    env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    address = ray_address(cfg)
+    kwargs = dict(runtime_env={"env_vars": env} if env else None, logging_level=logging.WARNING,
+                  log_to_driver=True, configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.resources.num_cpus, include_dashboard=False, **kwargs)

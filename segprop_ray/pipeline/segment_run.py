@@ -1,0 +1,126 @@
+"""One iteration on one worker, fed from the run directory: the body of a Ray Train worker, without Ray.
+
+It needs no Ray, so the GPU benchmark runs exactly this code where Ray is not installed; the
+Ray Train worker function wraps it with checkpoint reporting and DDP.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from segprop_ray.core.data_order import BlockOrder
+from segprop_ray.core.exits import IterationExit
+from segprop_ray.core.iteration import build_segment, split_trained
+from segprop_ray.core.plan import segment_seed
+from segprop_ray.core.training import LoopHooks, SegmentLoop, evaluate_loss
+from segprop_ray.pipeline.context import JobContext
+from segprop_ray.storage.errors import StorageError
+from segprop_ray.storage.reader import ShardBatchReader, epoch_reader
+from segprop_ray.storage.snapcheck import CommitMarker, load_committed
+from segprop_ray.storage.weights_store import WeightStore, exit_file, group_committed
+
+
+def stage_of(plan: Any, depth: int) -> str:
+    """``stage1``, ``stage2`` or ``e2e``: what training ``depth`` is."""
+    if plan.mode == "e2e":
+        return "e2e"
+    return "stage1" if depth == plan.base_depth else "stage2"
+
+
+class SegmentRun:
+    """Builds, trains and commits the segment of ``ctx.depth`` on this rank."""
+
+    def __init__(self, ctx: JobContext, device: torch.device, rank: int = 0, world: int = 1,
+                 wrap: Callable[[nn.Module, str], nn.Module] | None = None):
+        self.ctx, self.device, self.rank = ctx, device, rank
+        cfg = ctx.cfg
+        self.parts = ctx.parts(device)
+        self.plan = ctx.plan(self.parts.num_layers)
+        self.stage = stage_of(self.plan, ctx.depth)
+        self.args = cfg.training_for(self.stage)
+        torch.manual_seed(segment_seed(self.args.seed, ctx.depth))
+        weights = ctx.run_weights(self.plan, committed_layers=[])
+        self.segment = build_segment(self.parts, weights.training_spec(ctx.depth), trainable=True)
+        strategy = (cfg.resources.stage1 if self.stage != "stage2" else cfg.resources.segment).strategy
+        self.model = wrap(self.segment, strategy) if wrap is not None and world > 1 else self.segment
+        self.source_depth = None if self.stage != "stage2" else ctx.depth - 1
+        self.train_marker, self.eval_marker = (self._marker(split) for split in ("train", "eval"))
+        order = BlockOrder(ctx.num_blocks["train"], ctx.group_size, self.args.per_device_train_batch_size,
+                           self.args.seed, cfg.data.shuffle, world, rank)
+        self.loop = SegmentLoop(self.model, self.args, self._batches(order), order.batches_per_epoch(), device,
+                                IterationExit.from_config(cfg.exit.layer, self.args), LoopHooks(evaluate=self.evaluate))
+
+    def _marker(self, split: str) -> CommitMarker:
+        spec = self.ctx.spec(self.parts.config.hidden_size)
+        marker = load_committed(self.ctx.layout, split, self.source_depth, self.ctx.input_hash,
+                                self.ctx.num_blocks[split], spec)
+        if marker is None:
+            where = "tokens" if self.source_depth is None else f"snapshot depth {self.source_depth}"
+            raise StorageError(f"{split} {where} of {self.ctx.layout.describe()} is not committed; rerun the driver")
+        return marker
+
+    def _batches(self, order: BlockOrder):
+        with_hidden = self.source_depth is not None
+
+        def batches(epoch: int, skip: int):
+            return iter(epoch_reader(self.ctx.layout, self.train_marker, order, epoch, skip, with_hidden=with_hidden))
+
+        return batches
+
+    def evaluate(self, limit: int | None = None) -> float:
+        """Mean eval loss over the first ``limit`` eval blocks (``max_eval_blocks`` by default; 0: all)."""
+        limit = self.args.max_eval_blocks if limit is None else limit
+        count = min(limit, self.eval_marker.total_rows) if limit else self.eval_marker.total_rows
+        size = self.args.per_device_eval_batch_size
+        batches = [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+        reader = ShardBatchReader(self.ctx.layout, self.eval_marker, batches, with_hidden=self.source_depth is not None)
+        return evaluate_loss(self.model, iter(reader), self.device, self.args.bf16)
+
+    def train(self) -> None:
+        """Run the loop to its exit decision."""
+        self.loop.run()
+
+    def commit(self) -> dict[str, Any]:
+        """Write the committed layer(s) and the exit's LL + head; return the iteration's record."""
+        committed, exit_weights = split_trained(self.segment, self.parts, self.plan)
+        store = WeightStore(self.ctx.layout)
+        layers = {"stage1": self.plan.prefix_layers, "e2e": list(range(self.plan.num_layers))}.get(self.stage, [self.ctx.depth])
+        files = {path: store.put(path, tensors) for path, tensors in group_committed(committed, self.parts.layout, layers).items()}
+        exit_path = exit_file(self.ctx.depth)
+        files[exit_path] = store.put(exit_path, exit_weights)
+        state = self.loop.state
+        eval_loss = self.evaluate(0) if self.args.max_eval_blocks else state.history[-1]["eval_loss"]
+        train_losses = [r["train_loss"] for r in state.history if "train_loss" in r]
+        return {
+            "depth": self.ctx.depth, "stage": self.stage, "steps": state.step, "history": state.history,
+            "decision": state.decision, "eval_loss": eval_loss, "perplexity": _perplexity(eval_loss),
+            "train_loss": train_losses[-1] if train_losses else None, "files": files, "exit_file": exit_path,
+            "metrics": self.metrics(),
+        }
+
+    def metrics(self) -> dict[str, Any]:
+        """Throughput, memory and time spent waiting on shard reads for this rank."""
+        loop = self.loop
+        wall = max(loop.wall_s, 1e-9)
+        return {
+            "tokens": loop.state.tokens, "wall_s": round(loop.wall_s, 3), "tokens_per_s": round(loop.state.tokens / wall, 1),
+            "data_wait_s": round(loop.data_wait_s, 3), "data_wait_share": round(loop.data_wait_s / wall, 4),
+            "peak_memory_bytes": peak_memory_bytes(self.device), "device": str(self.device),
+            "trainable_params": sum(p.numel() for p in self.segment.parameters() if p.requires_grad),
+        }
+
+
+def _perplexity(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(min(loss, 50.0))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated on a CUDA device, else this process's peak resident memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

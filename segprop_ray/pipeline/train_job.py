@@ -1,0 +1,113 @@
+"""Stage 1, each Stage 2 iteration and E2E as Ray Train ``TorchTrainer`` jobs, resumable at any checkpoint.
+
+The per-worker function builds only the segment it trains (its layer, LL and the head; the prefix
+for Stage 1), feeds it from the run directory's shards with the deterministic block order, and
+reports a checkpoint every ``save_steps`` steps. A worker group restarted by Ray Train (worker
+failure, preemption) or a new trainer with the same run name (driver restart) continues from the
+latest checkpoint, skipping the micro-batches already consumed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from segprop_ray.core.state_io import load_state, save_state
+from segprop_ray.pipeline.context import JobContext
+from segprop_ray.pipeline.segment_run import SegmentRun
+
+FAULT_ENV = "SEGPROP_TEST_KILL_WORKER_AT"
+"""Testing hook: ``"<depth>:<step>"`` kills the rank-0 worker process once at that step (see tests)."""
+
+
+def train_worker(job: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train per-worker function: train the segment of ``job``'s depth, commit it (rank 0)."""
+    ctx = JobContext(**job)
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    run = SegmentRun(ctx, ray.train.torch.get_device(), rank, world, wrap=_wrap_model)
+    resumed_from = _restore(run)
+    run.loop.hooks.checkpoint = lambda loop: _report_checkpoint(run, rank)
+    run.loop.hooks.log = _kill_switch(ctx.depth, rank, ctx)
+    run.train()
+    result = run.commit() if rank == 0 else None
+    _report_checkpoint(run, rank, final=True)
+    if result is not None:
+        result["metrics"]["resumed_from_step"] = resumed_from
+    return result
+
+
+def _wrap_model(segment: torch.nn.Module, strategy: str) -> torch.nn.Module:
+    return ray.train.torch.prepare_model(segment, parallel_strategy=strategy)
+
+
+def _restore(run: SegmentRun) -> int | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        run.loop.load_state_dict(load_state(directory, "loop"))
+    return run.loop.state.step
+
+
+def _report_checkpoint(run: SegmentRun, rank: int, final: bool = False) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the loop state as the checkpoint."""
+    state = run.loop.state
+    metrics = {"step": state.step, "done": final or state.decision is not None}
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            save_state(run.loop.state_dict(), directory, "loop")
+            checkpoint = Checkpoint.from_directory(directory)
+        name = f"step-{state.step:07d}" + ("-final" if final else "")
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def _kill_switch(depth: int, rank: int, ctx: JobContext):
+    """The testing hook of :data:`FAULT_ENV`: die once, abruptly, as a preempted worker would."""
+    target = os.environ.get(FAULT_ENV, "")
+    if not target or rank != 0 or int(target.split(":")[0]) != depth:
+        return None
+    at_step = int(target.split(":")[1])
+    marker = ctx.layout.join("checkpoints", f".fault-injected-{depth}")
+
+    def maybe_die(record: dict[str, float]) -> None:
+        if record.get("step") == at_step and not ctx.layout.fs.exists(marker):
+            ctx.layout.fs.pipe_file(marker, b"killed once\n")
+            os._exit(137)
+
+    return maybe_die
+
+
+def run_trainer(ctx: JobContext, name: str, stage: str) -> dict[str, Any]:
+    """Run one iteration as a TorchTrainer named ``name`` (the same name resumes it); returns rank 0's result."""
+    cfg = ctx.cfg
+    resources = cfg.resources.stage1 if stage in ("stage1", "e2e") else cfg.resources.segment
+    fs, root = ctx.layout.pyarrow_filesystem()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=ctx.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.use_gpu,
+            resources_per_worker=resources.resources_per_worker or None,
+            label_selector=resources.label_selector or None,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=f"{root.rstrip('/')}/checkpoints",
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result.return_value

@@ -1,0 +1,139 @@
+"""The run manifest: the driver's only state, read at start and rewritten atomically after every step.
+
+Everything a restarted driver needs to continue, and everything ``segprop status`` shows, is here:
+which steps are done, what each committed layer's file hash is, the metrics and decisions of each
+iteration, and the URIs of what was written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from segprop_ray.storage.documents import DocumentFormat
+from segprop_ray.storage.errors import DocumentNotFound
+from segprop_ray.storage.layout import RunLayout
+
+MANIFEST_FORMAT = DocumentFormat("segprop_ray.manifest", 1)
+Status = Literal["pending", "running", "done", "failed"]
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StepRecord(_Record):
+    """One step of the pipeline (tokenize, a snapshot depth, export...)."""
+
+    status: Status = "pending"
+    started: str | None = None
+    finished: str | None = None
+    wall_s: float | None = None
+    attempts: int = 0
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+
+class LayerRecord(_Record):
+    """An iteration that commits a depth: Stage 1 (the base depth), a Stage 2 layer, or the whole E2E run."""
+
+    depth: int
+    stage: Literal["stage1", "stage2", "e2e"]
+    status: Status = "pending"
+    steps: int = 0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    perplexity: float | None = None
+    decision: dict[str, Any] | None = None
+    history: list[dict[str, float]] = Field(default_factory=list)
+    files: dict[str, str] = Field(default_factory=dict)
+    """Committed files (run-dir relative path) -> sha256."""
+    exit_file: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    """tokens, tokens_per_s, wall_s, peak_memory_bytes, data_wait_share, resumed_from_step..."""
+    started: str | None = None
+    finished: str | None = None
+
+
+class ModelInfo(_Record):
+    """What the input model is."""
+
+    uri: str
+    architecture: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    tied_embeddings: bool
+    untied: bool = False
+    """True when the run trains its own copy of a head tied to the embeddings."""
+
+
+class Manifest(_Record):
+    """The state of a run."""
+
+    run_id: str
+    created: str = Field(default_factory=now)
+    config_hash: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    """The settings the hash covers (the run's meaning, not where it runs), to name what changed."""
+    state: Literal["running", "done", "failed"] = "running"
+    mode: str
+    base_depth: int
+    last_layers: int
+    model: ModelInfo
+    group_size: int
+    tokens: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    steps: dict[str, StepRecord] = Field(default_factory=dict)
+    layers: dict[str, LayerRecord] = Field(default_factory=dict)
+    decisions: list[dict[str, Any]] = Field(default_factory=list)
+    final_depth: int | None = None
+    error: str | None = None
+
+    def layer(self, depth: int) -> LayerRecord | None:
+        """The record of ``depth``, if any."""
+        return self.layers.get(str(depth))
+
+    def committed_depths(self) -> list[int]:
+        """Depths whose iteration is done, in order."""
+        return sorted(int(d) for d, rec in self.layers.items() if rec.status == "done")
+
+    def step(self, name: str) -> StepRecord:
+        """The record of step ``name``, created pending if new."""
+        return self.steps.setdefault(name, StepRecord())
+
+
+class ManifestStore:
+    """Reads and atomically writes ``manifest.json`` of a run directory."""
+
+    def __init__(self, layout: RunLayout):
+        self.layout = layout
+
+    def exists(self) -> bool:
+        """Whether the run directory has a manifest."""
+        return self.layout.fs.exists(self.layout.manifest)
+
+    def read(self) -> Manifest | None:
+        """The manifest, or None for a new run directory (a wrong format version raises)."""
+        try:
+            body = MANIFEST_FORMAT.read(self.layout.fs, self.layout.manifest)
+        except DocumentNotFound:
+            return None
+        return Manifest.model_validate(body)
+
+    def write(self, manifest: Manifest) -> None:
+        """Replace the manifest atomically."""
+        MANIFEST_FORMAT.write(self.layout.fs, self.layout.manifest, manifest.model_dump(mode="json"))
+
+    def update(self, manifest: Manifest, change: Callable[[Manifest], None]) -> Manifest:
+        """Apply ``change`` to ``manifest`` and persist it; returns the manifest."""
+        change(manifest)
+        self.write(manifest)
+        return manifest

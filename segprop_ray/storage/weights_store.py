@@ -1,0 +1,113 @@
+"""Committed weights in the run directory: per-layer safetensors files, hashed, fetched into a local cache.
+
+Layout (paths relative to the run directory)::
+
+    layers/embed.safetensors         embedding tables (Stage 1)
+    layers/layer-<q>.safetensors     decoder layer q, original parameter names
+    exits/exit-<q>/ll.safetensors    LL layers + final norm + LM head as trained in iteration q
+
+A file's sha256 is recorded in the manifest when it is committed; a fetch checks it, so a torn
+upload is never used. The hash of the weights that produced snapshot depth q chains the hashes
+of the embedding file and of layers 0..q.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from segprop_ray.core.layout import ArchLayout
+from segprop_ray.core.weights import SafetensorsSource, save_tensors
+from segprop_ray.storage.errors import StorageError
+from segprop_ray.storage.layout import RunLayout
+
+EMBED_FILE = "layers/embed.safetensors"
+
+
+def layer_file(index: int) -> str:
+    """Run-relative path of committed decoder layer ``index``."""
+    return f"layers/layer-{index}.safetensors"
+
+
+def exit_file(depth: int) -> str:
+    """Run-relative path of exit ``depth``'s LL + head weights."""
+    return f"exits/exit-{depth}/ll.safetensors"
+
+
+def group_committed(tensors: Mapping[str, torch.Tensor], arch: ArchLayout, layers: list[int]) -> dict[str, dict]:
+    """Committed tensors grouped by the file each belongs in (embedding file, one file per layer)."""
+    groups: dict[str, dict] = {}
+    embed_prefixes = tuple(p + "." for p in arch.embed_paths())
+    for name, tensor in tensors.items():
+        if name.startswith(embed_prefixes):
+            groups.setdefault(EMBED_FILE, {})[name] = tensor
+    for index in layers:
+        prefix = arch.layer_path(index) + "."
+        groups[layer_file(index)] = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+    return groups
+
+
+def weights_hash(file_hashes: list[str]) -> str:
+    """One hash for an ordered list of committed files (the weights a snapshot depth depends on)."""
+    return hashlib.sha256("|".join(file_hashes).encode()).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a local file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(16 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class WeightStore:
+    """Puts committed weight files into the run directory and fetches them back into a local cache."""
+
+    def __init__(self, layout: RunLayout, cache_dir: str | Path | None = None):
+        self.layout = layout
+        default = Path(os.environ.get("SEGPROP_CACHE", Path.home() / ".cache" / "segprop_ray")) / "weights"
+        self.cache_dir = Path(cache_dir or default)
+
+    def put(self, rel_path: str, tensors: Mapping[str, torch.Tensor]) -> str:
+        """Write ``tensors`` to ``rel_path`` in the run directory (overwriting); returns the file's sha256."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:
+            local = Path(tmp) / "weights.safetensors"
+            save_tensors(tensors, local, metadata={"format": "pt"})
+            sha = sha256_file(local)
+            target = self.layout.join(*rel_path.split("/"))
+            self.layout.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            self.layout.fs.put_file(str(local), target)
+            cached = self.cache_dir / f"{sha}.safetensors"
+            if not cached.exists():
+                os.replace(local, cached)
+        return sha
+
+    def fetch(self, rel_path: str, sha256: str) -> Path:
+        """A local copy of ``rel_path`` whose content has hash ``sha256`` (downloaded once, then cached)."""
+        cached = self.cache_dir / f"{sha256}.safetensors"
+        if cached.exists():
+            return cached
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.cache_dir, delete=False, suffix=".part") as handle:
+            partial = Path(handle.name)
+        try:
+            self.layout.fs.get_file(self.layout.join(*rel_path.split("/")), str(partial))
+            found = sha256_file(partial)
+            if found != sha256:
+                raise StorageError(f"{self.layout.uri(self.layout.join(rel_path))}: sha256 {found[:12]} does not match "
+                                   f"the committed {sha256[:12]} (torn or replaced file)")
+            os.replace(partial, cached)
+        finally:
+            partial.unlink(missing_ok=True)
+        return cached
+
+    def source(self, files: Mapping[str, str]) -> SafetensorsSource:
+        """A lazy tensor source over committed files given as ``{rel_path: sha256}``."""
+        return SafetensorsSource([self.fetch(path, sha) for path, sha in files.items()])

@@ -1,0 +1,142 @@
+"""Filesystem resolution, endpoint precedence, pyarrow filesystems, redaction and the writability probe."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pyarrow.fs as pafs
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+from s3_server import free_port
+
+from segprop_ray.storage.errors import StorageError
+from segprop_ray.storage.fs import (check_writable, describe_storage, redact_uri, resolve_filesystem,
+                                    resolve_pyarrow_filesystem, s3_endpoint)
+
+
+def test_plain_path_and_file_uri_resolve_to_local(tmp_path):
+    fs, path = resolve_filesystem(str(tmp_path / "run"))
+    assert isinstance(fs, LocalFileSystem) and path == str(tmp_path / "run")
+    fs2, path2 = resolve_filesystem((tmp_path / "run").as_uri() + "/")
+    assert isinstance(fs2, LocalFileSystem) and path2 == str(tmp_path / "run")
+    pa_fs, pa_path = resolve_pyarrow_filesystem((tmp_path / "run").as_uri())
+    assert isinstance(pa_fs, pafs.LocalFileSystem) and pa_path == str(tmp_path / "run")
+
+
+def test_other_fsspec_protocols_pass_through():
+    fs, path = resolve_filesystem("memory://segprop-fs-test/run")
+    fs.pipe_file(f"{path}/x", b"1")
+    assert fs.cat_file(f"{path}/x") == b"1"
+    pa_fs, pa_path = resolve_pyarrow_filesystem("memory://segprop-fs-test/run")
+    assert isinstance(pa_fs, pafs.PyFileSystem) and pa_path == "/segprop-fs-test/run"
+
+
+def test_s3_endpoint_precedence(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-specific:2")
+    assert s3_endpoint() == "http://s3-specific:2"
+    assert s3_endpoint({"endpoint_url": "http://option:3"}) == "http://option:3"
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    assert s3_endpoint() == "http://generic:1"
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
+    assert s3_endpoint() is None
+
+
+def test_s3_through_environment_only(s3_bucket):
+    fs, path = resolve_filesystem(f"s3://{s3_bucket}/run/")
+    assert path == f"{s3_bucket}/run"
+    fs.pipe_file(f"{path}/hello.txt", b"hi")
+    assert fs.cat_file(f"{path}/hello.txt") == b"hi"
+
+
+def test_generic_endpoint_variable_is_used_when_s3_specific_is_absent(s3_bucket, s3_env, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env)
+    fs, path = resolve_filesystem(f"s3://{s3_bucket}/run")
+    fs.pipe_file(f"{path}/a", b"1")
+    assert fs.exists(f"{path}/a")
+
+
+def test_storage_options_override_environment(s3_bucket, s3_env, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    fs, path = resolve_filesystem(f"s3://{s3_bucket}/run", {"endpoint_url": s3_env})
+    fs.pipe_file(f"{path}/a", b"1")
+    assert fs.cat_file(f"{path}/a") == b"1"
+
+
+def test_pyarrow_s3_filesystem_gets_endpoint_from_environment(s3_bucket):
+    pa_fs, path = resolve_pyarrow_filesystem(f"s3://{s3_bucket}/run")
+    assert isinstance(pa_fs, pafs.S3FileSystem) and path == f"{s3_bucket}/run"
+    with pa_fs.open_output_stream(f"{path}/from-pyarrow.bin") as stream:
+        stream.write(b"pyarrow wrote this")
+    fs, fs_path = resolve_filesystem(f"s3://{s3_bucket}/run")
+    assert fs.cat_file(f"{fs_path}/from-pyarrow.bin") == b"pyarrow wrote this"
+
+
+def test_pyarrow_falls_back_to_s3fs_for_options_it_cannot_express(s3_bucket):
+    pa_fs, path = resolve_pyarrow_filesystem(f"s3://{s3_bucket}/run", {"requester_pays": False})
+    assert isinstance(pa_fs, pafs.PyFileSystem)
+    with pa_fs.open_output_stream(f"{path}/x") as stream:
+        stream.write(b"ok")
+    assert pa_fs.get_file_info(f"{path}/x").size == 2
+
+
+def test_redaction_hides_credentials():
+    assert redact_uri("s3://AKIAXX:topsecret@bucket/run") == "s3://***@bucket/run"
+    redacted = redact_uri("s3://b/x?access_key=AK&secret_key=SK&region=us-east-1")
+    assert "SK" not in redacted and "AK" not in redacted and "region=us-east-1" in redacted
+    assert redact_uri("/plain/path") == "/plain/path"
+    line = describe_storage("s3://b/run", {"key": "AKIAEXAMPLE", "secret": "shh", "endpoint_url": "http://h:1"})
+    assert "AKIAEXAMPLE" not in line and "shh" not in line and "endpoint http://h:1" in line
+
+
+def test_check_writable_passes_on_a_good_run_dir(run_uri):
+    check_writable(run_uri)
+
+
+def test_check_writable_missing_bucket_is_one_clear_line(s3_env):
+    options = {"key": "testing", "secret": "do-not-print-me"}
+    start = time.perf_counter()
+    with pytest.raises(StorageError) as caught:
+        check_writable("s3://segprop-no-such-bucket/run", options)
+    message = str(caught.value)
+    assert time.perf_counter() - start < 10
+    assert "s3://segprop-no-such-bucket/run" in message and "\n" not in message
+    assert "do-not-print-me" not in message and caught.value.__suppress_context__
+
+
+def test_check_writable_unreachable_endpoint_fails_fast(s3_env, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
+    start = time.perf_counter()
+    with pytest.raises(StorageError, match="not writable"):
+        check_writable("s3://some-bucket/run", timeout_s=1)
+    assert time.perf_counter() - start < 10
+
+
+def test_check_writable_silent_endpoint_times_out(s3_env, monkeypatch):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepts connections (backlog) but never answers
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    start = time.perf_counter()
+    try:
+        with pytest.raises(StorageError, match="s3://some-bucket/run"):
+            check_writable("s3://some-bucket/run", timeout_s=0.5)
+    finally:
+        listener.close()
+    assert time.perf_counter() - start < 8
+
+
+def test_check_writable_local_failure(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StorageError, match="not writable"):
+        check_writable(str(blocker / "run"))
+
+
+def test_probe_thread_does_not_outlive_the_check(run_uri):
+    before = {thread.name for thread in threading.enumerate()}
+    check_writable(run_uri)
+    assert "segprop-storage-probe" not in {t.name for t in threading.enumerate()} - before

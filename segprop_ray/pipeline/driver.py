@@ -51,6 +51,9 @@ class Driver:
         if self.setup is None:
             self.prepare()
         connect(self.cfg)
+        from segprop_ray.pipeline.progress import ProgressBoard
+
+        self.board = ProgressBoard.remote()
         try:
             self._run_steps()
         except BaseException as error:
@@ -71,8 +74,22 @@ class Driver:
             else:
                 self._continue_after(plan.last_depth)  # records the closing "last_layer" decision
         final = max(self.manifest.committed_depths())
-        self._save(lambda m: (setattr(m, "final_depth", final), setattr(m, "state", "done"), setattr(m, "error", None)))
-        self.echo(f"done: exit {final} is the final model (segprop export {self.cfg.run_dir} --depth {final} --out DIR)")
+        self._save(lambda m: setattr(m, "final_depth", final))
+        self.export(final)
+        self._save(lambda m: (setattr(m, "state", "done"), setattr(m, "error", None)))
+
+    def export(self, depth: int) -> None:
+        """Export the model exiting at ``depth`` to ``export/exit-<depth>`` in the run directory."""
+        from segprop_ray.reporting.export import export_model
+
+        name = f"export:{depth}"
+        if self.manifest.step(name).status == "done":
+            return
+        started = self._start_step(name)
+        out = self.setup.layout.uri(self.setup.layout.export_dir(f"exit-{depth}"))
+        export_model(self.cfg.run_dir, out, depth, self.cfg.storage_options)
+        self._finish_step(name, started, {"uri": out})
+        self.echo(f"exported exit {depth} (layers 0..{depth} + LL) to {out}")
 
     # -- tokens ---------------------------------------------------------------------------------
     def tokenize(self) -> None:
@@ -105,7 +122,8 @@ class Driver:
         ctx = self._context(depth, input_hash=self._hash_of(source))
         started = self._start_layer(depth, stage)
         self.echo(f"training {_label(stage, depth)} (Ray Train)")
-        result = run_trainer(ctx, name=f"{self.manifest.run_id}-depth{depth}", stage=stage)
+        name = f"{self.manifest.run_id}-depth{depth}"
+        result = run_trainer(ctx, name=name, stage=stage, board=self.board, label=_label(stage, depth))
         self._finish_layer(depth, stage, started, result)
         self.echo(f"committed {_label(stage, depth)}: eval loss {result['eval_loss']:.4f} after {result['steps']} steps "
                   f"({result['decision']['reason']})")

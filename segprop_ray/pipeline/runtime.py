@@ -9,8 +9,9 @@ import ray
 
 from segprop_ray.config import Config
 
-# Non-secret settings a worker on another node needs to reach the same storage (credentials stay with
-# the cluster's own environment: instance roles, mounted secrets; they are never shipped from here).
+# Non-secret settings a job on a remote cluster needs to reach the same storage; `segprop submit` ships
+# them in the job's runtime env (credentials stay with the cluster's own environment: instance roles,
+# mounted secrets). A local Ray started here passes the whole environment to its workers anyway.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
                  "AWS_EC2_METADATA_DISABLED", "HF_HUB_OFFLINE", "SEGPROP_CACHE")
 
@@ -21,13 +22,14 @@ def ray_address(cfg: Config) -> str | None:
 
 
 def connect(cfg: Config) -> None:
-    """Initialise Ray once per process (a no-op when already connected, e.g. inside a submitted job)."""
+    """Initialise Ray once per process (a no-op when already connected).
+
+    Inside a submitted job ``RAY_ADDRESS`` names the job's cluster and the job's runtime env applies.
+    """
     if ray.is_initialized():
         return
-    env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
     address = ray_address(cfg)
-    kwargs = dict(runtime_env={"env_vars": env} if env else None, logging_level=logging.WARNING,
-                  log_to_driver=True, configure_logging=True)
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -11,30 +11,35 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from typing import Any
 
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from segprop_ray.core.state_io import load_state, save_state
 from segprop_ray.pipeline.context import JobContext
+from segprop_ray.pipeline.progress import poster, run_with_bar
 from segprop_ray.pipeline.segment_run import SegmentRun
 
 FAULT_ENV = "SEGPROP_TEST_KILL_WORKER_AT"
 """Testing hook: ``"<depth>:<step>"`` kills the rank-0 worker process once at that step (see tests)."""
 
 
-def train_worker(job: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train per-worker function: train the segment of ``job``'s depth, commit it (rank 0)."""
-    ctx = JobContext(**job)
+def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train per-worker function: train the segment of the job's depth, commit it (rank 0).
+
+    ``config``: ``{"job": JobContext as dict, "name": run name, "board": ProgressBoard handle or None}``.
+    """
+    ctx = JobContext(**config["job"])
     train_ctx = ray.train.get_context()
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     run = SegmentRun(ctx, ray.train.torch.get_device(), rank, world, wrap=_wrap_model)
     resumed_from = _restore(run)
     run.loop.hooks.checkpoint = lambda loop: _report_checkpoint(run, rank)
-    run.loop.hooks.log = _kill_switch(ctx.depth, rank, ctx)
+    run.loop.hooks.log = _log_hook(run, rank, config)
     run.train()
     result = run.commit() if rank == 0 else None
     _report_checkpoint(run, rank, final=True)
@@ -69,30 +74,57 @@ def _report_checkpoint(run: SegmentRun, rank: int, final: bool = False) -> None:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
-def _kill_switch(depth: int, rank: int, ctx: JobContext):
+def _log_hook(run: SegmentRun, rank: int, config: dict[str, Any]):
+    """Rank 0 posts each history record to the driver's progress board (and obeys the fault hook)."""
+    if rank != 0:
+        return None
+    post = poster(config["board"], config["name"]) if config.get("board") is not None else None
+    die = _kill_switch(run.ctx)
+
+    def log(record: dict[str, float]) -> None:
+        if post is not None:
+            post({**record, "total": run.loop.total_steps})
+        if die is not None:
+            die(record)
+
+    return log
+
+
+def _kill_switch(ctx: JobContext):
     """The testing hook of :data:`FAULT_ENV`: die once, abruptly, as a preempted worker would."""
     target = os.environ.get(FAULT_ENV, "")
-    if not target or rank != 0 or int(target.split(":")[0]) != depth:
+    if not target or int(target.split(":")[0]) != ctx.depth:
         return None
     at_step = int(target.split(":")[1])
-    marker = ctx.layout.join("checkpoints", f".fault-injected-{depth}")
+    marker = ctx.layout.join("checkpoints", f".fault-injected-{ctx.depth}")
 
     def maybe_die(record: dict[str, float]) -> None:
         if record.get("step") == at_step and not ctx.layout.fs.exists(marker):
             ctx.layout.fs.pipe_file(marker, b"killed once\n")
+            # Ray Train's controller learns of reported checkpoints when it polls the workers (every 2 s):
+            # die after that, as a worker lost some time after its last checkpoint would.
+            time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
             os._exit(137)
 
     return maybe_die
 
 
-def run_trainer(ctx: JobContext, name: str, stage: str) -> dict[str, Any]:
-    """Run one iteration as a TorchTrainer named ``name`` (the same name resumes it); returns rank 0's result."""
+def _test_hooks_env() -> dict[str, Any] | None:
+    """Forward the testing hook's variable to the workers when it is set (never in normal runs)."""
+    return {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}} if os.environ.get(FAULT_ENV) else None
+
+
+def run_trainer(ctx: JobContext, name: str, stage: str, board: Any = None, label: str = "") -> dict[str, Any]:
+    """Run one iteration as a TorchTrainer named ``name`` (the same name resumes it); returns rank 0's result.
+
+    With a progress ``board``, a bar labelled ``label`` follows the workers' steps.
+    """
     cfg = ctx.cfg
     resources = cfg.resources.stage1 if stage in ("stage1", "e2e") else cfg.resources.segment
     fs, root = ctx.layout.pyarrow_filesystem()
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=ctx.to_dict(),
+        train_loop_config={"job": ctx.to_dict(), "name": name, "board": board},
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
@@ -105,9 +137,11 @@ def run_trainer(ctx: JobContext, name: str, stage: str) -> dict[str, Any]:
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env=_test_hooks_env(),
         ),
     )
-    result = trainer.fit()
+    result = run_with_bar(trainer.fit, board, name, label) if board is not None else trainer.fit()
     if result.error is not None:
         raise result.error
     return result.return_value

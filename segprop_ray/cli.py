@@ -1,0 +1,147 @@
+"""The ``segprop`` command: run, status, export, submit, report and the embedded demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code (0 ok, 2 bad input, 1 failure), reason on one line."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("segprop: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every failure ends as one line (traceback with SEGPROP_DEBUG=1)
+        if os.environ.get("SEGPROP_DEBUG"):
+            raise
+        kind = "error" if is_bad_input(error) else "failed"
+        print(f"segprop: {kind}: {one_line_reason(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT if kind == "error" else EXIT_FAILED
+
+
+def is_bad_input(error: BaseException) -> bool:
+    """Whether ``error`` is the user's input (config, paths, model) rather than a failure while running."""
+    from segprop_ray.config import ConfigError
+    from segprop_ray.core.layout import UnsupportedArchitecture
+    from segprop_ray.storage.errors import StorageError
+
+    if type(error).__name__ == "RunConflict":
+        return True
+    return isinstance(error, (ConfigError, UnsupportedArchitecture, StorageError, FileNotFoundError)) or (
+        type(error) is ValueError)
+
+
+def one_line_reason(error: BaseException) -> str:
+    """The innermost meaningful message of ``error`` on one line (Ray wraps worker errors in several layers)."""
+    seen = error
+    while getattr(seen, "__cause__", None) is not None:
+        seen = seen.__cause__
+    text = str(seen).strip() or type(seen).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    tail = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "Traceback"))), lines[0] if lines else text)
+    return tail if len(tail) < 400 else tail[:397] + "..."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="segprop", description="Segmented Propagation fine-tuning on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = _command(sub, "run", "run (or continue) a SegProp pipeline", _run)
+    run.add_argument("config", help="YAML config file")
+    _add_overrides(run)
+    run.add_argument("--restart", action="store_true", help="start over in a run_dir that holds another run")
+    status = _command(sub, "status", "show a run's per-layer table", _status)
+    status.add_argument("run_dir")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    export = _command(sub, "export", "write the model exiting at a depth as a Hugging Face directory", _export)
+    export.add_argument("run_dir")
+    export.add_argument("--depth", default="final", help="a committed depth, 'best' (lowest eval loss) or 'final'")
+    export.add_argument("--out", required=True, help="output directory (local path or URI)")
+    submit = _command(sub, "submit", "submit `segprop run` to a Ray cluster through the Jobs API", _submit)
+    submit.add_argument("config")
+    submit.add_argument("--address", required=True, help="dashboard address, e.g. http://HEAD:8265")
+    _add_overrides(submit)
+    submit.add_argument("--no-wait", action="store_true", help="return after submitting")
+    submit.add_argument("--working-dir", default=None, help="upload this directory as the job's working_dir")
+    submit.add_argument("--python", default=None,
+                        help="run the job as PYTHON -m segprop_ray.cli (default: the cluster's `segprop` command)")
+    demo = _command(sub, "demo", "make a tiny model and corpus, then run SegProp on them (local Ray)", _demo)
+    demo.add_argument("--out", default=".demo", help="directory for the model, data, config and run")
+    _add_overrides(demo)
+    return parser
+
+
+def _command(sub: Any, name: str, help_text: str, handler: Callable) -> argparse.ArgumentParser:
+    command = sub.add_parser(name, help=help_text, description=help_text)
+    command.set_defaults(handler=handler)
+    return command
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set training.learning_rate=1e-4 (repeatable)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from segprop_ray.config import load_config
+    from segprop_ray.pipeline.driver import Driver
+
+    cfg = load_config(args.config, args.overrides)
+    Driver(cfg, restart=args.restart).run()
+    return _status_of(cfg.run_dir, cfg.storage_options)
+
+
+def _status_of(run_dir: str, storage_options: dict[str, Any] | None = None) -> int:
+    from segprop_ray.reporting.export import open_run
+    from segprop_ray.reporting.status import render_status
+
+    _, manifest = open_run(run_dir, storage_options)
+    render_status(manifest)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from segprop_ray.reporting.export import open_run
+    from segprop_ray.reporting.status import render_status, status_json
+
+    _, manifest = open_run(args.run_dir)
+    if args.json:
+        print(status_json(manifest))
+    else:
+        render_status(manifest)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from segprop_ray.reporting.export import export_model
+
+    depth, out = export_model(args.run_dir, args.out, args.depth)
+    print(f"exported exit {depth} to {out}")
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from segprop_ray.pipeline.submit import submit_run
+
+    return submit_run(args.config, args.address, args.overrides, wait=not args.no_wait, working_dir=args.working_dir,
+                      python=args.python)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from segprop_ray.demo.run import run_demo
+
+    return run_demo(args.out, args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

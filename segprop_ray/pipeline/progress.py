@@ -1,0 +1,67 @@
+"""Live progress of remote training: workers post their step to a small actor, the driver draws a bar.
+
+Ray Train workers run in other processes (often other nodes), and their stdout reaches the driver
+line by line, which no progress bar survives. Rank 0 instead sends ``(step, total, loss)`` to a
+:class:`ProgressBoard` actor; the driver polls it while the trainer runs and updates a tqdm bar.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import ray
+from tqdm.auto import tqdm
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """The latest progress record of each job, by name."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def post(self, job: str, record: dict[str, Any]) -> None:
+        """Replace ``job``'s record."""
+        self.records[job] = record
+
+    def get(self, job: str) -> dict[str, Any] | None:
+        """``job``'s latest record."""
+        return self.records.get(job)
+
+
+def poster(board: Any, job: str) -> Callable[[dict[str, Any]], None]:
+    """A callback that posts a record to ``board`` without waiting for it."""
+    return lambda record: board.post.remote(job, record)
+
+
+def run_with_bar(work: Callable[[], Any], board: Any, job: str, label: str, poll_s: float = 0.5) -> Any:
+    """Run ``work()`` in a thread while a bar shows ``job``'s posted ``step`` of ``total``; returns its result."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name=f"segprop-{job}", daemon=True)
+    thread.start()
+    with tqdm(desc=label, unit="step", dynamic_ncols=True, leave=True) as bar:
+        while thread.is_alive():
+            thread.join(poll_s)
+            _draw(bar, ray.get(board.get.remote(job)))
+        _draw(bar, ray.get(board.get.remote(job)))
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def _draw(bar: tqdm, record: dict[str, Any] | None) -> None:
+    if not record:
+        return
+    bar.total = record.get("total")
+    bar.n = int(record.get("step", 0))
+    shown = {k: f"{record[k]:.4f}" for k in ("train_loss", "eval_loss") if record.get(k) is not None}
+    bar.set_postfix(shown, refresh=False)
+    bar.refresh()

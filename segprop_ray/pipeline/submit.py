@@ -1,0 +1,82 @@
+"""``segprop submit``: run the pipeline on a Ray cluster through the Jobs API.
+
+The config travels in the job's ``working_dir`` (a temporary directory holding only it), the
+entrypoint is ``segprop run config.yaml`` with the same ``--set`` overrides, and the job's id is
+derived from the run so a resubmission of the same run is recognisable. Token authentication:
+when a token is available (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) and
+``RAY_AUTH_MODE`` is unset, the client turns token mode on, since Ray's clients do not by themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from segprop_ray.config import load_config
+from segprop_ray.pipeline.runtime import FORWARDED_ENV
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def enable_token_auth_if_available() -> None:
+    """Set ``RAY_AUTH_MODE=token`` for this client when a token exists and the mode is not chosen."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    token_path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_path.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def entrypoint(overrides: list[str], python: str | None = None) -> str:
+    """The job's command line: ``segprop run config.yaml`` (or ``PYTHON -m segprop_ray.cli run ...``)."""
+    command = [python, "-m", "segprop_ray.cli"] if python else ["segprop"]
+    command += ["run", "config.yaml"] + [arg for o in overrides for arg in ("--set", o)]
+    return shlex.join(command)
+
+
+def submit_run(config: str, address: str, overrides: list[str], wait: bool = True, working_dir: str | None = None,
+               python: str | None = None, poll_s: float = 2.0) -> int:
+    """Submit the run; with ``wait``, stream its logs and return 0 on success, 1 on failure."""
+    from ray.job_submission import JobSubmissionClient
+
+    cfg = load_config(config, overrides)  # bad input fails here, before anything is sent
+    enable_token_auth_if_available()
+    client = JobSubmissionClient(address)
+    with tempfile.TemporaryDirectory() as staging:
+        job_dir = Path(working_dir or staging)
+        if working_dir is None or not (job_dir / "config.yaml").exists():
+            job_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(config, job_dir / "config.yaml")
+        env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+        job_id = client.submit_job(
+            entrypoint=entrypoint(overrides, python),
+            runtime_env={"working_dir": str(job_dir), "env_vars": env},
+            submission_id=f"segprop-{Path(cfg.run_dir).name}-{uuid.uuid4().hex[:8]}",
+        )
+    print(f"submitted job {job_id} to {address} (run_dir {cfg.run_dir})")
+    if not wait:
+        return 0
+    return follow(client, job_id, poll_s)
+
+
+def follow(client, job_id: str, poll_s: float = 2.0) -> int:
+    """Print the job's new log lines until it ends; 0 if it succeeded."""
+    shown = 0
+    while True:
+        status = str(client.get_job_status(job_id)).rsplit(".", 1)[-1]
+        logs = client.get_job_logs(job_id)
+        print(logs[shown:], end="", flush=True)
+        shown = len(logs)
+        if status in TERMINAL:
+            break
+        time.sleep(poll_s)
+    if status == "SUCCEEDED":
+        return 0
+    message = (client.get_job_info(job_id).message or status).strip().splitlines()
+    print(f"segprop: failed: job {job_id} {status}: {message[-1] if message else status}")
+    return 1

@@ -1,0 +1,100 @@
+"""Exporting the model that exits at depth K as a standard Hugging Face directory (any fsspec URI)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from segprop_ray.core.assemble import exit_config, exit_state_dict, write_model_dir
+from segprop_ray.core.parts import ModelParts
+from segprop_ray.core.plan import SegPropPlan
+from segprop_ray.core.weights import ChainSource, SafetensorsSource
+from segprop_ray.storage.errors import StorageError
+from segprop_ray.storage.fs import resolve_filesystem, split_protocol
+from segprop_ray.storage.layout import RunLayout
+from segprop_ray.storage.manifest import Manifest, ManifestStore
+from segprop_ray.storage.models import resolve_model_dir
+from segprop_ray.storage.weights_store import EMBED_FILE, WeightStore, exit_file, layer_file
+
+
+def open_run(run_dir: str, storage_options: dict[str, Any] | None = None) -> tuple[RunLayout, Manifest]:
+    """The layout and manifest of an existing run (one-line error if there is none)."""
+    layout = RunLayout.open(run_dir, storage_options)
+    manifest = ManifestStore(layout).read()
+    if manifest is None:
+        raise StorageError(f"{layout.describe()} holds no segprop run (no manifest.json)")
+    return layout, manifest
+
+
+def best_depth(manifest: Manifest) -> int:
+    """The committed exit with the lowest eval loss (the shallower one on ties)."""
+    depths = manifest.committed_depths()
+    if not depths:
+        raise StorageError("the run has no committed exit yet")
+    return min(depths, key=lambda d: (manifest.layer(d).eval_loss, d))
+
+
+def choose_depth(manifest: Manifest, depth: str | int | None) -> int:
+    """``best``, ``final`` (None) or a committed depth; one-line error for an uncommitted one."""
+    committed = manifest.committed_depths()
+    if depth in (None, "final"):
+        return manifest.final_depth if manifest.final_depth is not None else max(committed)
+    if depth == "best":
+        return best_depth(manifest)
+    if int(depth) not in committed:
+        raise StorageError(f"exit {depth} is not committed; committed exits: {committed}")
+    return int(depth)
+
+
+def export_model(run_dir: str, out: str, depth: str | int | None = None, storage_options: dict[str, Any] | None = None,
+                 extra_files: dict[str, str] | None = None) -> tuple[int, str]:
+    """Write the model exiting at ``depth`` to ``out`` (local path or URI); returns ``(depth, out)``."""
+    layout, manifest = open_run(run_dir, storage_options)
+    depth = choose_depth(manifest, depth)
+    model_dir = resolve_model_dir(manifest.model.uri, storage_options)
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    parts = ModelParts(hf_config)
+    plan = SegPropPlan(manifest.model.num_layers, manifest.base_depth, manifest.last_layers, manifest.mode)
+    files = committed_files(manifest)
+    needed = [EMBED_FILE] + [layer_file(i) for i in range(depth + 1)]
+    store = WeightStore(layout)
+    committed = store.source({p: files[p] for p in needed})
+    exit_weights = store.source({exit_file(depth): files[exit_file(depth)]})
+    state = exit_state_dict(plan, parts.layout, depth, _all(committed), _all(exit_weights))
+    metadata = {"depth": depth, "base_model": manifest.model.uri, "run_id": manifest.run_id, "mode": manifest.mode,
+                "eval_loss": manifest.layer(depth).eval_loss}
+    _write(out, storage_options, lambda local: _write_dir(local, hf_config, plan, depth, state, model_dir, metadata, extra_files))
+    return depth, out
+
+
+def committed_files(manifest: Manifest) -> dict[str, str]:
+    """Every committed file of the run: run-relative path -> sha256."""
+    files: dict[str, str] = {}
+    for depth in manifest.committed_depths():
+        files.update(manifest.layer(depth).files)
+    return files
+
+
+def _all(source: SafetensorsSource | ChainSource) -> dict:
+    return {name: source.get(name) for name in source.keys()}
+
+
+def _write_dir(local: Path, hf_config, plan, depth, state, model_dir, metadata, extra_files) -> None:
+    write_model_dir(local, exit_config(hf_config, plan, depth), state, tokenizer_dir=model_dir, metadata=metadata)
+    for name, text in (extra_files or {}).items():
+        (local / name).write_text(text)
+
+
+def _write(out: str, storage_options: dict[str, Any] | None, build) -> None:
+    """Build the directory locally, then copy it to ``out`` when that is not a local path."""
+    if split_protocol(out)[0] == "file":
+        build(Path(split_protocol(out)[1]))
+        return
+    fs, path = resolve_filesystem(out, storage_options)
+    with tempfile.TemporaryDirectory() as tmp:
+        build(Path(tmp))
+        for file in Path(tmp).iterdir():
+            fs.put_file(str(file), f"{path}/{file.name}")

@@ -1,0 +1,67 @@
+"""``segprop status``: the run's state and a per-layer table, read from the manifest alone."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from segprop_ray.storage.manifest import LayerRecord, Manifest
+
+
+def layer_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    """One row per iteration (depth), in order: what the table and the JSON show."""
+    rows = []
+    decisions = {d["depth"]: d for d in manifest.decisions}
+    for key in sorted(manifest.layers, key=int):
+        record: LayerRecord = manifest.layers[key]
+        metrics = record.metrics
+        rows.append({
+            "depth": record.depth, "stage": record.stage, "status": record.status, "steps": record.steps,
+            "train_loss": record.train_loss, "eval_loss": record.eval_loss, "perplexity": record.perplexity,
+            "iteration_exit": (record.decision or {}).get("reason"),
+            "global_exit": (decisions.get(record.depth) or {}).get("reason"),
+            "wall_s": metrics.get("wall_s"), "tokens_per_s": metrics.get("tokens_per_s"),
+            "data_wait_share": metrics.get("data_wait_share"), "peak_memory_bytes": metrics.get("peak_memory_bytes"),
+        })
+    return rows
+
+
+def status_json(manifest: Manifest) -> str:
+    """The status as JSON: run facts plus the per-layer rows."""
+    return json.dumps({"run_id": manifest.run_id, "state": manifest.state, "mode": manifest.mode,
+                       "model": manifest.model.uri, "final_depth": manifest.final_depth, "error": manifest.error,
+                       "tokens": manifest.tokens, "layers": layer_rows(manifest), "decisions": manifest.decisions,
+                       "steps": {k: v.model_dump() for k, v in manifest.steps.items()}}, indent=2)
+
+
+def render_status(manifest: Manifest, console: Console | None = None) -> None:
+    """Print the run header and the per-layer table."""
+    console = console or Console()
+    blocks = ", ".join(f"{split} {info.get('num_blocks')}" for split, info in manifest.tokens.items()) or "not yet"
+    console.print(f"[bold]{manifest.run_id}[/bold]  state: {manifest.state}  mode: {manifest.mode}  "
+                  f"model: {manifest.model.uri} ({manifest.model.num_layers} layers)  p={manifest.base_depth} "
+                  f"r={manifest.last_layers}  blocks: {blocks}")
+    table = Table(show_lines=False)
+    for title in ("depth", "stage", "status", "steps", "train loss", "eval loss", "ppl", "exit (iter / global)",
+                  "wall s", "tok/s", "read wait"):
+        table.add_column(title, justify="right" if title not in ("stage", "status", "exit (iter / global)") else "left")
+    for row in layer_rows(manifest):
+        table.add_row(str(row["depth"]), row["stage"], row["status"], str(row["steps"]), _num(row["train_loss"]),
+                      _num(row["eval_loss"]), _num(row["perplexity"], 2), f"{row['iteration_exit'] or '-'} / {row['global_exit'] or '-'}",
+                      _num(row["wall_s"], 1), _num(row["tokens_per_s"], 0), _pct(row["data_wait_share"]))
+    console.print(table)
+    if manifest.final_depth is not None:
+        console.print(f"final model: exit {manifest.final_depth}")
+    if manifest.error:
+        console.print(f"[red]last error:[/red] {manifest.error}")
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"

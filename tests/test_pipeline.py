@@ -1,0 +1,82 @@
+"""The Ray pipeline end to end on a local Ray (2 CPUs): file:// and s3:// (moto) run directories.
+
+Every test here starts real Ray Data and Ray Train jobs, so they are marked slow; CI runs them too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline_setup import (BASE_DEPTH, NUM_LAYERS, LAST_LAYERS, inprocess_reference, logits, make_inputs,
+                            pipeline_config, reference_model)
+from segprop_ray.config import validate_config
+from segprop_ray.pipeline.driver import Driver
+from segprop_ray.reporting.export import export_model
+from segprop_ray.storage.fs import resolve_filesystem
+
+pytestmark = pytest.mark.slow
+
+
+def upload(local_dir, uri: str) -> str:
+    fs, path = resolve_filesystem(uri)
+    for file in local_dir.iterdir():
+        fs.put_file(str(file), f"{path}/{file.name}")
+    return uri
+
+
+@pytest.mark.parametrize("storage", ["file", "s3"])
+def test_pipeline_end_to_end_equals_inprocess_core(local_ray, tmp_path, request, storage):
+    model, train, evaluation = make_inputs(tmp_path)
+    if storage == "s3":  # model, data and run directory all on the S3 server, reached through AWS_* variables
+        bucket = request.getfixturevalue("s3_bucket")
+        run_dir = f"s3://{bucket}/runs/e2e"
+        model_uri = upload(model, f"s3://{bucket}/models/tiny")
+        train_uri = upload(train.parent, f"s3://{bucket}/data") + "/train.jsonl"
+        eval_uri = f"s3://{bucket}/data/eval.jsonl"
+    else:
+        run_dir, model_uri, train_uri, eval_uri = (tmp_path / "run").as_uri(), str(model), str(train), str(evaluation)
+    cfg = validate_config(pipeline_config(run_dir, model_uri, train_uri, eval_uri))
+
+    manifest = Driver(cfg).run()
+
+    middle = list(range(BASE_DEPTH + 1, NUM_LAYERS - LAST_LAYERS))
+    assert manifest.state == "done" and manifest.committed_depths() == [BASE_DEPTH, *middle]
+    assert manifest.final_depth == middle[-1] and manifest.decisions[-1]["reason"] == "last_layer"
+    assert all(manifest.layer(d).files and manifest.layer(d).metrics["tokens"] > 0 for d in manifest.committed_depths())
+    assert manifest.steps[f"export:{middle[-1]}"].status == "done"
+
+    depth, _ = export_model(run_dir, str(tmp_path / "exported"), "final")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    assert exported.config.num_hidden_layers == depth + 1 + LAST_LAYERS
+    generated = exported.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=4, do_sample=False, pad_token_id=1)
+    assert generated.shape == (1, 7)
+
+    from segprop_ray.storage.layout import RunLayout
+    blocks = {split: info["num_blocks"] for split, info in manifest.tokens.items()}
+    result, eval_ids = inprocess_reference(cfg, model, RunLayout.open(run_dir), blocks)
+    reference = reference_model(result, model, depth, tmp_path / "reference")
+    torch.testing.assert_close(logits(exported, eval_ids[:4]), logits(reference, eval_ids[:4]), rtol=0, atol=0)
+    assert [manifest.layer(d).eval_loss for d in manifest.committed_depths()] == [it["eval_loss"] for it in result.iterations]
+
+
+def test_worker_killed_mid_iteration_resumes_from_checkpoint(local_ray, tmp_path, monkeypatch):
+    """Rank 0 dies at step 5 of layer 1; Ray Train restarts it from the step-4 checkpoint, and the result is exact."""
+    model, train, evaluation = make_inputs(tmp_path)
+    run_dir = (tmp_path / "run").as_uri()
+    cfg = validate_config(pipeline_config(run_dir, str(model), str(train), str(evaluation),
+                                          training={"max_steps": 8, "save_steps": 2}))
+    monkeypatch.setenv("SEGPROP_TEST_KILL_WORKER_AT", f"{BASE_DEPTH + 1}:5")
+
+    manifest = Driver(cfg).run()
+
+    record = manifest.layer(BASE_DEPTH + 1)
+    assert record.status == "done" and record.steps == 8
+    assert record.metrics["resumed_from_step"] == 4
+    assert manifest.layer(BASE_DEPTH).metrics["resumed_from_step"] is None  # Stage 1 ran once, undisturbed
+    from segprop_ray.storage.layout import RunLayout
+    blocks = {split: info["num_blocks"] for split, info in manifest.tokens.items()}
+    result, _ = inprocess_reference(cfg, model, RunLayout.open(run_dir), blocks)
+    assert record.eval_loss == result.iterations[-1]["eval_loss"]
+    assert record.history == result.iterations[-1]["history"]

@@ -57,7 +57,8 @@ def ray_pins(requirements: list[str]) -> list[str]:
 def ray_version() -> str:
     """The pin of ray[train,data] in pyproject.toml: the one definition of the Ray version."""
     project = pyproject()["project"]
-    core = [r for r in project["dependencies"] if re.match(r"ray\[train,data\]\s*==", r)]
+    core = [r for r in project["dependencies"] if re.match(r"ray\[[a-z,]*\btrain\b[a-z,]*\]\s*==", r)
+            and "data" in r.split("]")[0]]
     assert len(core) == 1, "pyproject.toml must pin ray[train,data]==X.Y.Z exactly once"
     (version,) = ray_pins(core)
     return version

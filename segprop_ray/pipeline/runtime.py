@@ -33,4 +33,5 @@ def connect(cfg: Config) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.resources.num_cpus, include_dashboard=False, **kwargs)
+        # The dashboard serves the State API, which Ray Train's placement-group cleaner polls.
+        ray.init(num_cpus=cfg.resources.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)

@@ -39,7 +39,7 @@ def status_json(manifest: Manifest) -> str:
 
 def render_status(manifest: Manifest, console: Console | None = None) -> None:
     """Print the run header and the per-layer table."""
-    console = console or Console()
+    console = console or Console(width=None if Console().is_terminal else 150)
     blocks = ", ".join(f"{split} {info.get('num_blocks')}" for split, info in manifest.tokens.items()) or "not yet"
     console.print(f"[bold]{manifest.run_id}[/bold]  state: {manifest.state}  mode: {manifest.mode}  "
                   f"model: {manifest.model.uri} ({manifest.model.num_layers} layers)  p={manifest.base_depth} "

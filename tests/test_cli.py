@@ -1,0 +1,97 @@
+"""What a user sees from the command before any Ray work: one-line errors, refusals, status output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline_setup import make_inputs, pipeline_config, write_config
+from segprop_ray.cli import main
+from segprop_ray.config import validate_config
+from segprop_ray.pipeline.driver import Driver
+from segprop_ray.pipeline.prepare import RunConflict
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("segprop.base_depth=1", "leaves no middle layer in a 4-layer model"),
+    ("segprop.last_layers=-1", "segprop.last_layers: Input should be greater than or equal to 0"),
+    ("segprop.unknown=1", "unknown key 'segprop.unknown'"),
+    ("model=/no/such/model", "model directory not found: /no/such/model"),
+    ("data.train=/no/such/file.jsonl", "data input '/no/such/file.jsonl' matches no file"),
+])
+def test_bad_input_fails_fast_with_one_line(tmp_path, capsys, inputs, override, message):
+    model, train, evaluation = inputs
+    config = write_config(tmp_path / "c.yaml", pipeline_config(str(tmp_path / "run"), str(model), str(train), str(evaluation)))
+    started = time.time()
+    code, _, err = run_cli(capsys, "run", str(config), "--set", override)
+    assert code == 2 and message in one_line_error(err)
+    assert time.time() - started < 30 and not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_unreachable_bucket_is_named(tmp_path, capsys, inputs, s3_env):
+    model, train, evaluation = inputs
+    config = write_config(tmp_path / "c.yaml", pipeline_config("s3://no-such-bucket-here/run", str(model), str(train), str(evaluation)))
+    code, _, err = run_cli(capsys, "run", str(config))
+    line = one_line_error(err)
+    assert code == 2 and "s3://no-such-bucket-here/run" in line and "not writable" in line
+    assert "testing" not in line  # no credential in the message
+
+
+def test_other_config_on_existing_run_is_refused_unless_restart(tmp_path, inputs):
+    model, train, evaluation = inputs
+    raw = pipeline_config(str(tmp_path / "run"), str(model), str(train), str(evaluation))
+    Driver(validate_config(raw)).prepare()
+    marker = tmp_path / "run" / "layers" / "kept.txt"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("committed work")
+    changed = validate_config({**raw, "training": {**raw["training"], "learning_rate": 0.5}})
+    with pytest.raises(RunConflict, match=r"config differs in: training\.learning_rate\); pass --restart"):
+        Driver(changed).prepare()
+    assert marker.exists()  # nothing written is lost by a refusal
+    same_where = validate_config({**raw, "resources": {"num_cpus": 1}})
+    Driver(same_where).prepare()  # where/how fast it runs is not what it computes: continues the run
+    Driver(changed, restart=True).prepare()
+    assert not marker.exists()
+
+
+def test_status_of_a_prepared_run(tmp_path, capsys, inputs):
+    model, train, evaluation = inputs
+    run_dir = str(tmp_path / "run")
+    Driver(validate_config(pipeline_config(run_dir, str(model), str(train), str(evaluation)))).prepare()
+    code, out, _ = run_cli(capsys, "status", run_dir)
+    assert code == 0 and "state: running" in out and "mode: segprop" in out
+    code, out, _ = run_cli(capsys, "status", run_dir, "--json")
+    status = json.loads(out)
+    assert code == 0 and status["state"] == "running" and status["layers"] == []
+    code, _, err = run_cli(capsys, "status", str(tmp_path / "nothing"))
+    assert code == 2 and "holds no segprop run" in one_line_error(err)
+    code, _, err = run_cli(capsys, "export", run_dir, "--depth", "3", "--out", str(tmp_path / "x"))
+    assert code == 2 and "exit 3 is not committed" in one_line_error(err)
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "segprop_ray.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("run", "status", "export", "submit", "demo"):
+        assert command in out.stdout

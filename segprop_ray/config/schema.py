@@ -100,6 +100,24 @@ class SnapCheckConfig(Strict):
     """Parquet compression of shards (activation bits compress poorly; ``none`` reads fastest)."""
 
 
+class EvaluationConfig(Strict):
+    """Evaluation of every exit as soon as its layer is committed (beside the next layer's training)."""
+
+    mc_path: str | None = None
+    """Multiple-choice items (JSONL or Parquet, MMLU layout: ``question``, ``choices``, ``answer`` index);
+    local path or any fsspec URI. None: no accuracy, only held-out loss and perplexity."""
+    mc_dev_path: str | None = None
+    """Items the few-shot examples are drawn from (default: the first items of ``mc_path``, then skipped)."""
+    few_shot: int = Field(0, ge=0)
+    """Solved examples put before each question."""
+    max_items: int | None = Field(None, ge=1)
+    """Score at most this many items per exit."""
+    nhsic_tokens: int = Field(512, ge=0)
+    """Token positions sampled for the nHSIC diagnostics of each depth (0: off)."""
+    baseline: bool = True
+    """Also evaluate the input model itself (its original score, for the report)."""
+
+
 class TrainResources(Strict):
     """Ray Train resources for one kind of training job."""
 
@@ -173,6 +191,8 @@ class Config(Strict):
     """Early-exit criteria."""
     snapcheck: SnapCheckConfig = SnapCheckConfig()
     """Activation snapshots."""
+    evaluation: EvaluationConfig = EvaluationConfig()
+    """Per-exit evaluation: held-out loss, multiple-choice accuracy, nHSIC."""
     resources: ResourcesConfig = ResourcesConfig()
     """Ray resources and scheduling."""
 

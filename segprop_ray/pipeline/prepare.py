@@ -19,8 +19,9 @@ from segprop_ray.storage.manifest import Manifest, ManifestStore, ModelInfo
 from segprop_ray.storage.models import resolve_model_dir
 from segprop_ray.storage.shard_format import ShardSpec
 
-# Settings that say where and how fast a run goes, not what it computes: changing them continues a run.
-WHERE_NOT_WHAT = {"run_dir", "storage_options", "resources", "device"}
+# Settings that say where and how fast a run goes, or what is measured, not which weights it trains:
+# changing them continues a run.
+WHERE_NOT_WHAT = {"run_dir", "storage_options", "resources", "device", "evaluation"}
 
 
 class RunConflict(ValueError):

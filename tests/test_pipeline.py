@@ -80,3 +80,49 @@ def test_worker_killed_mid_iteration_resumes_from_checkpoint(local_ray, tmp_path
     result, _ = inprocess_reference(cfg, model, RunLayout.open(run_dir), blocks)
     assert record.eval_loss == result.iterations[-1]["eval_loss"]
     assert record.history == result.iterations[-1]["history"]
+
+
+def test_two_ddp_workers_train_as_one_batch_of_both(local_ray, tmp_path):
+    """Stage 1 on 2 data-parallel workers (DDP, gloo) equals one process training on both ranks' batches at once."""
+    from segprop_ray.core.data_order import BlockOrder
+    from segprop_ray.core.exits import IterationExit
+    from segprop_ray.core.iteration import RunWeights, build_segment, split_trained
+    from segprop_ray.core.parts import ModelParts
+    from segprop_ray.core.plan import SegPropPlan, segment_seed
+    from segprop_ray.core.training import LoopHooks, SegmentLoop
+    from segprop_ray.core.weights import DictSource, SafetensorsSource, load_tensors
+    from segprop_ray.storage.layout import RunLayout
+    from segprop_ray.storage.shard_format import ShardSpec
+    from segprop_ray.storage.shards import read_token_shards
+    from transformers import AutoConfig
+
+    model, train, evaluation = make_inputs(tmp_path)
+    run_dir = tmp_path / "run"
+    workers = {"num_workers": 2}
+    cfg = validate_config(pipeline_config(str(run_dir), str(model), str(train), str(evaluation),
+                                          training={"max_steps": 4, "max_grad_norm": 0.0},
+                                          resources={"stage1": workers, "segment": workers}))
+    manifest = Driver(cfg).run()
+    assert manifest.layer(BASE_DEPTH).metrics["world_size"] == 2
+
+    args, parts = cfg.training_for("stage1"), ModelParts(AutoConfig.from_pretrained(model))
+    spec = ShardSpec.for_snapcheck(cfg.data.seq_len, parts.config.hidden_size, "bf16", 4, 2)
+    ids = read_token_shards(RunLayout.open(str(run_dir)), "train", spec, manifest.tokens["train"]["num_blocks"])
+    orders = [BlockOrder(len(ids), 4, args.per_device_train_batch_size, args.seed, True, 2, rank) for rank in (0, 1)]
+
+    def both_ranks(epoch, skip):  # micro-batch i of the pair = rank 0's batch i + rank 1's batch i
+        pairs = zip(*(order.epoch_batches(epoch) for order in orders))
+        return ({"input_ids": ids[torch.tensor(a + b)]} for a, b in list(pairs)[skip:])
+
+    plan = SegPropPlan.from_config(cfg.segprop, parts.num_layers)
+    torch.manual_seed(segment_seed(args.seed, BASE_DEPTH))
+    weights = RunWeights(plan, SafetensorsSource.from_model_dir(model), DictSource({}), lambda d: None)
+    segment = build_segment(parts, weights.training_spec(BASE_DEPTH), trainable=True)
+    SegmentLoop(segment, args, both_ranks, orders[0].batches_per_epoch(), torch.device("cpu"),
+                IterationExit.from_config(cfg.exit.layer, args), LoopHooks()).run()
+    committed, exit_weights = split_trained(segment, parts, plan)
+    stored = {}
+    for path in manifest.layer(BASE_DEPTH).files:
+        stored.update(load_tensors(run_dir / path))
+    for name, tensor in {**committed, **exit_weights}.items():
+        torch.testing.assert_close(stored[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -130,7 +130,13 @@ class TrainResources(Strict):
     label_selector: dict[str, str] = {}
     """Ray node labels the workers must run on, e.g. ``{"ray.io/market-type": "spot"}``."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """Data-parallel strategy (FSDP shards the parameters; useful for Stage 1 and E2E)."""
+    """Data-parallel strategy (FSDP shards the parameters; useful for Stage 1 and E2E; GPU only)."""
+
+    @model_validator(mode="after")
+    def _fsdp_needs_gpus(self) -> "TrainResources":
+        if self.strategy == "fsdp" and not self.use_gpu:
+            raise ValueError("strategy fsdp needs use_gpu: true (Ray Train's FSDP runs on GPUs only)")
+        return self
 
 
 class SnapshotResources(Strict):

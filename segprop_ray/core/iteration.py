@@ -65,9 +65,13 @@ def build_segment(parts: ModelParts, spec: SegmentSpec, trainable: bool) -> Segm
     return segment if trainable else segment.eval()
 
 
-def split_trained(segment: Segment, parts: ModelParts, plan: SegPropPlan) -> tuple[dict, dict]:
-    """(committed tensors, exit tensors) of a trained segment, as CPU copies under original names."""
-    tensors = {k: v.detach().to("cpu", copy=True) for k, v in segment.original_state_dict().items()}
+def split_trained(segment: Segment, parts: ModelParts, plan: SegPropPlan, state: dict | None = None) -> tuple[dict, dict]:
+    """(committed tensors, exit tensors) of a trained segment, as CPU copies under original names.
+
+    ``state``: the segment's full state dict when it trained wrapped (DDP/FSDP); default: its own.
+    """
+    named = segment.to_original_names(state) if state is not None else segment.original_state_dict()
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in named.items()}
     return split_exit_weights(tensors, parts.layout, plan)
 
 

@@ -106,10 +106,16 @@ class Segment(nn.Module):
 
     def original_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters under their names in the original model (``model.layers.17.mlp...``)."""
+        return self.to_original_names(self.state_dict())
+
+    def to_original_names(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A state dict of this segment (its own names, e.g. gathered from DDP/FSDP) under the original names."""
         result = {}
-        for local, origin in self.origins.items():
-            for name, tensor in self.get_submodule(local).state_dict().items():
-                result[f"{origin}.{name}"] = tensor
+        for name, tensor in state.items():
+            for local, origin in self.origins.items():
+                if name.startswith(local + "."):
+                    result[origin + name[len(local):]] = tensor
+                    break
         return result
 
     def pieces(self) -> Iterator[tuple[str, nn.Module]]:

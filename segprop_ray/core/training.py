@@ -16,11 +16,15 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from segprop_ray.core.exits import IterationExit, StopDecision
 from segprop_ray.core.optim import TrainArgs, autocast_context, build_optimizer, build_scheduler, total_steps
 
 Batch = dict[str, torch.Tensor]
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+FULL_LOAD = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
 BatchSource = Callable[[int, int], Iterator[Batch]]  # (epoch, batches to skip) -> micro-batches
 
 
@@ -157,10 +161,13 @@ class SegmentLoop:
             self.state.decision = asdict(decision)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly where the loop is (weights under local names)."""
+        """Everything needed to continue exactly where the loop is (weights under local names).
+
+        Full (unsharded) CPU copies, also under DDP or FSDP: every rank must call it (a collective there).
+        """
         return {
-            "model": _unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": get_model_state_dict(self.model, options=FULL_STATE),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE),
             "scheduler": self.scheduler.state_dict(),
             "loop": asdict(self.state),
             "pending_loss": list(self._pending_loss),
@@ -169,9 +176,9 @@ class SegmentLoop:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a :meth:`state_dict`."""
-        _unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from a :meth:`state_dict` (every rank loads the same full state)."""
+        set_model_state_dict(self.model, state["model"], options=FULL_LOAD)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL_LOAD)
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = LoopState(**state["loop"])
         self._pending_loss = list(state["pending_loss"])
@@ -185,10 +192,6 @@ def model_inputs(batch: Batch, device: torch.device) -> Batch:
     if "hidden" in batch:  # bf16 or fp32 snapshot -> fp32 master precision (exact widening)
         inputs["hidden"] = batch["hidden"].to(device, non_blocking=True).float()
     return inputs
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DDP / FSDP keep the user's module as ``.module``
 
 
 def evaluate_loss(model: nn.Module, batches: Iterator[Batch], device: torch.device, bf16: bool) -> float:

@@ -12,12 +12,13 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from segprop_ray.core.data_order import BlockOrder
 from segprop_ray.core.exits import IterationExit
 from segprop_ray.core.iteration import build_segment, split_trained
 from segprop_ray.core.plan import segment_seed
-from segprop_ray.core.training import LoopHooks, SegmentLoop, evaluate_loss
+from segprop_ray.core.training import FULL_STATE, LoopHooks, SegmentLoop, evaluate_loss
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.storage.errors import StorageError
 from segprop_ray.storage.reader import ShardBatchReader, epoch_reader
@@ -37,7 +38,7 @@ class SegmentRun:
 
     def __init__(self, ctx: JobContext, device: torch.device, rank: int = 0, world: int = 1,
                  wrap: Callable[[nn.Module, str], nn.Module] | None = None):
-        self.ctx, self.device, self.rank = ctx, device, rank
+        self.ctx, self.device, self.rank, self.world = ctx, device, rank, world
         cfg = ctx.cfg
         self.parts = ctx.parts(device)
         self.plan = ctx.plan(self.parts.num_layers)
@@ -85,16 +86,22 @@ class SegmentRun:
         """Run the loop to its exit decision."""
         self.loop.run()
 
-    def commit(self) -> dict[str, Any]:
-        """Write the committed layer(s) and the exit's LL + head; return the iteration's record."""
-        committed, exit_weights = split_trained(self.segment, self.parts, self.plan)
+    def commit(self, write: bool = True) -> dict[str, Any] | None:
+        """Write the committed layer(s) and the exit's LL + head; return the iteration's record.
+
+        Every rank must call it (gathering sharded weights is a collective); only ``write`` ranks write.
+        """
+        state = get_model_state_dict(self.model, options=FULL_STATE)
+        eval_loss = self.evaluate(0) if self.args.max_eval_blocks else self.loop.state.history[-1]["eval_loss"]
+        if not write:
+            return None
+        committed, exit_weights = split_trained(self.segment, self.parts, self.plan, state)
         store = WeightStore(self.ctx.layout)
         layers = {"stage1": self.plan.prefix_layers, "e2e": list(range(self.plan.num_layers))}.get(self.stage, [self.ctx.depth])
         files = {path: store.put(path, tensors) for path, tensors in group_committed(committed, self.parts.layout, layers).items()}
         exit_path = exit_file(self.ctx.depth)
         files[exit_path] = store.put(exit_path, exit_weights)
         state = self.loop.state
-        eval_loss = self.evaluate(0) if self.args.max_eval_blocks else state.history[-1]["eval_loss"]
         train_losses = [r["train_loss"] for r in state.history if "train_loss" in r]
         return {
             "depth": self.ctx.depth, "stage": self.stage, "steps": state.step, "history": state.history,
@@ -112,6 +119,7 @@ class SegmentRun:
             "data_wait_s": round(loop.data_wait_s, 3), "data_wait_share": round(loop.data_wait_s / wall, 4),
             "peak_memory_bytes": peak_memory_bytes(self.device), "device": str(self.device),
             "trainable_params": sum(p.numel() for p in self.segment.parameters() if p.requires_grad),
+            "world_size": self.world,
         }
 
 

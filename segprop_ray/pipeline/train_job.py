@@ -41,7 +41,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     run.loop.hooks.checkpoint = lambda loop: _report_checkpoint(run, rank)
     run.loop.hooks.log = _log_hook(run, rank, config)
     run.train()
-    result = run.commit() if rank == 0 else None
+    result = run.commit(write=rank == 0)
     _report_checkpoint(run, rank, final=True)
     if result is not None:
         result["metrics"]["resumed_from_step"] = resumed_from
@@ -65,10 +65,11 @@ def _report_checkpoint(run: SegmentRun, rank: int, final: bool = False) -> None:
     """Every rank reports (a barrier); rank 0 attaches the loop state as the checkpoint."""
     state = run.loop.state
     metrics = {"step": state.step, "done": final or state.decision is not None}
+    loop_state = run.loop.state_dict()  # a collective under FSDP: every rank gathers
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
-            save_state(run.loop.state_dict(), directory, "loop")
+            save_state(loop_state, directory, "loop")
             checkpoint = Checkpoint.from_directory(directory)
         name = f"step-{state.step:07d}" + ("-final" if final else "")
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)

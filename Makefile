@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test test-fast lint clean demo-data
+.PHONY: venv run test test-fast test-compat clean
 
 venv: $(STAMP)
 
@@ -22,9 +22,20 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 run: $(STAMP)
 	$(BIN)/segprop demo --out .demo
 
-# The whole test suite, slow end-to-end tests included (what .ci/run calls).
+# The whole test suite, slow end-to-end tests included, then the core on transformers 4.x (what .ci/run calls).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+	$(MAKE) test-compat
+
+# The split/export tests again on transformers 4.57 (the decoder-layer call changed in 5.x), from a side
+# directory shadowing the venv's transformers 5.
+TF4 := $(VENV)/transformers4
+$(TF4)/.installed: $(STAMP)
+	$(BIN)/pip install -q --no-deps --target $(TF4) transformers==4.57.3 tokenizers==0.22.1 huggingface-hub==0.36.0
+	touch $@
+
+test-compat: $(TF4)/.installed
+	PYTHONPATH=$(TF4) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_core_split.py tests/test_core_export.py
 
 # Everything but the tests marked slow.
 test-fast: $(STAMP)

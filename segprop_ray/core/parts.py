@@ -40,11 +40,24 @@ class ModelParts:
 
     def piece(self, path: str, source: TensorSource) -> nn.Module:
         """A fresh copy of module ``path`` on the device, with its weights read from ``source``."""
-        module = copy.deepcopy(self.skeleton.get_submodule(path)).to_empty(device=self.device)
+        template = self.skeleton.get_submodule(path)
+        if _computed_buffers(template):
+            module = self._constructed(path, template)
+        else:
+            module = copy.deepcopy(template).to_empty(device=self.device)
         module = module.to(self.dtype)
         state = {name: self._read(source, f"{path}.{name}") for name in module.state_dict()}
         module.load_state_dict(state, strict=True)
         return module
+
+    def _constructed(self, path: str, template: nn.Module) -> nn.Module:
+        """Build a decoder layer for real: its non-saved buffers (e.g. transformers 4.x GPT-2's causal mask)
+        are computed in ``__init__`` and would be garbage after a meta copy."""
+        prefix = self.layout.layers + "."
+        if not path.startswith(prefix):
+            raise ValueError(f"{path} holds buffers that are not saved with the weights; cannot rebuild it")
+        with torch.device(self.device):
+            return type(template)(self.config, layer_idx=int(path[len(prefix):]))
 
     def _read(self, source: TensorSource, name: str) -> torch.Tensor:
         if name in source.keys():
@@ -86,6 +99,11 @@ class ModelParts:
             origins.update({"head.norm": lay.norm, "head.proj": lay.head})
         stack = DecoderStack(self.config, layers, self.rotary())
         return Segment(stack, origins, embedder, head)
+
+
+def _computed_buffers(module: nn.Module) -> bool:
+    """Whether ``module`` has buffers that are not in its state dict (computed at construction)."""
+    return any(m._non_persistent_buffers_set for m in module.modules())
 
 
 @dataclass

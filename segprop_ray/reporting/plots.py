@@ -1,0 +1,201 @@
+"""PNG plots of a report mapping (see :func:`segprop_ray.reporting.report.build_report`).
+
+Figures are built with matplotlib's object API on the Agg renderer (no pyplot, no global backend
+switch, safe in any thread). Runs with depths are drawn as lines over the exit depth; a run in
+``e2e`` mode has one final model, so it is drawn as a horizontal line at its score (as in the
+paper's Figure 2), and the original model's score as a dashed grey line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+DPI = 110
+GIB = float(1 << 30)
+PLOT_FILES = {
+    "Score by depth": "metric_vs_depth.png",
+    "Loss curves per iteration": "loss_curves.png",
+    "nHSIC by depth": "nhsic.png",
+    "Efficiency by depth": "efficiency.png",
+}
+"""Plot title -> file name; a plot without data is not written."""
+
+
+def run_series(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs to draw: the report's run first, then the compared ones, each with a colour."""
+    runs = [{"label": data["run"]["label"], "mode": data["run"]["mode"], "rows": data["layers"]}]
+    runs += [{"label": o["run"]["label"], "mode": o["run"]["mode"], "rows": o["layers"]} for o in data["compared"]]
+    for index, run in enumerate(runs):
+        run["color"] = "black" if run["mode"] == "e2e" else f"C{index}"
+    return runs
+
+
+def points(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
+    """(depths, values) of the rows that have ``key``."""
+    kept = [row for row in rows if row.get(key) is not None]
+    return [row["depth"] for row in kept], [row[key] / scale for row in kept]
+
+
+def draw_metric(ax, runs: list[dict[str, Any]], key: str, scale: float = 1.0, original: float | None = None) -> bool:
+    """Draw ``key`` over depth for each run (e2e: horizontal line at its last value); whether anything was drawn."""
+    drawn = False
+    for run in runs:
+        depths, values = points(run["rows"], key, scale)
+        if not values:
+            continue
+        drawn = True
+        if run["mode"] == "e2e":
+            ax.axhline(values[-1], color=run["color"], linestyle="-", linewidth=1.5, label=f"{run['label']} (final)")
+        else:
+            ax.plot(depths, values, marker="o", color=run["color"], label=run["label"])
+    if original is not None:
+        ax.axhline(original / scale, color="grey", linestyle="--", linewidth=1.2, label="original model")
+    return drawn
+
+
+def _original(data: dict[str, Any], key: str) -> float | None:
+    for ref in data["references"]:
+        if ref["label"] == "original model" and ref.get(key) is not None:
+            return ref[key]
+    return None
+
+
+def _finish(ax, title: str, ylabel: str, xlabel: str = "exit depth q (layers 0..q + LL)") -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def _has(runs: list[dict[str, Any]], key: str) -> bool:
+    return any(row.get(key) is not None for run in runs for row in run["rows"])
+
+
+def plot_metric_vs_depth(data: dict[str, Any], path: Path) -> bool:
+    """Eval loss (and accuracy when recorded) by exit depth, the run beside the compared runs."""
+    runs = run_series(data)
+    keys = [("eval_loss", "held-out loss"), ("accuracy", "multiple-choice accuracy")]
+    keys = [(key, title) for key, title in keys if _has(runs, key) or _original(data, key) is not None]
+    if not keys:
+        return False
+    figure = Figure(figsize=(6.5 * len(keys), 4.8), dpi=DPI)
+    for ax, (key, title) in zip(figure.subplots(1, len(keys), squeeze=False)[0], keys):
+        draw_metric(ax, runs, key, original=_original(data, key))
+        _finish(ax, title, key.replace("_", " "))
+    figure.suptitle(f"{data['run']['label']}: score of each exit")
+    return _save(figure, path)
+
+
+def plot_loss_curves(data: dict[str, Any], path: Path) -> bool:
+    """Train and eval loss against the step, one line per iteration (depth), and the learning rate."""
+    histories = {int(depth): records for depth, records in data["histories"].items() if records}
+    keys = [key for key in ("train_loss", "eval_loss", "lr") if any(key in r for rs in histories.values() for r in rs)]
+    if not keys:
+        return False
+    colours = colormaps["viridis"]
+    figure = Figure(figsize=(5.5 * len(keys), 4.6), dpi=DPI)
+    axes = figure.subplots(1, len(keys), squeeze=False)[0]
+    for order, depth in enumerate(sorted(histories)):
+        colour = colours(order / max(len(histories) - 1, 1))
+        for ax, key in zip(axes, keys):
+            kept = [r for r in histories[depth] if key in r]
+            marker = "o" if key == "eval_loss" else None
+            ax.plot([r["step"] for r in kept], [r[key] for r in kept], color=colour, marker=marker, label=f"depth {depth}")
+    for ax, key in zip(axes, keys):
+        _finish(ax, key.replace("_", " "), key.replace("_", " "), xlabel="step within the iteration")
+    figure.suptitle(f"{data['run']['label']}: loss curves of each iteration")
+    return _save(figure, path)
+
+
+def plot_nhsic(data: dict[str, Any], path: Path) -> bool:
+    """nHSIC(X; Z) and nHSIC(Y; Z) by depth per run, and the information plane (X vs Y dependence)."""
+    runs = [run for run in run_series(data) if _has([run], "nhsic_input") or _has([run], "nhsic_label")]
+    if not runs:
+        return False
+    figure = Figure(figsize=(17, 4.8), dpi=DPI)
+    axes = figure.subplots(1, 3)
+    for ax, key, title in ((axes[0], "nhsic_input", "nHSIC(X; Z): input kept"),
+                           (axes[1], "nhsic_label", "nHSIC(Y; Z): next token")):
+        draw_metric(ax, runs, key)
+        ax.set_ylim(-0.02, 1.02)
+        _finish(ax, title, "nHSIC")
+    _information_plane(axes[2], runs)
+    figure.suptitle(f"{data['run']['label']}: dependence of each exit's representation on input and label")
+    return _save(figure, path)
+
+
+def _information_plane(ax, runs: list[dict[str, Any]]) -> None:
+    for run in runs:
+        kept = [r for r in run["rows"] if r.get("nhsic_input") is not None and r.get("nhsic_label") is not None]
+        ax.plot([r["nhsic_input"] for r in kept], [r["nhsic_label"] for r in kept], marker="o", color=run["color"],
+                label=run["label"])
+        for row in kept:
+            ax.annotate(str(row["depth"]), (row["nhsic_input"], row["nhsic_label"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    _finish(ax, "information plane (numbers: depth)", "nHSIC(Y; Z)", xlabel="nHSIC(X; Z)")
+
+
+def _cumulative_wall(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    total, result = 0.0, []
+    for row in rows:
+        if row.get("wall_s") is not None:
+            total += row["wall_s"]
+            result.append({"depth": row["depth"], "cumulative_wall_s": total})
+    return result
+
+
+def plot_efficiency(data: dict[str, Any], path: Path) -> bool:
+    """Score next to throughput, time and memory per depth (and time spent so far), for each run."""
+    runs = run_series(data)
+    if not any(_has(runs, key) for key in ("tokens_per_s", "wall_s", "peak_memory_bytes")):
+        return False
+    score = "accuracy" if _has(runs, "accuracy") else "eval_loss"
+    for run in runs:
+        run["rows"] = [{**row, **cum} for row, cum in _join_cumulative(run["rows"])]
+    panels = [(score, 1.0, score.replace("_", " ")), ("tokens_per_s", 1.0, "tokens / s"),
+              ("wall_s", 1.0, "wall time of the iteration (s)"), ("peak_memory_bytes", GIB, "peak memory (GiB)"),
+              ("data_wait_share", 1.0, "share of time waiting for data"),
+              ("cumulative_wall_s", 1.0, "training time up to this depth (s)")]
+    figure = Figure(figsize=(16, 8.5), dpi=DPI)
+    for ax, (key, scale, title) in zip(figure.subplots(2, 3).flat, panels):
+        if not draw_metric(ax, runs, key, scale, _original(data, key) if key == score else None):
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
+        _finish(ax, title, title)
+    figure.suptitle(f"{data['run']['label']}: efficiency of each exit (e2e: its single run)")
+    return _save(figure, path)
+
+
+def _join_cumulative(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    cumulative = {entry["depth"]: entry for entry in _cumulative_wall(rows)}
+    return [(row, {"cumulative_wall_s": cumulative.get(row["depth"], {}).get("cumulative_wall_s")}) for row in rows]
+
+
+def _save(figure: Figure, path: Path) -> bool:
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return True
+
+
+PLOTTERS: dict[str, Callable[[dict[str, Any], Path], bool]] = {
+    "Score by depth": plot_metric_vs_depth,
+    "Loss curves per iteration": plot_loss_curves,
+    "nHSIC by depth": plot_nhsic,
+    "Efficiency by depth": plot_efficiency,
+}
+
+
+def write_plots(out_dir: Path, data: dict[str, Any]) -> dict[str, str]:
+    """Write every plot that has data into ``out_dir``; returns title -> file name of those written."""
+    written = {}
+    for title, plot in PLOTTERS.items():
+        if plot(data, out_dir / PLOT_FILES[title]):
+            written[title] = PLOT_FILES[title]
+    return written

@@ -1,0 +1,153 @@
+"""``segprop report``: a run's per-depth table, reference scores, exit-decision trace and plots, from manifests only.
+
+:func:`build_report` gathers everything into one JSON-able mapping (what ``report.json`` holds);
+the Markdown, CSV and PNG files are all drawn from that mapping, so they agree with each other.
+Compared runs (``--compare``: an ``lw`` and/or an ``e2e`` run on the same model and data) are
+drawn beside the run, an ``e2e`` run as a reference at its final score (the paper's Figure 2).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from segprop_ray.reporting.export import open_run
+from segprop_ray.reporting.plots import write_plots
+from segprop_ray.reporting.report_text import markdown_report, rows_csv
+from segprop_ray.storage.fs import redact_uri, resolve_filesystem, split_protocol
+from segprop_ray.storage.manifest import LayerRecord, Manifest
+
+ROW_COLUMNS = ["depth", "stage", "status", "steps", "train_loss", "eval_loss", "perplexity", "accuracy",
+               "accuracy_norm", "nhsic_input", "nhsic_label", "tokens", "tokens_per_s", "wall_s",
+               "peak_memory_bytes", "data_wait_share", "iteration_exit", "global_exit"]
+"""Columns of the per-depth table (report.csv, the ``layers`` of report.json, report.md)."""
+METRIC_COLUMNS = ["accuracy", "accuracy_norm", "nhsic_input", "nhsic_label", "tokens", "tokens_per_s", "wall_s",
+                  "peak_memory_bytes", "data_wait_share"]
+"""Columns read from ``LayerRecord.metrics`` (None where the metric was not recorded)."""
+SCORE_KEYS = ("eval_loss", "perplexity", "accuracy")
+
+
+def depth_row(record: LayerRecord, global_decision: dict[str, Any] | None) -> dict[str, Any]:
+    """One row of the per-depth table: the record's losses, its metrics and both exit decisions."""
+    row = {"depth": record.depth, "stage": record.stage, "status": record.status, "steps": record.steps,
+           "train_loss": record.train_loss, "eval_loss": record.eval_loss, "perplexity": record.perplexity}
+    row.update({key: record.metrics.get(key) for key in METRIC_COLUMNS})
+    row["iteration_exit"] = (record.decision or {}).get("reason")
+    row["global_exit"] = (global_decision or {}).get("reason")
+    return row
+
+
+def depth_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    """One row per iteration record (depth), in depth order, with :data:`ROW_COLUMNS`."""
+    decisions = {decision["depth"]: decision for decision in manifest.decisions}
+    return [depth_row(manifest.layers[key], decisions.get(int(key))) for key in sorted(manifest.layers, key=int)]
+
+
+def run_label(manifest: Manifest) -> str:
+    """A short name for plots and tables: ``segprop (p=2, r=2)``, ``lw (p=2)``, ``e2e``."""
+    if manifest.mode == "e2e":
+        return "e2e"
+    if manifest.mode == "lw":
+        return f"lw (p={manifest.base_depth})"
+    return f"{manifest.mode} (p={manifest.base_depth}, r={manifest.last_layers})"
+
+
+def run_summary(manifest: Manifest, run_dir: str) -> dict[str, Any]:
+    """The run's facts: where, what model, which mode, how far it got."""
+    return {"run_dir": redact_uri(run_dir), "run_id": manifest.run_id, "label": run_label(manifest),
+            "mode": manifest.mode, "model": manifest.model.uri, "num_layers": manifest.model.num_layers,
+            "base_depth": manifest.base_depth, "last_layers": manifest.last_layers, "state": manifest.state,
+            "final_depth": manifest.final_depth, "tokens": manifest.tokens, "error": manifest.error}
+
+
+def final_score(manifest: Manifest) -> dict[str, Any] | None:
+    """The row of the run's final model (its final depth, else its deepest committed one), or None."""
+    committed = manifest.committed_depths()
+    if not committed:
+        return None
+    depth = manifest.final_depth if manifest.final_depth in committed else committed[-1]
+    decisions = {decision["depth"]: decision for decision in manifest.decisions}
+    return depth_row(manifest.layer(depth), decisions.get(depth))
+
+
+def baseline_score(manifests: Sequence[Manifest]) -> dict[str, Any] | None:
+    """The input model's own score (manifest ``baseline``) of the first run that has one."""
+    for manifest in manifests:
+        baseline = getattr(manifest, "baseline", None)  # a field added to Manifest with the per-exit evaluation
+        if baseline:
+            return {"label": "original model", "run_id": manifest.run_id,
+                    **{key: baseline.get(key) for key in SCORE_KEYS}}
+    return None
+
+
+def reference_rows(manifest: Manifest, compared: Sequence[Manifest]) -> list[dict[str, Any]]:
+    """Reference scores: the original model, then each compared ``e2e`` run's final model."""
+    references = []
+    original = baseline_score([manifest, *compared])
+    if original:
+        references.append(original)
+    for other in compared:
+        score = final_score(other) if other.mode == "e2e" else None
+        if score:
+            references.append({"label": "e2e", "run_id": other.run_id, **score})
+    return references
+
+
+def build_report(manifest: Manifest, run_dir: str, compared: Sequence[tuple[str, Manifest]] = ()) -> dict[str, Any]:
+    """Everything the report shows, as one JSON-able mapping (the content of report.json)."""
+    others = [other for _, other in compared]
+    return {
+        "run": run_summary(manifest, run_dir),
+        "columns": ROW_COLUMNS,
+        "layers": depth_rows(manifest),
+        "references": reference_rows(manifest, others),
+        "decisions": list(manifest.decisions),
+        "iteration_decisions": {str(rec.depth): rec.decision for rec in _records(manifest) if rec.decision},
+        "histories": {str(rec.depth): rec.history for rec in _records(manifest) if rec.history},
+        "compared": [{"run": run_summary(other, uri), "layers": depth_rows(other)} for uri, other in compared],
+    }
+
+
+def _records(manifest: Manifest) -> list[LayerRecord]:
+    return [manifest.layers[key] for key in sorted(manifest.layers, key=int)]
+
+
+def write_report_files(local_dir: Path, data: dict[str, Any]) -> list[str]:
+    """Write report.json, report.csv, the PNG plots and report.md into ``local_dir``; returns the file names."""
+    local_dir.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(local_dir, data)
+    data = {**data, "plots": plots}
+    (local_dir / "report.json").write_text(json.dumps(data, indent=2))
+    (local_dir / "report.csv").write_text(rows_csv(data["layers"], ROW_COLUMNS))
+    (local_dir / "report.md").write_text(markdown_report(data))
+    return ["report.md", "report.json", "report.csv", *plots.values()]
+
+
+def write_report(run_dir: str, out: str | None = None, compare: Sequence[str] = (),
+                 storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+    """Write the report of ``run_dir`` (compared with the runs in ``compare``) to ``out``.
+
+    ``out`` defaults to the run's ``report/`` directory; any local path or fsspec URI (built
+    locally, then copied). Returns file name -> written path (or URI).
+    """
+    layout, manifest = open_run(run_dir, storage_options)
+    compared = [(uri, open_run(uri, storage_options)[1]) for uri in compare]
+    data = build_report(manifest, run_dir, compared)
+    target = out or layout.uri(layout.report_dir)
+    return publish(target, storage_options, lambda local: write_report_files(local, data))
+
+
+def publish(out: str, storage_options: dict[str, Any] | None, build: Callable[[Path], list[str]]) -> dict[str, str]:
+    """Run ``build`` on a local directory, copying its files to ``out`` when that is not local; name -> path."""
+    protocol, path = split_protocol(out)
+    if protocol == "file":
+        names = build(Path(path))
+        return {name: str(Path(path) / name) for name in names}
+    fs, remote = resolve_filesystem(out, storage_options)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = build(Path(tmp))
+        for name in names:
+            fs.put_file(str(Path(tmp) / name), f"{remote}/{name}")
+    return {name: f"{out.rstrip('/')}/{name}" for name in names}

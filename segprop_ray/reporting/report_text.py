@@ -1,0 +1,143 @@
+"""The report as text: Markdown (report.md), CSV (report.csv) and a rich console summary, from the report mapping."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+TABLE_COLUMNS = [("depth", "depth"), ("stage", "stage"), ("train_loss", "train loss"), ("eval_loss", "eval loss"),
+                 ("perplexity", "perplexity"), ("accuracy", "accuracy"), ("tokens", "tokens"), ("wall_s", "wall s"),
+                 ("peak_memory_bytes", "peak memory"), ("iteration_exit", "iteration exit"),
+                 ("global_exit", "global exit")]
+"""(row key, heading) of the per-depth table people read; the CSV and JSON have every column."""
+
+
+def fmt(key: str, value: Any) -> str:
+    """A table cell: ``-`` for missing, losses to 4 decimals, memory in GiB/MiB, shares in %."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or isinstance(value, str):
+        return str(value)
+    if key == "peak_memory_bytes":
+        return _bytes(value)
+    if key in ("data_wait_share", "accuracy", "accuracy_norm"):
+        return f"{100 * value:.1f}%"
+    if key in ("tokens", "steps", "depth"):
+        return f"{int(value):,}"
+    if key in ("wall_s", "tokens_per_s"):
+        return f"{value:,.1f}"
+    return f"{value:.4f}"
+
+
+def _bytes(value: float) -> str:
+    if value >= 1 << 30:
+        return f"{value / (1 << 30):.2f} GiB"
+    return f"{value / (1 << 20):.1f} MiB"
+
+
+def markdown_table(headings: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table (``|`` in cells escaped)."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    return "\n".join([line(headings), line(["---"] * len(headings)), *(line(row) for row in rows)])
+
+
+def rows_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """The rows as CSV with a header; missing values are empty cells, numbers at full precision."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: ("" if row.get(key) is None else row.get(key)) for key in columns} for row in rows)
+    return buffer.getvalue()
+
+
+def _header(data: dict[str, Any]) -> str:
+    run = data["run"]
+    tokens = ", ".join(f"{split}: {info.get('num_blocks', '?')} blocks" for split, info in run["tokens"].items()) or "-"
+    facts = [("model", f"{run['model']} ({run['num_layers']} decoder layers)"),
+             ("mode", f"{run['mode']}, base depth p = {run['base_depth']}, last layers r = {run['last_layers']}"),
+             ("state", f"{run['state']}; final exit: {fmt('depth', run['final_depth'])}"),
+             ("run directory", run["run_dir"]), ("token blocks", tokens)]
+    facts += [("compared with", f"{other['run']['label']}: {other['run']['run_dir']}") for other in data["compared"]]
+    return f"# SegProp report: {run['label']}, run `{run['run_id']}`\n\n" + markdown_table(["", ""], facts)
+
+
+def _depth_section(data: dict[str, Any]) -> str:
+    rows = [[fmt(key, row.get(key)) for key, _ in TABLE_COLUMNS] for row in data["layers"]]
+    note = ("Exit depth q is the model made of decoder layers 0..q followed by LL (the last r layers, the final "
+            "norm and the LM head). Every column of report.csv / report.json is there, also nHSIC and throughput.")
+    return "## Results per depth\n\n" + markdown_table([title for _, title in TABLE_COLUMNS], rows) + "\n\n" + note
+
+
+def _reference_section(data: dict[str, Any]) -> str:
+    if not data["references"]:
+        return "## Reference scores\n\nNo original-model score and no compared e2e run."
+    rows = [[ref["label"], ref.get("run_id", "-"), fmt("depth", ref.get("depth")), fmt("eval_loss", ref.get("eval_loss")),
+             fmt("perplexity", ref.get("perplexity")), fmt("accuracy", ref.get("accuracy"))] for ref in data["references"]]
+    return "## Reference scores\n\n" + markdown_table(["model", "run", "depth", "eval loss", "perplexity", "accuracy"], rows)
+
+
+def _comparison_section(data: dict[str, Any]) -> str:
+    series = [(data["run"]["label"], data["layers"])]
+    series += [(o["run"]["label"], o["layers"]) for o in data["compared"] if o["run"]["mode"] != "e2e"]
+    if len(series) < 2:
+        return ""
+    by_depth = [{row["depth"]: row for row in rows} for _, rows in series]
+    depths = sorted(set().union(*by_depth))
+    keys = ["eval_loss"] + (["accuracy"] if any(r.get("accuracy") is not None for _, rows in series for r in rows) else [])
+    headings = ["depth"] + [f"{label} {key.replace('_', ' ')}" for key in keys for label, _ in series]
+    rows = [[str(d)] + [fmt(key, rows.get(d, {}).get(key)) for key in keys for rows in by_depth] for d in depths]
+    return "## Comparison by depth\n\n" + markdown_table(headings, rows)
+
+
+def _decision_section(data: dict[str, Any]) -> str:
+    rows = [[str(d["depth"]), "continue" if d.get("continue_training") else "stop", d.get("reason", "-"),
+             fmt("eval_loss", d.get("eval_loss")), f"{fmt('eval_loss', d.get('best_eval_loss'))} (exit {d.get('best_depth')})",
+             d.get("detail", "")] for d in data["decisions"]]
+    table = markdown_table(["after depth", "decision", "reason", "exit eval loss", "best so far", "detail"], rows)
+    return "## Global exit decisions\n\n" + (table if rows else "No decision recorded yet.")
+
+
+def _iteration_section(data: dict[str, Any]) -> str:
+    rows = [[depth, d.get("reason", "-"), fmt("steps", d.get("step")), fmt("eval_loss", d.get("eval_loss")),
+             fmt("eval_loss", d.get("best_eval_loss")), d.get("detail", "")]
+            for depth, d in sorted(data["iteration_decisions"].items(), key=lambda item: int(item[0]))]
+    if not rows:
+        return ""
+    return "## Iteration exits\n\n" + markdown_table(["depth", "reason", "step", "eval loss", "best eval loss", "detail"], rows)
+
+
+def _plot_section(data: dict[str, Any]) -> str:
+    images = [f"### {title}\n\n![{title}]({name})" for title, name in data.get("plots", {}).items()]
+    return "## Plots\n\n" + "\n\n".join(images) if images else ""
+
+
+def markdown_report(data: dict[str, Any]) -> str:
+    """report.md: run facts, per-depth table, reference scores, comparison, decision traces, plots."""
+    sections = [_header(data), _depth_section(data), _reference_section(data), _comparison_section(data),
+                _decision_section(data), _iteration_section(data), _plot_section(data)]
+    return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def render_report(data: dict[str, Any], console: Console | None = None) -> None:
+    """Print the per-depth table, the reference scores and the global decisions to the console."""
+    console = console or Console()
+    run = data["run"]
+    console.print(f"[bold]{run['label']}[/bold]  run {run['run_id']}  model {run['model']}  state {run['state']}")
+    table = Table(title="results per depth")
+    for key, title in TABLE_COLUMNS:
+        table.add_column(title, justify="left" if key in ("stage", "iteration_exit", "global_exit") else "right")
+    for row in data["layers"]:
+        table.add_row(*(fmt(key, row.get(key)) for key, _ in TABLE_COLUMNS))
+    for ref in data["references"]:
+        table.add_row(ref["label"], "", "", fmt("eval_loss", ref.get("eval_loss")), fmt("perplexity", ref.get("perplexity")),
+                      fmt("accuracy", ref.get("accuracy")), *([""] * (len(TABLE_COLUMNS) - 6)), style="dim")
+    console.print(table)
+    for decision in data["decisions"]:
+        verdict = "continue" if decision.get("continue_training") else "stop"
+        console.print(f"after depth {decision['depth']}: {verdict} ({decision.get('reason')}) {decision.get('detail', '')}")

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--depth", default="final", help="a committed depth, 'best' (lowest eval loss) or 'final'")
     export.add_argument("--out", required=True, help="output directory (local path or URI)")
+    report = _command(sub, "report", "write the per-depth report (Markdown, JSON, CSV, PNG plots)", _report)
+    report.add_argument("run_dir")
+    report.add_argument("--compare", action="append", default=[], metavar="RUN_DIR",
+                        help="another run (e.g. its lw or e2e counterpart) to draw beside it (repeatable)")
+    report.add_argument("--out", default=None, help="output directory (default: the run's report/ directory)")
     submit = _command(sub, "submit", "submit `segprop run` to a Ray cluster through the Jobs API", _submit)
     submit.add_argument("config")
     submit.add_argument("--address", required=True, help="dashboard address, e.g. http://HEAD:8265")
@@ -127,6 +132,15 @@ def _export(args: argparse.Namespace) -> int:
 
     depth, out = export_model(args.run_dir, args.out, args.depth)
     print(f"exported exit {depth} to {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from segprop_ray.reporting.report import write_report
+
+    written = write_report(args.run_dir, args.out, args.compare)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
     return 0
 
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from pipeline_setup import (BASE_DEPTH, NUM_LAYERS, LAST_LAYERS, inprocess_reference, logits, make_inputs,
                             pipeline_config, reference_model)
 from segprop_ray.config import validate_config
+from segprop_ray.demo.corpus import generate_mc_items, write_mc_jsonl
 from segprop_ray.pipeline.driver import Driver
 from segprop_ray.reporting.export import export_model
 from segprop_ray.storage.fs import resolve_filesystem
@@ -37,7 +38,9 @@ def test_pipeline_end_to_end_equals_inprocess_core(local_ray, tmp_path, request,
         eval_uri = f"s3://{bucket}/data/eval.jsonl"
     else:
         run_dir, model_uri, train_uri, eval_uri = (tmp_path / "run").as_uri(), str(model), str(train), str(evaluation)
-    cfg = validate_config(pipeline_config(run_dir, model_uri, train_uri, eval_uri))
+    mc_path = str(write_mc_jsonl(generate_mc_items(24, seed=5), tmp_path / "mc.jsonl"))
+    cfg = validate_config(pipeline_config(run_dir, model_uri, train_uri, eval_uri,
+                                          evaluation={"mc_path": mc_path, "nhsic_tokens": 64}))
 
     manifest = Driver(cfg).run()
 
@@ -46,6 +49,11 @@ def test_pipeline_end_to_end_equals_inprocess_core(local_ray, tmp_path, request,
     assert manifest.final_depth == middle[-1] and manifest.decisions[-1]["reason"] == "last_layer"
     assert all(manifest.layer(d).files and manifest.layer(d).metrics["tokens"] > 0 for d in manifest.committed_depths())
     assert manifest.steps[f"export:{middle[-1]}"].status == "done"
+    for depth in manifest.committed_depths():  # every exit scored beside training: accuracy and nHSIC
+        metrics = manifest.layer(depth).metrics
+        assert metrics["evaluated"] and metrics["n"] == 24 and 0 <= metrics["accuracy"] <= 1
+        assert 0 < metrics["nhsic_input"] <= 1 and 0 < metrics["nhsic_label"] <= 1
+    assert manifest.baseline["eval_loss"] > 0 and manifest.baseline["n"] == 24
 
     depth, _ = export_model(run_dir, str(tmp_path / "exported"), "final")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()

@@ -70,6 +70,34 @@ def write_jsonl(texts: list[str], path: str | Path) -> Path:
     return path
 
 
+def generate_mc_items(num_items: int, seed: int = 0) -> list[dict]:
+    """Multiple-choice items about the corpus's fixed facts, in the MMLU layout (question, choices, answer).
+
+    Each asks for an animal's sound, colour or home among four options; a model that learned the
+    corpus can answer them, a random one is at chance (25 %).
+    """
+    rng = random.Random(seed)
+    traits = {"says": 1, "is": 0, "lives in the": 2}
+    items = []
+    for _ in range(num_items):
+        animal = rng.choice(list(ANIMALS))
+        relation = rng.choice(list(traits))
+        right = ANIMALS[animal][traits[relation]]
+        wrong = rng.sample(sorted({a[traits[relation]] for a in ANIMALS.values()} - {right}), 3)
+        choices = wrong + [right]
+        rng.shuffle(choices)
+        items.append({"question": f"the {animal} {relation}", "choices": choices, "answer": choices.index(right)})
+    return items
+
+
+def write_mc_jsonl(items: list[dict], path: str | Path) -> Path:
+    """Write multiple-choice items as JSON lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
 def vocabulary() -> list[str]:
     """Every word the generator can emit (for a word-level tokenizer)."""
     words = set(NAMES) | set(FRUITS) | set(NUMBERS) | set(VERBS) | {".", ",", "the", "is", "says", "lives", "in"}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from segprop_ray.demo.corpus import generate_corpus, write_jsonl
+from segprop_ray.demo.corpus import generate_corpus, generate_mc_items, write_jsonl, write_mc_jsonl
 from segprop_ray.demo.tiny_model import make_tiny_model
 
 DEMO_CONFIG = """\
@@ -41,6 +41,9 @@ stage1:
   max_steps: 120
 snapcheck:
   dtype: bf16
+evaluation:
+  mc_path: {out}/data/mc.jsonl
+  nhsic_tokens: 256
 resources:
   num_cpus: 2
 """
@@ -51,9 +54,10 @@ def prepare_demo(out: str | Path) -> Path:
     out = Path(out).resolve()
     if not (out / "model" / "config.json").is_file():
         make_tiny_model(out / "model", "llama", num_layers=8, hidden=64)
-    if not (out / "data" / "eval.jsonl").is_file():
+    if not (out / "data" / "mc.jsonl").is_file():
         write_jsonl(generate_corpus(3000, seed=0), out / "data" / "train.jsonl")
         write_jsonl(generate_corpus(200, seed=1), out / "data" / "eval.jsonl")
+        write_mc_jsonl(generate_mc_items(200, seed=2), out / "data" / "mc.jsonl")
     config = out / "config.yaml"
     if not config.is_file():
         config.write_text(DEMO_CONFIG.format(out=out))

@@ -54,6 +54,9 @@ class Driver:
         from segprop_ray.pipeline.progress import ProgressBoard
 
         self.board = ProgressBoard.remote()
+        from segprop_ray.pipeline.evaluations import Evaluations
+
+        self.evaluations = Evaluations(self)
         try:
             self._run_steps()
         except BaseException as error:
@@ -64,15 +67,20 @@ class Driver:
     def _run_steps(self) -> None:
         plan = self.setup.plan
         self.tokenize()
+        self.evaluations.start_baseline()
         self.train_depth(plan.base_depth)
+        self.evaluations.start(plan.base_depth)
         if plan.mode != "e2e":
             for depth in plan.middle_layers:
                 if not self._continue_after(depth - 1):
                     break
                 self.ensure_snapshot(depth - 1)
                 self.train_depth(depth)
+                self.evaluations.collect()  # exit depth-1 was scored while layer `depth` trained
+                self.evaluations.start(depth)
             else:
                 self._continue_after(plan.last_depth)  # records the closing "last_layer" decision
+        self.evaluations.collect()
         final = max(self.manifest.committed_depths())
         self._save(lambda m: setattr(m, "final_depth", final))
         self.export(final)

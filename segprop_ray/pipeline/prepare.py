@@ -69,8 +69,9 @@ def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
     info, parts = inspect_model(cfg)
     cfg.check_against_model(info.num_layers)
     expand_inputs(cfg.data.train, cfg.storage_options)
-    if cfg.data.eval is not None:
-        expand_inputs(cfg.data.eval, cfg.storage_options)
+    for optional in (cfg.data.eval, cfg.evaluation.mc_path, cfg.evaluation.mc_dev_path):
+        if optional is not None:
+            expand_inputs(optional, cfg.storage_options)
     check_writable(cfg.run_dir, cfg.storage_options)
     layout = RunLayout.open(cfg.run_dir, cfg.storage_options)
     snap = cfg.snapcheck

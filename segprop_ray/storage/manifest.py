@@ -94,6 +94,8 @@ class Manifest(_Record):
     steps: dict[str, StepRecord] = Field(default_factory=dict)
     layers: dict[str, LayerRecord] = Field(default_factory=dict)
     decisions: list[dict[str, Any]] = Field(default_factory=list)
+    baseline: dict[str, Any] | None = None
+    """The input model's own scores on the evaluation data (eval_loss, perplexity, accuracy)."""
     final_depth: int | None = None
     error: str | None = None
 

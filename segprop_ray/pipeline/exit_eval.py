@@ -1,0 +1,103 @@
+"""Evaluating exits beside training: each committed exit (and the input model itself) is scored by a
+Ray task while the next layer trains, and its numbers land in the manifest.
+
+Per exit q: multiple-choice accuracy of the model that stops at q (layers 0..q + exit q's LL), when
+``evaluation.mc_path`` is set, and the nHSIC of the representation after layer q with the inputs and
+the labels, on a sample of evaluation blocks. Held-out loss and perplexity come from the iteration
+itself (its final evaluation on the eval snapshots).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import torch
+
+from segprop_ray.core.iteration import build_segment
+from segprop_ray.core.parts import SegmentSpec
+from segprop_ray.core.training import evaluate_loss
+from segprop_ray.core.weights import ChainSource
+from segprop_ray.pipeline.context import JobContext
+from segprop_ray.storage.reader import ShardBatchReader
+from segprop_ray.storage.snapcheck import load_committed
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+
+
+def _tokenizer(ctx: JobContext):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ctx.model_dir)
+
+
+def _eval_blocks(ctx: JobContext, count: int) -> dict[str, torch.Tensor]:
+    """The first ``count`` evaluation token blocks."""
+    spec = ctx.spec(ctx.parts(torch.device("cpu")).config.hidden_size)
+    marker = load_committed(ctx.layout, "eval", None, ctx.input_hash, ctx.num_blocks["eval"], spec)
+    if marker is None:
+        raise RuntimeError("evaluation tokens are not committed")
+    rows = list(range(min(count, marker.total_rows)))
+    return next(iter(ShardBatchReader(ctx.layout, marker, [rows], with_hidden=False)))
+
+
+def exit_metrics(job: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy and nHSIC of exit ``job.depth`` (``depth = -1``: the input model, with its eval loss)."""
+    from segprop_ray.reporting.nhsic import representation_nhsic
+
+    ctx = JobContext(**job)
+    cfg, device = ctx.cfg, _device()
+    parts = ctx.parts(device)
+    plan = ctx.plan(parts.num_layers)
+    depth = ctx.depth
+    weights = ctx.run_weights(plan, committed_layers=list(range(depth + 1)) if depth >= 0 else [])
+    layers = list(range(parts.num_layers)) if depth < 0 else plan.exit_layers(depth)
+    source = weights.base if depth < 0 else ChainSource(weights.committed, weights.exit_weights(depth), weights.base)
+    model = build_segment(parts, SegmentSpec([(i, source) for i in layers], source, source), trainable=False)
+    metrics: dict[str, Any] = {}
+    tokens_needed = max(cfg.evaluation.nhsic_tokens // max(cfg.data.seq_len - 1, 1) + 1, 1)
+    blocks = _eval_blocks(ctx, max(tokens_needed, cfg.training.per_device_eval_batch_size))
+    ids = blocks["input_ids"].to(device)  # (N, T)
+    with torch.no_grad():
+        if depth < 0:
+            metrics["eval_loss"] = _baseline_loss(ctx, model, device)
+        if cfg.evaluation.nhsic_tokens and depth >= 0:
+            hidden = _hidden_after(model, ids, depth + 1)  # (N, T, H): after layer `depth`
+            metrics.update(representation_nhsic(hidden.cpu(), ids.cpu(), cfg.evaluation.nhsic_tokens, seed=cfg.training.seed))
+        if cfg.evaluation.mc_path:
+            from segprop_ray.reporting.mc_eval import evaluate_exit_mc
+
+            result = evaluate_exit_mc(model.logits, _tokenizer(ctx), cfg.evaluation)
+            metrics.update({k: result[k] for k in ("accuracy", "accuracy_norm", "n") if k in result})
+    return metrics
+
+
+def _hidden_after(model, ids: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """Hidden states after the first ``num_layers`` decoder layers of ``model`` (embedder included)."""
+    hidden = model.embedder(ids)
+    stack = model.stack
+    truncated = type(stack)(stack.config, list(zip(stack.indices[:num_layers], stack.layers[:num_layers])), stack.rotary)
+    return truncated(hidden)
+
+
+def _baseline_loss(ctx: JobContext, model, device: torch.device) -> float:
+    """Mean eval loss of the input model over all evaluation blocks (the original score)."""
+    spec = ctx.spec(model.stack.config.hidden_size)
+    marker = load_committed(ctx.layout, "eval", None, ctx.input_hash, ctx.num_blocks["eval"], spec)
+    size = ctx.cfg.training.per_device_eval_batch_size
+    batches = [list(range(s, min(s + size, marker.total_rows))) for s in range(0, marker.total_rows, size)]
+    return evaluate_loss(model, iter(ShardBatchReader(ctx.layout, marker, batches, with_hidden=False)), device, False)
+
+
+def launch(ctx: JobContext) -> ray.ObjectRef:
+    """Start :func:`exit_metrics` as a Ray task with the snapshot job's resources."""
+    res = ctx.cfg.resources.snapshot
+    options: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_retries": 2}
+    if res.resources:
+        options["resources"] = res.resources
+    if res.label_selector:
+        options["label_selector"] = res.label_selector
+    return ray.remote(exit_metrics).options(**options).remote(ctx.to_dict())
+

@@ -82,9 +82,9 @@ def test_accumulation_matches_larger_batch(setup):
     big.batches = lambda epoch, skip: iter([{"input_ids": ids[torch.tensor(first_two[0] + first_two[1])]}])
     grads = {}
     for name, loop in (("small", small), ("big", big)):
-        params = [p for p in loop.model.parameters()]
-        step = loop.optimizer.step
-        loop.optimizer.step = lambda n=name, ps=params, st=step: (grads.__setitem__(n, [p.grad.clone() for p in ps]), st())
+        params = list(loop.model.parameters())
+        loop.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs, n=name, ps=params: grads.setdefault(n, [p.grad.clone() for p in ps]))
         loop.run()
     for g_small, g_big in zip(grads["small"], grads["big"]):
         torch.testing.assert_close(g_small, g_big, rtol=1e-5, atol=1e-7)

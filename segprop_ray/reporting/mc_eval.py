@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from segprop_ray.core.stack import Segment
-from segprop_ray.reporting.mc_items import MCItem, continuation, format_prompt, load_mc_items, parse_item
+from segprop_ray.reporting.mc_items import (MCItem, PromptStyle, continuation, format_prompt, load_mc_items,
+                                            parse_item)
 
 __all__ = ["MCItem", "load_mc_items", "parse_item", "format_prompt", "score_items", "logits_fn_of",
            "evaluate_exit_mc"]
@@ -59,10 +60,11 @@ def encode_option(tokenizer: Any, prompt: str, option: str, max_length: int | No
     return context + tail, len(context)
 
 
-def _sequences(tokenizer: Any, items: Sequence[MCItem], shots: Sequence[MCItem], max_length: int | None) -> list[_Sequence]:
+def _sequences(tokenizer: Any, items: Sequence[MCItem], shots: Sequence[MCItem], max_length: int | None,
+               style: PromptStyle) -> list[_Sequence]:
     sequences = []
     for index, item in enumerate(items):
-        prompt = format_prompt(item, shots)
+        prompt = format_prompt(item, shots, style)
         for choice, option in enumerate(item.choices):
             ids, start = encode_option(tokenizer, prompt, option, max_length)
             sequences.append(_Sequence(index, choice, ids, start))
@@ -91,8 +93,8 @@ def continuation_logprobs(logits_fn: LogitsFn, batch: list[_Sequence], pad_id: i
 
 
 def score_items(logits_fn: LogitsFn, tokenizer: Any, items: Sequence[MCItem], shots: Sequence[MCItem] = (),
-                batch_size: int = 8, max_length: int | None = None) -> dict[str, Any]:
-    """Accuracy of ``logits_fn`` on ``items`` (``shots`` solved before each question).
+                batch_size: int = 8, max_length: int | None = None, style: PromptStyle = "mmlu") -> dict[str, Any]:
+    """Accuracy of ``logits_fn`` on ``items`` (``shots`` solved before each question, prompts in ``style``).
 
     ``batch_size`` counts (prompt, option) sequences per forward call; sequences are grouped by
     length to pad little. Returns ``accuracy`` (argmax of the summed log-probs), ``accuracy_norm``
@@ -102,7 +104,7 @@ def score_items(logits_fn: LogitsFn, tokenizer: Any, items: Sequence[MCItem], sh
     """
     if not items:
         raise ValueError("no multiple-choice items to score")
-    sequences = sorted(_sequences(tokenizer, items, shots, max_length), key=lambda s: -len(s.ids))
+    sequences = sorted(_sequences(tokenizer, items, shots, max_length, style), key=lambda s: -len(s.ids))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sums = [[0.0] * len(item.choices) for item in items]
     means = [[0.0] * len(item.choices) for item in items]
@@ -130,22 +132,24 @@ def _share_equal(predicted: list[int], answers: list[int]) -> float:
 def logits_fn_of(model: nn.Module | LogitsFn) -> LogitsFn:
     """A ``(B, T) ids -> (B, T, V) logits`` function for an HF model, a :class:`Segment` with a head, or a callable.
 
-    For modules the ids are moved to the module's device and an HF output's ``.logits`` is taken; the
-    module's train/eval mode is left as it is (call ``model.eval()`` first where it has dropout).
+    Token ids are moved to the device of the module (also for a bound method such as
+    ``segment.logits``); an HF output's ``.logits`` is taken. The module's train/eval mode is left as
+    it is (call ``model.eval()`` first where it has dropout).
     """
-    if not isinstance(model, nn.Module):
+    owner = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)
+    if not isinstance(owner, nn.Module):
         return model
-    device = next(model.parameters()).device
-    if isinstance(model, Segment):
+    device = next(owner.parameters()).device
+    if model is owner and isinstance(model, Segment):
         if model.embedder is None or model.head is None:
             raise ValueError("multiple-choice scoring needs a segment with embedder and LM head (a whole exit model)")
         return lambda ids: model.logits(ids.to(device))
 
-    def hf_logits(ids: torch.Tensor) -> torch.Tensor:
+    def on_device(ids: torch.Tensor) -> torch.Tensor:
         output = model(ids.to(device))
         return output.logits if hasattr(output, "logits") else output
 
-    return hf_logits
+    return on_device
 
 
 def evaluate_exit_mc(model_or_logits_fn: nn.Module | LogitsFn, tokenizer: Any, cfg_evaluation: Any,
@@ -153,9 +157,10 @@ def evaluate_exit_mc(model_or_logits_fn: nn.Module | LogitsFn, tokenizer: Any, c
     """Score one exit on the configured items (``EvaluationConfig``); ``{}`` when ``mc_path`` is unset.
 
     Shots: the first ``few_shot`` items of ``mc_dev_path``, or else of ``mc_path`` (those are then
-    not scored); the same shots precede every question. ``max_items`` caps the scored items. Returns
-    scalars ready to merge into ``LayerRecord.metrics``: ``accuracy``, ``accuracy_norm``,
-    ``mc_items`` (items scored) and ``mc_few_shot``.
+    not scored); the same shots precede every question. ``max_items`` caps the scored items; the
+    prompt style is ``prompt_style`` where the config has that field, else ``mmlu``. Returns
+    scalars only (no per-item lists, so they fit in ``LayerRecord.metrics``): ``accuracy``,
+    ``accuracy_norm``, ``n`` (items scored) and ``few_shot`` (shots per prompt).
     """
     if not cfg_evaluation.mc_path:
         return {}
@@ -163,9 +168,10 @@ def evaluate_exit_mc(model_or_logits_fn: nn.Module | LogitsFn, tokenizer: Any, c
     shots, items = _split_shots(items, cfg_evaluation, storage_options)
     if cfg_evaluation.max_items:
         items = items[: cfg_evaluation.max_items]
-    result = score_items(logits_fn_of(model_or_logits_fn), tokenizer, items, shots, batch_size)
-    return {"accuracy": result["accuracy"], "accuracy_norm": result["accuracy_norm"], "mc_items": result["n"],
-            "mc_few_shot": len(shots)}
+    style = getattr(cfg_evaluation, "prompt_style", "mmlu")
+    result = score_items(logits_fn_of(model_or_logits_fn), tokenizer, items, shots, batch_size, style=style)
+    return {"accuracy": result["accuracy"], "accuracy_norm": result["accuracy_norm"], "n": result["n"],
+            "few_shot": len(shots)}
 
 
 def _split_shots(items: list[MCItem], cfg_evaluation: Any, storage_options: dict[str, Any] | None) -> tuple[list, list]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import string
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 from segprop_ray.storage.fs import redact_uri, resolve_filesystem
 
 LETTERS = string.ascii_uppercase
+PromptStyle = Literal["mmlu", "cloze"]
 
 
 @dataclass
@@ -94,8 +95,12 @@ def _answer_index(answer: Any, num_choices: int, where: str) -> int:
     return index
 
 
-def format_question(item: MCItem) -> str:
-    """``Question: ...`` then one ``A. choice`` line per option, then ``Answer:`` (no trailing space)."""
+def format_question(item: MCItem, style: PromptStyle = "mmlu") -> str:
+    """``mmlu``: ``Question: ...``, one ``A. choice`` line per option, ``Answer:``; ``cloze``: the question alone."""
+    if style == "cloze":
+        return item.question
+    if style != "mmlu":
+        raise ValueError(f"unknown prompt style {style!r} (mmlu or cloze)")
     options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(item.choices))
     return f"Question: {item.question}\n{options}\nAnswer:"
 
@@ -105,10 +110,10 @@ def continuation(choice: str) -> str:
     return f" {choice}"
 
 
-def format_prompt(item: MCItem, shots: Sequence[MCItem] = ()) -> str:
-    """The few-shot prompt for ``item`` (MMLU style), ending just before the scored continuation.
+def format_prompt(item: MCItem, shots: Sequence[MCItem] = (), style: PromptStyle = "mmlu") -> str:
+    """The few-shot prompt for ``item``, ending just before the scored continuation.
 
-    Each question reads::
+    In the ``mmlu`` style (the default) each question reads::
 
         Question: <question>
         A. <choice 0>
@@ -123,6 +128,11 @@ def format_prompt(item: MCItem, shots: Sequence[MCItem] = ()) -> str:
     demo's word-level tokenizer, ``A``, ``A.``, ``Question:`` and ``Answer:`` all map to ``<unk>``,
     so letter continuations would all be the same token and every option would tie. The template
     words becoming ``<unk>`` is harmless: they are identical for every option of an item.
+
+    The ``cloze`` style drops the template and the option list: the prompt is the question text
+    itself (shots as ``question answer``, blank-line separated), and the option completes it. It
+    suits questions that are sentence beginnings ("the cow says" -> " moo") and models never
+    shown the MMLU layout, such as the demo's model trained on plain sentences.
     """
-    solved = [format_question(shot) + continuation(shot.choices[shot.answer]) for shot in shots]
-    return "\n\n".join([*solved, format_question(item)])
+    solved = [format_question(shot, style) + continuation(shot.choices[shot.answer]) for shot in shots]
+    return "\n\n".join([*solved, format_question(item, style)])

@@ -41,20 +41,34 @@ def points(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[li
 
 
 def draw_metric(ax, runs: list[dict[str, Any]], key: str, scale: float = 1.0, original: float | None = None) -> bool:
-    """Draw ``key`` over depth for each run (e2e: horizontal line at its last value); whether anything was drawn."""
-    drawn = False
+    """Draw ``key`` over depth for each run (e2e: horizontal line at its last value); whether anything was drawn.
+
+    The original model's score is a dashed line; when it lies far outside the runs' range (a loss
+    before fine-tuning), the axis keeps the runs' range and the legend gives the value instead.
+    """
+    drawn: list[float] = []
     for run in runs:
         depths, values = points(run["rows"], key, scale)
         if not values:
             continue
-        drawn = True
+        drawn += values
         if run["mode"] == "e2e":
             ax.axhline(values[-1], color=run["color"], linestyle="-", linewidth=1.5, label=f"{run['label']} (final)")
         else:
             ax.plot(depths, values, marker="o", color=run["color"], label=run["label"])
     if original is not None:
-        ax.axhline(original / scale, color="grey", linestyle="--", linewidth=1.2, label="original model")
-    return drawn
+        _draw_original(ax, original / scale, drawn)
+    return bool(drawn)
+
+
+def _draw_original(ax, value: float, drawn: list[float]) -> None:
+    low, high = (min(drawn), max(drawn)) if drawn else (value, value)
+    margin = max(high - low, 1e-9)
+    off_scale = drawn and not (low - 2 * margin <= value <= high + 2 * margin)
+    label = f"original model: {value:.4g} (off the scale)" if off_scale else "original model"
+    ax.axhline(value, color="grey", linestyle="--", linewidth=1.2, label=label)
+    if off_scale:
+        ax.set_ylim(low - 0.15 * margin, high + 0.15 * margin)
 
 
 def _original(data: dict[str, Any], key: str) -> float | None:

@@ -21,10 +21,10 @@ from segprop_ray.storage.manifest import LayerRecord, Manifest
 
 ROW_COLUMNS = ["depth", "stage", "status", "steps", "train_loss", "eval_loss", "perplexity", "accuracy",
                "accuracy_norm", "nhsic_input", "nhsic_label", "tokens", "tokens_per_s", "wall_s",
-               "peak_memory_bytes", "data_wait_share", "iteration_exit", "global_exit"]
+               "peak_memory_bytes", "data_wait_share", "iteration_exit", "global_exit", "evaluation_error"]
 """Columns of the per-depth table (report.csv, the ``layers`` of report.json, report.md)."""
 METRIC_COLUMNS = ["accuracy", "accuracy_norm", "nhsic_input", "nhsic_label", "tokens", "tokens_per_s", "wall_s",
-                  "peak_memory_bytes", "data_wait_share"]
+                  "peak_memory_bytes", "data_wait_share", "evaluation_error"]
 """Columns read from ``LayerRecord.metrics`` (None where the metric was not recorded)."""
 SCORE_KEYS = ("eval_loss", "perplexity", "accuracy")
 

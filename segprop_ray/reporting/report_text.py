@@ -64,14 +64,18 @@ def _header(data: dict[str, Any]) -> str:
              ("state", f"{run['state']}; final exit: {fmt('depth', run['final_depth'])}"),
              ("run directory", run["run_dir"]), ("token blocks", tokens)]
     facts += [("compared with", f"{other['run']['label']}: {other['run']['run_dir']}") for other in data["compared"]]
-    return f"# SegProp report: {run['label']}, run `{run['run_id']}`\n\n" + markdown_table(["", ""], facts)
+    lines = "\n".join(f"- **{name}**: {value}" for name, value in facts)
+    return f"# SegProp report: {run['label']}, run `{run['run_id']}`\n\n{lines}"
 
 
 def _depth_section(data: dict[str, Any]) -> str:
     rows = [[fmt(key, row.get(key)) for key, _ in TABLE_COLUMNS] for row in data["layers"]]
     note = ("Exit depth q is the model made of decoder layers 0..q followed by LL (the last r layers, the final "
-            "norm and the LM head). Every column of report.csv / report.json is there, also nHSIC and throughput.")
-    return "## Results per depth\n\n" + markdown_table([title for _, title in TABLE_COLUMNS], rows) + "\n\n" + note
+            "norm and the LM head). report.csv and report.json have every column, nHSIC and throughput included.")
+    errors = [f"- exit {row['depth']}: evaluation failed: {row['evaluation_error']}" for row in data["layers"]
+              if row.get("evaluation_error")]
+    text = "## Results per depth\n\n" + markdown_table([title for _, title in TABLE_COLUMNS], rows) + "\n\n" + note
+    return text + ("\n\n" + "\n".join(errors) if errors else "")
 
 
 def _reference_section(data: dict[str, Any]) -> str:

@@ -1,0 +1,219 @@
+"""``segprop report`` from synthetic manifests: one segprop run compared with an lw and an e2e run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import fsspec
+import matplotlib.image
+import pytest
+
+from segprop_ray.reporting.plots import write_plots
+from segprop_ray.reporting.report import ROW_COLUMNS, build_report, reference_rows, write_report
+from segprop_ray.storage.layout import RunLayout
+from segprop_ray.storage.manifest import LayerRecord, Manifest, ManifestStore, ModelInfo
+
+NUM_LAYERS = 8
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+HAS_BASELINE_FIELD = "baseline" in Manifest.model_fields
+BASELINE = {"eval_loss": 3.91, "perplexity": math.exp(3.91), "accuracy": 0.25}
+
+
+def history(final_loss: float, steps: int = 40) -> list[dict[str, float]]:
+    """Logged records of one iteration: train loss every 5 steps falling to ``final_loss``, eval every 20."""
+    records = []
+    for step in range(5, steps + 1, 5):
+        record = {"step": step, "train_loss": final_loss + 1.5 * math.exp(-step / 10), "lr": 3e-3 * (1 - step / (steps + 1))}
+        if step % 20 == 0:
+            record["eval_loss"] = final_loss + 0.05 + math.exp(-step / 10)
+        records.append(record)
+    return records
+
+
+def layer_record(depth: int, stage: str, eval_loss: float, accuracy: float | None, nhsic: tuple[float, float] | None,
+                 wall_s: float = 42.0, peak_memory: int = 900 << 20) -> LayerRecord:
+    """A committed iteration with realistic numbers."""
+    metrics = {"tokens": 40 * 16 * 64, "wall_s": wall_s, "tokens_per_s": 40 * 16 * 64 / wall_s,
+               "peak_memory_bytes": peak_memory, "data_wait_share": 0.031 * (depth % 3 + 1), "resumed_from_step": None}
+    if accuracy is not None:
+        metrics["accuracy"] = accuracy
+    if nhsic is not None:
+        metrics["nhsic_input"], metrics["nhsic_label"] = nhsic
+    decision = {"reason": "max_steps", "step": 40, "eval_loss": eval_loss, "best_eval_loss": eval_loss,
+                "detail": f"step budget reached: 40/40 steps (max_steps) at depth {depth}"}
+    return LayerRecord(depth=depth, stage=stage, status="done", steps=40, train_loss=eval_loss - 0.07,
+                       eval_loss=eval_loss, perplexity=math.exp(eval_loss), decision=decision,
+                       history=history(eval_loss), metrics=metrics)
+
+
+def global_decision(depth: int, losses: dict[int, float], last: int) -> dict:
+    best = min((d for d in losses if d <= depth), key=losses.get)
+    go_on = depth < last
+    return {"depth": depth, "continue_training": go_on, "reason": "continue" if go_on else "last_layer",
+            "detail": f"exit {depth} eval loss {losses[depth]:.4f}; best {losses[best]:.4f} at exit {best}" if go_on
+            else f"layer {depth} is the last middle layer", "eval_loss": losses[depth], "best_depth": best,
+            "best_eval_loss": losses[best]}
+
+
+def manifest_of(mode: str, base_depth: int, last_layers: int, losses: dict[int, float], accuracy: dict[int, float],
+                nhsic: dict[int, tuple[float, float]], baseline: dict | None = None) -> Manifest:
+    """A finished run of ``mode`` with one record per depth of ``losses``."""
+    model = ModelInfo(uri="/models/tiny-llama-8", architecture="LlamaForCausalLM", family="llama",
+                      num_layers=NUM_LAYERS, hidden_size=64, vocab_size=80, tied_embeddings=False)
+    depths, last = sorted(losses), max(losses)
+    stage = {True: "e2e" if mode == "e2e" else "stage1", False: "stage2"}
+    layers = {str(d): layer_record(d, stage[d == base_depth], losses[d], accuracy.get(d), nhsic.get(d),
+                                   wall_s={"segprop": 40.0, "lw": 31.0}.get(mode, 260.0) + d,
+                                   peak_memory={"segprop": 700, "lw": 520}.get(mode, 1500) << 20) for d in depths}
+    decisions = [global_decision(d, losses, last) for d in depths] if mode != "e2e" else []
+    extra = {"baseline": baseline} if baseline is not None and HAS_BASELINE_FIELD else {}
+    return Manifest(run_id=f"{mode}-run", config_hash="0" * 64, mode=mode, base_depth=base_depth, state="done",
+                    last_layers=last_layers, model=model, group_size=4, layers=layers, decisions=decisions,
+                    final_depth=last, tokens={"train": {"num_blocks": 2800}, "eval": {"num_blocks": 180}}, **extra)
+
+
+def segprop_manifest() -> Manifest:
+    losses = {2: 2.31, 3: 2.05, 4: 1.97, 5: 1.93}
+    accuracy = {2: 0.41, 3: 0.55, 4: 0.61, 5: 0.63}
+    nhsic = {2: (0.71, 0.38), 3: (0.66, 0.45), 4: (0.61, 0.52), 5: (0.58, 0.57)}
+    return manifest_of("segprop", 2, 2, losses, accuracy, nhsic, BASELINE)
+
+
+def lw_manifest() -> Manifest:
+    losses = {2: 2.62, 3: 2.71, 4: 2.85, 5: 2.97, 6: 3.04, 7: 3.12}
+    accuracy = {2: 0.33, 3: 0.31, 4: 0.30, 5: 0.29, 6: 0.27, 7: 0.27}
+    nhsic = {2: (0.70, 0.31), 3: (0.52, 0.27), 4: (0.38, 0.22), 5: (0.29, 0.19), 6: (0.21, 0.16), 7: (0.17, 0.15)}
+    return manifest_of("lw", 2, 0, losses, accuracy, nhsic)
+
+
+def e2e_manifest() -> Manifest:
+    return manifest_of("e2e", NUM_LAYERS - 1, 0, {NUM_LAYERS - 1: 1.95}, {NUM_LAYERS - 1: 0.60},
+                       {NUM_LAYERS - 1: (0.64, 0.55)})
+
+
+def write_run(uri: str, manifest: Manifest) -> str:
+    ManifestStore(RunLayout.open(uri)).write(manifest)
+    return uri
+
+
+def section(markdown: str, title: str) -> str:
+    return markdown.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def table_rows(block: str) -> list[list[str]]:
+    lines = [line for line in block.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
+
+
+def assert_real_png(data: bytes) -> None:
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000
+    image = matplotlib.image.imread(io.BytesIO(data), format="png")
+    assert image.shape[1] > 300 and image.shape[0] > 200 and image.std() > 0.01  # not a blank canvas
+
+
+@pytest.fixture
+def runs(tmp_path) -> dict[str, str]:
+    return {"segprop": write_run(str(tmp_path / "segprop"), segprop_manifest()),
+            "lw": write_run(str(tmp_path / "lw"), lw_manifest()),
+            "e2e": write_run((tmp_path / "e2e").as_uri(), e2e_manifest())}
+
+
+def test_report_files_table_json_csv_and_plots_agree_with_the_manifest(runs, tmp_path):
+    manifest = segprop_manifest()
+    written = write_report(runs["segprop"], compare=[runs["lw"], runs["e2e"]])
+
+    report_dir = tmp_path / "segprop" / "report"
+    assert set(written) == {"report.md", "report.json", "report.csv", "metric_vs_depth.png", "loss_curves.png",
+                            "nhsic.png", "efficiency.png"}
+    assert all(Path(path).parent == report_dir and Path(path).is_file() for path in written.values())
+    depths = manifest.committed_depths()
+    markdown = (report_dir / "report.md").read_text()
+    rows = table_rows(section(markdown, "Results per depth"))
+    assert [int(row[0]) for row in rows] == depths  # one row per depth
+    report = json.loads((report_dir / "report.json").read_text())
+    csv_rows = list(csv.DictReader(io.StringIO((report_dir / "report.csv").read_text())))
+    assert list(csv_rows[0]) == ROW_COLUMNS and len(csv_rows) == len(report["layers"]) == len(depths)
+    for depth, from_json, from_csv in zip(depths, report["layers"], csv_rows):
+        record = manifest.layer(depth)
+        expected = {"depth": depth, "eval_loss": record.eval_loss, "train_loss": record.train_loss,
+                    "perplexity": record.perplexity, "accuracy": record.metrics["accuracy"],
+                    "tokens": record.metrics["tokens"], "nhsic_label": record.metrics["nhsic_label"],
+                    "peak_memory_bytes": record.metrics["peak_memory_bytes"], "wall_s": record.metrics["wall_s"]}
+        assert {key: from_json[key] for key in expected} == expected
+        assert {key: float(from_csv[key]) for key in expected} == pytest.approx(expected, rel=1e-15)
+        assert from_json["global_exit"] == from_csv["global_exit"] == ("last_layer" if depth == 5 else "continue")
+        assert from_json["iteration_exit"] == from_csv["iteration_exit"] == "max_steps"
+    for name in ("metric_vs_depth.png", "loss_curves.png", "nhsic.png", "efficiency.png"):
+        assert_real_png((report_dir / name).read_bytes())
+        assert f"]({name})" in markdown
+
+
+def test_report_shows_the_decision_trace_references_and_comparison(runs, tmp_path):
+    write_report(runs["segprop"], out=str(tmp_path / "out"), compare=[runs["lw"], runs["e2e"]])
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+
+    trace = table_rows(section(markdown, "Global exit decisions"))
+    assert [(row[0], row[1], row[2]) for row in trace] == [("2", "continue", "continue"), ("3", "continue", "continue"),
+                                                           ("4", "continue", "continue"), ("5", "stop", "last_layer")]
+    for decision in segprop_manifest().decisions:
+        assert decision["detail"] in markdown
+    assert report["decisions"] == segprop_manifest().decisions
+    assert "step budget reached: 40/40 steps (max_steps) at depth 4" in section(markdown, "Iteration exits")
+
+    e2e = next(ref for ref in report["references"] if ref["label"] == "e2e")
+    assert (e2e["depth"], e2e["eval_loss"], e2e["accuracy"]) == (NUM_LAYERS - 1, 1.95, 0.60)
+    assert ["e2e", "e2e-run", "7", "1.9500", "7.0287", "60.0%"] in table_rows(section(markdown, "Reference scores"))
+    comparison = table_rows(section(markdown, "Comparison by depth"))
+    assert [row[0] for row in comparison] == ["2", "3", "4", "5", "6", "7"]  # the union of segprop's and lw's depths
+    assert comparison[-1][1:3] == ["-", "3.1200"]  # segprop has no exit 7; lw does
+
+
+def test_original_model_score_is_a_reference_row():
+    class WithBaseline(Manifest):  # works whether or not Manifest has the baseline field yet
+        baseline: dict | None = None
+
+    manifest = WithBaseline(**{**segprop_manifest().model_dump(), "baseline": BASELINE})
+    references = reference_rows(manifest, [e2e_manifest()])
+    assert [ref["label"] for ref in references] == ["original model", "e2e"]
+    assert {key: references[0][key] for key in BASELINE} == BASELINE
+    assert reference_rows(e2e_manifest(), []) == []  # no baseline, nothing compared
+
+
+@pytest.mark.skipif(not HAS_BASELINE_FIELD, reason="Manifest.baseline is not in this tree yet")
+def test_original_model_score_read_from_the_manifest_file(runs, tmp_path):
+    write_report(runs["segprop"], out=str(tmp_path / "out"))
+    assert "| original model | segprop-run | - | 3.9100 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_report_to_an_fsspec_uri_and_from_a_remote_run():
+    memory = fsspec.filesystem("memory")
+    run = write_run("memory://runs/segprop", segprop_manifest())
+    written = write_report(run, compare=[write_run("memory://runs/e2e", e2e_manifest())])
+    assert written["report.md"] == "memory:///runs/segprop/report/report.md"
+    assert_real_png(memory.cat_file("/runs/segprop/report/metric_vs_depth.png"))
+    assert json.loads(memory.cat_file("/runs/segprop/report/report.json"))["run"]["run_id"] == "segprop-run"
+    written = write_report(run, out="memory://elsewhere/report")
+    assert set(memory.ls("/elsewhere/report", detail=False)) == {f"/elsewhere/report/{name}" for name in written}
+
+
+def test_plots_without_data_are_left_out(tmp_path):
+    bare = manifest_of("segprop", 2, 2, {2: 2.3, 3: 2.1}, accuracy={}, nhsic={})
+    for record in bare.layers.values():
+        record.metrics, record.history = {}, []
+    assert write_plots(tmp_path, build_report(bare, "/runs/bare")) == {"Score by depth": "metric_vs_depth.png"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metric_vs_depth.png"]
+
+
+def test_a_failed_exit_evaluation_is_shown(tmp_path):
+    manifest = segprop_manifest()
+    manifest.layer(3).metrics = {**manifest.layer(3).metrics, "evaluation_error": "OutOfMemoryError: CUDA out of memory"}
+    del manifest.layer(3).metrics["accuracy"]
+    write_report(write_run(str(tmp_path / "run"), manifest))
+    markdown = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "- exit 3: evaluation failed: OutOfMemoryError: CUDA out of memory" in markdown
+    assert table_rows(section(markdown, "Results per depth"))[1][5] == "-"  # no accuracy at depth 3

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# GPU check of the training-step benchmark (issue 7): the project's workers vs the reference loops,
+# on the same card, in one call. Meant for the device machine (no Ray there, and none needed).
+#
+# Run from the repository root, in ONE device call (about 4-8 minutes for the two default shapes; each shape is capped):
+#   bash benchmarks/gpu_check.sh                      # llama1b, then mistral7b_12l
+#   bash benchmarks/gpu_check.sh mistral7b            # full 32-layer 7B shape, batch 1 (a separate call)
+# with the device tool: run(command="bash benchmarks/gpu_check.sh", kind="nvidia-h200", timeout_s=600, carry=[".whl"])
+#
+# Before the call, on the CPU machine (the device image has torch, transformers, safetensors, pyarrow,
+# fsspec and PyYAML, but was not seen with pydantic, which segprop_ray.config needs):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl pydantic==2.14.3 pydantic_core==2.50.4 annotated_types==0.8.0 typing_inspection==0.4.5 \
+#     typing_extensions==4.16.0
+# The script installs .whl/*.whl (if any) into /tmp/site first, and stops early, naming what is missing,
+# if an import fails. Output: a short table per shape on stdout; JSON + log per shape in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/segprop-gpu-check}
+PY=${PYTHON:-python3}
+WORK=${BENCH_WORK:-$PWD/.segprop-bench-work}   # on the machine's disk (not /tmp, which may be memory)
+export PYTHONUNBUFFERED=1 SEGPROP_CACHE="$WORK/cache"
+mkdir -p "$OUT"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+"$PY" - <<'EOF' || exit 3
+import importlib, importlib.util, sys
+need = ["torch", "transformers", "safetensors", "pyarrow", "fsspec", "yaml", "pydantic"]
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"missing Python packages: {missing} (see the header of benchmarks/gpu_check.sh)")
+if importlib.util.find_spec("ray") is not None:
+    print("note: ray is importable here; the benchmark does not use it")
+import torch, transformers, pyarrow
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, pyarrow {pyarrow.__version__}, "
+      f"cuda {torch.cuda.is_available()} {torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")
+sys.exit(0 if torch.cuda.is_available() else "no CUDA device")
+EOF
+mkdir -p "$WORK" && trap 'rm -rf "${WORK:?}"' EXIT
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.csv"
+df -hT "$WORK" | tail -1
+
+SHAPES=("$@")
+[ ${#SHAPES[@]} -eq 0 ] && SHAPES=(llama1b mistral7b_12l)
+status=0
+for shape in "${SHAPES[@]}"; do
+  case $shape in
+    llama1b)       limit=220; extra=() ;;
+    mistral7b_12l) limit=260; extra=(--no-ref-depth-scaling) ;;
+    mistral7b)     limit=540; extra=(--no-ref-depth-scaling) ;;
+    *)             limit=300; extra=() ;;
+  esac
+  echo "=== $shape (limit ${limit}s) ==="
+  timeout -k 15 "$limit" "$PY" benchmarks/segprop_bench.py --device cuda --shape "$shape" "${extra[@]}" \
+    --work-dir "$WORK/$shape" --out "$OUT/segprop_bench.$shape.cuda.json" 2>&1 \
+    | grep --line-buffered -v -e FutureWarning -e 'warnings.warn' | tee "$OUT/segprop_bench.$shape.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -ne 0 ] && { echo "$shape: exit $rc (the JSON holds the records made before it stopped)"; status=1; }
+  rm -rf "${WORK:?}/$shape"
+done
+exit $status

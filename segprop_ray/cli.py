@@ -128,9 +128,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from segprop_ray.reporting.export import export_model
+    from segprop_ray.reporting.model_card import export_with_card
 
-    depth, out = export_model(args.run_dir, args.out, args.depth)
+    depth, out = export_with_card(args.run_dir, args.out, args.depth)
     print(f"exported exit {depth} to {out}")
     return 0
 

@@ -32,12 +32,12 @@ def make_inputs(root: Path) -> tuple[Path, Path, Path]:
     return model, train, evaluation
 
 
-def pipeline_config(run_dir: str, model: str, train: str, evaluation: str, **sections: Any) -> dict[str, Any]:
+def pipeline_config(run_dir: str, model: str, train: str, eval_data: str, **sections: Any) -> dict[str, Any]:
     """A small, fast pipeline config (as a mapping, to write or to validate)."""
     raw: dict[str, Any] = {
         "run_dir": run_dir,
         "model": model,
-        "data": {"train": train, "eval": evaluation, "seq_len": 32},
+        "data": {"train": train, "eval": eval_data, "seq_len": 32},
         "segprop": {"base_depth": BASE_DEPTH, "last_layers": LAST_LAYERS},
         "training": {"learning_rate": 3e-3, "max_steps": 6, "per_device_train_batch_size": 4, "save_steps": 2,
                      "logging_steps": 1, "max_eval_blocks": 8},

@@ -14,7 +14,6 @@ from pipeline_setup import (BASE_DEPTH, NUM_LAYERS, LAST_LAYERS, inprocess_refer
 from segprop_ray.config import validate_config
 from segprop_ray.demo.corpus import generate_mc_items, write_mc_jsonl
 from segprop_ray.pipeline.driver import Driver
-from segprop_ray.reporting.export import export_model
 from segprop_ray.storage.fs import resolve_filesystem
 
 pytestmark = pytest.mark.slow
@@ -55,7 +54,13 @@ def test_pipeline_end_to_end_equals_inprocess_core(local_ray, tmp_path, request,
         assert 0 < metrics["nhsic_input"] <= 1 and 0 < metrics["nhsic_label"] <= 1
     assert manifest.baseline["eval_loss"] > 0 and manifest.baseline["n"] == 24
 
-    depth, _ = export_model(run_dir, str(tmp_path / "exported"), "final")
+    from segprop_ray.reporting.model_card import export_with_card
+    from segprop_ray.reporting.report import write_report
+
+    depth, _ = export_with_card(run_dir, str(tmp_path / "exported"), "final")
+    assert f"the exit after layer {depth}" in (tmp_path / "exported" / "README.md").read_text()
+    written = write_report(run_dir, str(tmp_path / "report"))
+    assert (tmp_path / "report" / "metric_vs_depth.png").stat().st_size > 10_000 and "report.md" in written
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
     assert exported.config.num_hidden_layers == depth + 1 + LAST_LAYERS
     generated = exported.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=4, do_sample=False, pad_token_id=1)

@@ -110,6 +110,9 @@ class EvaluationConfig(Strict):
     """Items the few-shot examples are drawn from (default: the first items of ``mc_path``, then skipped)."""
     few_shot: int = Field(0, ge=0)
     """Solved examples put before each question."""
+    prompt_style: Literal["mmlu", "cloze"] = "mmlu"
+    """``mmlu``: "Question: ... A. ... Answer:" then each option's text; ``cloze``: the bare question
+    then each option (for base models that never saw the MMLU format)."""
     max_items: int | None = Field(None, ge=1)
     """Score at most this many items per exit."""
     nhsic_tokens: int = Field(512, ge=0)

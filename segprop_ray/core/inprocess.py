@@ -14,7 +14,7 @@ import torch
 
 from segprop_ray.core.data_order import BlockOrder, default_group_size
 from segprop_ray.core.exits import IterationExit, RunExit
-from segprop_ray.core.iteration import RunWeights, build_segment, snapshot_cast, split_trained
+from segprop_ray.core.iteration import RunWeights, build_segment, snapshot_forward, split_trained
 from segprop_ray.core.parts import ModelParts
 from segprop_ray.core.plan import SegPropPlan, segment_seed
 from segprop_ray.core.training import LoopHooks, SegmentLoop, evaluate_loss
@@ -115,12 +115,12 @@ class InProcessRun:
     def snapshot(self, depth: int, ids: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         """S[depth] for ``ids``: the prefix on tokens at the base depth, else layer ``depth`` on S[depth-1]."""
         producer = build_segment(self.parts, self.weights.snapshot_spec(depth), trainable=False)
+        dtype, bf16 = self.cfg.snapcheck.dtype, self.cfg.training.bf16
         outputs = []
-        with torch.no_grad():
-            for start in range(0, len(ids), self.group_size):  # one row group at a time, as the shards are
-                chunk = slice(start, start + self.group_size)
-                hidden = None if previous is None else previous[chunk].to(self.device).float()
-                outputs.append(snapshot_cast(producer(ids[chunk].to(self.device), hidden), self.cfg.snapcheck.dtype).cpu())
+        for start in range(0, len(ids), self.group_size):  # one row group at a time, as the shards are
+            chunk = slice(start, start + self.group_size)
+            hidden = None if previous is None else previous[chunk]
+            outputs.append(snapshot_forward(producer, ids[chunk], hidden, dtype, bf16, self.device))
         return torch.cat(outputs)  # (N, T, H) in the snapshot dtype
 
 

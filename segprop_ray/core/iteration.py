@@ -75,6 +75,19 @@ def split_trained(segment: Segment, parts: ModelParts, plan: SegPropPlan, state:
     return split_exit_weights(tensors, parts.layout, plan)
 
 
+@torch.no_grad()
+def snapshot_forward(producer: Segment, input_ids: torch.Tensor, hidden: torch.Tensor | None, dtype: str,
+                     bf16: bool, device: torch.device) -> torch.Tensor:
+    """One snapshot batch: ``producer`` on token ids (first depth) or stored activations, in the training
+    precision (bf16 autocast when training uses it), cast to the storage dtype, on the CPU."""
+    from segprop_ray.core.optim import autocast_context
+
+    hidden = None if hidden is None else hidden.to(device).float()  # (n, T, H) widened exactly
+    with autocast_context(device, bf16):
+        output = producer(input_ids.to(device), hidden)  # (n, T, H)
+    return snapshot_cast(output, dtype).cpu()
+
+
 def snapshot_cast(hidden: torch.Tensor, dtype: str) -> torch.Tensor:
     """Activations in the SnapCheck storage precision (``bf16`` rounds, ``fp32`` keeps)."""
     return hidden.to(torch.bfloat16 if dtype == "bf16" else torch.float32)

@@ -75,6 +75,7 @@ class SegmentLoop:
         self.state = LoopState()
         self.wall_s = 0.0
         self.data_wait_s = 0.0
+        self.eval_s = 0.0
         self._pending_loss: list[float] = []
 
     def run(self) -> LoopState:
@@ -83,7 +84,7 @@ class SegmentLoop:
             return self.state
         start = time.perf_counter()
         if self.state.step == 0 and not self.state.history and self.hooks.evaluate is not None:
-            start_loss = self.hooks.evaluate()  # where the segment starts from: the exit rule's first point
+            start_loss = self._evaluate()  # where the segment starts from: the exit rule's first point
             self._record({"step": 0, "eval_loss": start_loss})
             self._decide(start_loss)
         self.model.train()
@@ -112,7 +113,7 @@ class SegmentLoop:
         (loss / accumulate).backward()
         self.state.micro_batches += 1
         self.state.tokens += batch["input_ids"].numel()
-        self._pending_loss.append(float(loss.detach()))
+        self._pending_loss.append(loss.detach())  # read back only when logged: no GPU sync per micro-batch
         if boundary:
             self._optimizer_step()
 
@@ -133,18 +134,24 @@ class SegmentLoop:
         step, args = self.state.step, self.args
         record: dict[str, float] = {}
         if step % args.logging_steps == 0 or step == self.total_steps:
-            record = {"step": step, "train_loss": sum(self._pending_loss) / len(self._pending_loss)}
+            record = {"step": step, "train_loss": sum(float(x) for x in self._pending_loss) / len(self._pending_loss)}
             record["lr"] = self.scheduler.get_last_lr()[0]
             self._pending_loss.clear()
         eval_now = step == self.total_steps or (args.eval_steps > 0 and step % args.eval_steps == 0)
         if eval_now and self.hooks.evaluate is not None:
-            record = {**record, "step": step, "eval_loss": self.hooks.evaluate()}
+            record = {**record, "step": step, "eval_loss": self._evaluate()}
             self.model.train()
         if record:
             self._record(record)
         self._decide(record.get("eval_loss"))
         if self.hooks.checkpoint and (step % args.save_steps == 0 or self.state.decision is not None):
             self.hooks.checkpoint(self)
+
+    def _evaluate(self) -> float:
+        started = time.perf_counter()
+        loss = self.hooks.evaluate()
+        self.eval_s += time.perf_counter() - started
+        return loss
 
     def _record(self, record: dict[str, float]) -> None:
         self.state.history.append(record)
@@ -170,8 +177,8 @@ class SegmentLoop:
             "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE),
             "scheduler": self.scheduler.state_dict(),
             "loop": asdict(self.state),
-            "pending_loss": list(self._pending_loss),
-            "timing": {"wall_s": self.wall_s, "data_wait_s": self.data_wait_s},
+            "pending_loss": [float(x) for x in self._pending_loss],
+            "timing": {"wall_s": self.wall_s, "data_wait_s": self.data_wait_s, "eval_s": self.eval_s},
             "rng": torch.get_rng_state(),
         }
 
@@ -182,7 +189,8 @@ class SegmentLoop:
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = LoopState(**state["loop"])
         self._pending_loss = list(state["pending_loss"])
-        self.wall_s, self.data_wait_s = state["timing"]["wall_s"], state["timing"]["data_wait_s"]
+        timing = state["timing"]
+        self.wall_s, self.data_wait_s, self.eval_s = timing["wall_s"], timing["data_wait_s"], timing.get("eval_s", 0.0)
         torch.set_rng_state(state["rng"])
 
 

@@ -43,6 +43,7 @@ snapcheck:
   dtype: bf16
 evaluation:
   mc_path: {out}/data/mc.jsonl
+  prompt_style: cloze
   nhsic_tokens: 256
 resources:
   num_cpus: 2
@@ -69,15 +70,18 @@ def run_demo(out: str | Path, overrides: list[str]) -> int:
     from segprop_ray.config import load_config
     from segprop_ray.pipeline.driver import Driver
     from segprop_ray.reporting.export import open_run
+    from segprop_ray.reporting.report import write_report
     from segprop_ray.reporting.status import render_status
 
     config_path = prepare_demo(out)
     print(f"demo config: {config_path}")
     cfg = load_config(config_path, overrides)
-    manifest = Driver(cfg).run()
+    Driver(cfg).run()
     _, manifest = open_run(cfg.run_dir)
     render_status(manifest)
+    written = write_report(cfg.run_dir)
     print(f"run directory: {cfg.run_dir}")
+    print(f"report: {written.get('report.md')}")
     print(f"final model (Hugging Face format): {Path(cfg.run_dir) / 'export' / f'exit-{manifest.final_depth}'}")
     print(f"status any time: segprop status {cfg.run_dir}")
     return 0

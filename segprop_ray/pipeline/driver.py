@@ -88,14 +88,14 @@ class Driver:
 
     def export(self, depth: int) -> None:
         """Export the model exiting at ``depth`` to ``export/exit-<depth>`` in the run directory."""
-        from segprop_ray.reporting.export import export_model
+        from segprop_ray.reporting.model_card import export_with_card
 
         name = f"export:{depth}"
         if self.manifest.step(name).status == "done":
             return
         started = self._start_step(name)
         out = self.setup.layout.uri(self.setup.layout.export_dir(f"exit-{depth}"))
-        export_model(self.cfg.run_dir, out, depth, self.cfg.storage_options)
+        export_with_card(self.cfg.run_dir, out, depth, self.cfg.storage_options)
         self._finish_step(name, started, {"uri": out})
         self.echo(f"exported exit {depth} (layers 0..{depth} + LL) to {out}")
 

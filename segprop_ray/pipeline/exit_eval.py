@@ -69,7 +69,7 @@ def exit_metrics(job: dict[str, Any]) -> dict[str, Any]:
         if cfg.evaluation.mc_path:
             from segprop_ray.reporting.mc_eval import evaluate_exit_mc
 
-            result = evaluate_exit_mc(model.logits, _tokenizer(ctx), cfg.evaluation)
+            result = evaluate_exit_mc(model.logits, _tokenizer(ctx), cfg.evaluation, cfg.storage_options)
             metrics.update({k: result[k] for k in ("accuracy", "accuracy_norm", "n") if k in result})
     return metrics
 

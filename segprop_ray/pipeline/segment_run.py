@@ -44,6 +44,8 @@ class SegmentRun:
         self.plan = ctx.plan(self.parts.num_layers)
         self.stage = stage_of(self.plan, ctx.depth)
         self.args = cfg.training_for(self.stage)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(segment_seed(self.args.seed, ctx.depth))
         weights = ctx.run_weights(self.plan, committed_layers=[])
         self.segment = build_segment(self.parts, weights.training_spec(ctx.depth), trainable=True)
@@ -69,7 +71,8 @@ class SegmentRun:
         with_hidden = self.source_depth is not None
 
         def batches(epoch: int, skip: int):
-            return iter(epoch_reader(self.ctx.layout, self.train_marker, order, epoch, skip, with_hidden=with_hidden))
+            return iter(epoch_reader(self.ctx.layout, self.train_marker, order, epoch, skip, with_hidden=with_hidden,
+                                     pin_memory=self.device.type == "cuda"))
 
         return batches
 
@@ -111,12 +114,13 @@ class SegmentRun:
         }
 
     def metrics(self) -> dict[str, Any]:
-        """Throughput, memory and time spent waiting on shard reads for this rank."""
+        """Throughput, memory and time spent waiting on shard reads for this rank (evaluation time excluded)."""
         loop = self.loop
-        wall = max(loop.wall_s, 1e-9)
+        train_s = max(loop.wall_s - loop.eval_s, 1e-9)
         return {
-            "tokens": loop.state.tokens, "wall_s": round(loop.wall_s, 3), "tokens_per_s": round(loop.state.tokens / wall, 1),
-            "data_wait_s": round(loop.data_wait_s, 3), "data_wait_share": round(loop.data_wait_s / wall, 4),
+            "tokens": loop.state.tokens, "wall_s": round(loop.wall_s, 3), "eval_s": round(loop.eval_s, 3),
+            "tokens_per_s": round(loop.state.tokens / train_s, 1),
+            "data_wait_s": round(loop.data_wait_s, 3), "data_wait_share": round(loop.data_wait_s / train_s, 4),
             "peak_memory_bytes": peak_memory_bytes(self.device), "device": str(self.device),
             "trainable_params": sum(p.numel() for p in self.segment.parameters() if p.requires_grad),
             "world_size": self.world,
@@ -128,7 +132,8 @@ def _perplexity(loss: float | None) -> float | None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak GPU memory allocated on a CUDA device, else this process's peak resident memory."""
+    """Peak GPU memory allocated on a CUDA device since this iteration began (reset when the segment is
+    built), else this process's peak resident memory (libraries included)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 import torch
 
-from segprop_ray.core.iteration import build_segment, snapshot_cast
+from segprop_ray.core.iteration import build_segment, snapshot_forward
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.storage.layout import SPLITS
 from segprop_ray.storage.shards import FileInfo
@@ -38,12 +38,10 @@ class SnapshotActor:
         self.source_depth = None if self.ctx.depth == plan.base_depth else self.ctx.depth - 1
         self.spec = self.ctx.spec(parts.config.hidden_size)
 
-    @torch.no_grad()
     def apply(self, input_ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
         """S[depth] rows from token ids (first depth) or from S[depth-1] rows, in the storage precision."""
-        hidden = None if hidden is None else hidden.to(self.device).float()  # (n, T, H) widened exactly
-        output = self.producer(input_ids.to(self.device), hidden)  # (n, T, H) fp32
-        return snapshot_cast(output, self.ctx.cfg.snapcheck.dtype).cpu()
+        cfg = self.ctx.cfg
+        return snapshot_forward(self.producer, input_ids, hidden, cfg.snapcheck.dtype, cfg.training.bf16, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         infos = []

@@ -1,8 +1,9 @@
 """Streaming micro-batches out of committed shards, one row group at a time, in BlockOrder's exact order.
 
 A rank's stream (:meth:`BlockOrder.epoch_batches`) visits each row group's rows consecutively, so the
-reader needs one group at a time; a background thread reads the next group(s) while the trainer works
-on the current one (bounded queue: memory is a few groups). ``skip_batches=k`` resumes mid-epoch without
+reader needs one group at a time; a background thread reads the groups and assembles the batches
+(into page-locked memory with ``pin_memory``, for asynchronous copies to a GPU) while the trainer works
+on the current one (bounded queue: about ``prefetch_groups`` groups' worth of batches ahead). ``skip_batches=k`` resumes mid-epoch without
 reading the groups the first ``k`` batches consumed. :class:`ReadStats` records how long the consumer
 waited on reads.
 """
@@ -54,9 +55,10 @@ class ShardBatchReader:
     """
 
     def __init__(self, layout: RunLayout, marker: CommitMarker, batches: Sequence[Sequence[int]],
-                 prefetch_groups: int = 1, with_hidden: bool = True) -> None:
+                 prefetch_groups: int = 1, with_hidden: bool = True, pin_memory: bool = False) -> None:
         self.layout, self.marker, self.batches = layout, marker, [list(batch) for batch in batches]
         self.prefetch_groups, self.with_hidden = max(1, prefetch_groups), with_hidden
+        self.pin_memory = pin_memory
         self.groups = _group_sequence(self.batches, marker.spec.group_size)
         self.stats = ReadStats()
         self._footers: dict[int, ShardFooter] = {}
@@ -67,19 +69,37 @@ class ShardBatchReader:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[Batch]:
-        group_size = self.marker.spec.group_size
-        prefetcher = _Prefetcher(self.groups, self._load_group, self.prefetch_groups, self.stats)
-        loaded: dict[int, Batch] = {}
+        if not self.batches:
+            return
+        per_group = -(-self.marker.spec.group_size // max(len(self.batches[0]), 1))  # batches one group feeds
+        depth = max(2, self.prefetch_groups * per_group)
+        prefetcher = _Prefetcher(self._assembled_batches(), depth, self.stats)
         try:
-            for batch in self.batches:
-                pieces = []
-                for group, blocks in _runs_by_group(batch, group_size):
-                    if group not in loaded:
-                        loaded = {group: prefetcher.next(group)}  # the previous group is fully consumed
-                    pieces.append(_take_rows(loaded[group], [block - group * group_size for block in blocks]))
-                yield pieces[0] if len(pieces) == 1 else {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
+            for _ in self.batches:
+                yield prefetcher.next()
         finally:
             prefetcher.close()
+
+    def _assembled_batches(self) -> Iterator[Batch]:
+        """The batches, built on the prefetch thread: row groups read as needed, rows gathered (pinned if asked)."""
+        group_size = self.marker.spec.group_size
+        loaded: dict[int, Batch] = {}
+        for batch in self.batches:
+            pieces = []
+            for group, blocks in _runs_by_group(batch, group_size):
+                if group not in loaded:
+                    loaded = {group: self._timed_load(group)}  # the previous group is fully consumed
+                rows = [block - group * group_size for block in blocks]
+                pieces.append(_take_rows(loaded[group], rows, self.pin_memory))
+            yield pieces[0] if len(pieces) == 1 else {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
+
+    def _timed_load(self, group: int) -> Batch:
+        start = time.perf_counter()
+        rows = self._load_group(group)
+        self.stats.read_seconds += time.perf_counter() - start
+        self.stats.groups_read += 1
+        self.stats.bytes_read += sum(t.numel() * t.element_size() for t in rows.values())
+        return rows
 
     def _load_group(self, group: int) -> Batch:
         spec, marker = self.marker.spec, self.marker
@@ -95,7 +115,7 @@ class ShardBatchReader:
 
 
 def epoch_reader(layout: RunLayout, marker: CommitMarker, order: BlockOrder, epoch: int, skip_batches: int = 0,
-                 prefetch_groups: int = 1, with_hidden: bool = True) -> ShardBatchReader:
+                 prefetch_groups: int = 1, with_hidden: bool = True, pin_memory: bool = False) -> ShardBatchReader:
     """This rank's micro-batches of ``epoch`` in exactly ``order.epoch_batches(epoch)`` order, from batch
     ``skip_batches`` on (the row groups only the skipped batches used are not read)."""
     if order.group_size != marker.spec.group_size:
@@ -105,7 +125,7 @@ def epoch_reader(layout: RunLayout, marker: CommitMarker, order: BlockOrder, epo
     batches = order.epoch_batches(epoch)
     if not 0 <= skip_batches <= len(batches):
         raise ValueError(f"skip_batches={skip_batches} outside 0..{len(batches)}")
-    return ShardBatchReader(layout, marker, batches[skip_batches:], prefetch_groups, with_hidden)
+    return ShardBatchReader(layout, marker, batches[skip_batches:], prefetch_groups, with_hidden, pin_memory)
 
 
 def sequential_reader(layout: RunLayout, marker: CommitMarker, batch_size: int, prefetch_groups: int = 1,
@@ -118,12 +138,20 @@ def sequential_reader(layout: RunLayout, marker: CommitMarker, batch_size: int, 
     return ShardBatchReader(layout, marker, batches, prefetch_groups, with_hidden)
 
 
-def _take_rows(group: Batch, rows: list[int]) -> Batch:
-    """Rows of a loaded group: a view when they are one ascending range, else a gather (copy)."""
-    if rows == list(range(rows[0], rows[0] + len(rows))):
+def _take_rows(group: Batch, rows: list[int], pin_memory: bool = False) -> Batch:
+    """Rows of a loaded group: a view when they are one ascending range (and no pinning), else a gather (copy),
+    into page-locked memory with ``pin_memory`` so the trainer's host-to-GPU copy runs asynchronously."""
+    if not pin_memory and rows == list(range(rows[0], rows[0] + len(rows))):
         return {key: value[rows[0] : rows[0] + len(rows)] for key, value in group.items()}  # (b, ...) view
     index = torch.tensor(rows)  # (b,) int64
-    return {key: value.index_select(0, index) for key, value in group.items()}  # (b, ...) copy
+    return {key: _gather(value, index, pin_memory) for key, value in group.items()}  # (b, ...) copy
+
+
+def _gather(value: torch.Tensor, index: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    if not pin_memory:
+        return value.index_select(0, index)
+    out = torch.empty((len(index), *value.shape[1:]), dtype=value.dtype, pin_memory=True)
+    return torch.index_select(value, 0, index, out=out)
 
 
 def _runs_by_group(blocks: Sequence[int], group_size: int) -> list[tuple[int, list[int]]]:
@@ -148,29 +176,22 @@ def _group_sequence(batches: Sequence[Sequence[int]], group_size: int) -> list[i
 
 
 class _Prefetcher:
-    """Reads ``groups`` in order on a background thread into a bounded queue."""
+    """Runs an iterator of batches on a background thread into a bounded queue (``depth`` batches ahead)."""
 
-    def __init__(self, groups: list[int], load, depth: int, stats: ReadStats) -> None:
+    def __init__(self, items: Iterator[Batch], depth: int, stats: ReadStats) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._stats = stats
-        self._thread = threading.Thread(target=self._run, args=(groups, load), name="segprop-shard-prefetch",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(items,), name="segprop-shard-prefetch", daemon=True)
         self._thread.start()
 
-    def _run(self, groups: list[int], load) -> None:
-        for group in groups:
-            start = time.perf_counter()
-            try:
-                item = (group, load(group), None)
-            except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
-                item = (group, None, error)
-            self._stats.read_seconds += time.perf_counter() - start
-            if item[1] is not None:
-                self._stats.groups_read += 1
-                self._stats.bytes_read += sum(t.numel() * t.element_size() for t in item[1].values())
-            if not self._put(item) or item[2] is not None:
-                return
+    def _run(self, items: Iterator[Batch]) -> None:
+        try:
+            for item in items:
+                if not self._put((item, None)):
+                    return
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
+            self._put((None, error))
 
     def _put(self, item: tuple) -> bool:
         while not self._stop.is_set():
@@ -181,19 +202,17 @@ class _Prefetcher:
                 continue
         return False
 
-    def next(self, expected_group: int) -> Batch:
-        """The next group's tensors (blocking; the wait is added to the stats)."""
+    def next(self) -> Batch:
+        """The next batch (blocking; the wait is added to the stats)."""
         start = time.perf_counter()
-        group, rows, error = self._queue.get()
+        batch, error = self._queue.get()
         self._stats.wait_seconds += time.perf_counter() - start
         if error is not None:
             raise error
-        if group != expected_group:
-            raise RuntimeError(f"prefetcher out of step: got group {group}, expected {expected_group}")
-        return rows
+        return batch
 
     def close(self) -> None:
-        """Stop the thread (it finishes the group it is reading) and drop queued groups."""
+        """Stop the thread (it finishes the batch it is building) and drop queued batches."""
         self._stop.set()
         while self._thread.is_alive():
             try:

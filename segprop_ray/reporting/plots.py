@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 110
 GIB = float(1 << 30)
@@ -78,9 +79,14 @@ def _original(data: dict[str, Any], key: str) -> float | None:
     return None
 
 
-def _finish(ax, title: str, ylabel: str, xlabel: str = "exit depth q (layers 0..q + LL)") -> None:
+DEPTH_LABEL = "exit depth q (layers 0..q + LL)"
+
+
+def _finish(ax, title: str, ylabel: str, xlabel: str = DEPTH_LABEL) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
+    if xlabel == DEPTH_LABEL:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are layer indices
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

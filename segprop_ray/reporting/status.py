@@ -21,6 +21,7 @@ def layer_rows(manifest: Manifest) -> list[dict[str, Any]]:
         rows.append({
             "depth": record.depth, "stage": record.stage, "status": record.status, "steps": record.steps,
             "train_loss": record.train_loss, "eval_loss": record.eval_loss, "perplexity": record.perplexity,
+            "accuracy": metrics.get("accuracy"),
             "iteration_exit": (record.decision or {}).get("reason"),
             "global_exit": (decisions.get(record.depth) or {}).get("reason"),
             "wall_s": metrics.get("wall_s"), "tokens_per_s": metrics.get("tokens_per_s"),
@@ -45,14 +46,18 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
                   f"model: {manifest.model.uri} ({manifest.model.num_layers} layers)  p={manifest.base_depth} "
                   f"r={manifest.last_layers}  blocks: {blocks}")
     table = Table(show_lines=False)
-    for title in ("depth", "stage", "status", "steps", "train loss", "eval loss", "ppl", "exit (iter / global)",
+    for title in ("depth", "stage", "status", "steps", "train loss", "eval loss", "ppl", "acc", "exit (iter / global)",
                   "wall s", "tok/s", "read wait"):
         table.add_column(title, justify="right" if title not in ("stage", "status", "exit (iter / global)") else "left")
     for row in layer_rows(manifest):
         table.add_row(str(row["depth"]), row["stage"], row["status"], str(row["steps"]), _num(row["train_loss"]),
-                      _num(row["eval_loss"]), _num(row["perplexity"], 2), f"{row['iteration_exit'] or '-'} / {row['global_exit'] or '-'}",
+                      _num(row["eval_loss"]), _num(row["perplexity"], 2), _pct(row["accuracy"]),
+                      f"{row['iteration_exit'] or '-'} / {row['global_exit'] or '-'}",
                       _num(row["wall_s"], 1), _num(row["tokens_per_s"], 0), _pct(row["data_wait_share"]))
     console.print(table)
+    if manifest.baseline:
+        console.print(f"input model: eval loss {_num(manifest.baseline.get('eval_loss'))}, "
+                      f"accuracy {_pct(manifest.baseline.get('accuracy'))}")
     if manifest.final_depth is not None:
         console.print(f"final model: exit {manifest.final_depth}")
     if manifest.error:

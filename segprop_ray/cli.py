@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable
 
 EXIT_BAD_INPUT = 2
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = _command(sub, "status", "show a run's per-layer table", _status)
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+                        help="redraw every SECONDS until the run is done or failed")
     export = _command(sub, "export", "write the model exiting at a depth as a Hugging Face directory", _export)
     export.add_argument("run_dir")
     export.add_argument("--depth", default="final", help="a committed depth, 'best' (lowest eval loss) or 'final'")
@@ -119,12 +122,15 @@ def _status(args: argparse.Namespace) -> int:
     from segprop_ray.reporting.export import open_run
     from segprop_ray.reporting.status import render_status, status_json
 
-    _, manifest = open_run(args.run_dir)
-    if args.json:
-        print(status_json(manifest))
-    else:
-        render_status(manifest)
-    return 0
+    while True:
+        _, manifest = open_run(args.run_dir)
+        if args.json:
+            print(status_json(manifest))
+        else:
+            render_status(manifest)
+        if not args.watch or manifest.state != "running":
+            return 0
+        time.sleep(args.watch)
 
 
 def _export(args: argparse.Namespace) -> int:

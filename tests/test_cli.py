@@ -95,3 +95,19 @@ def test_console_script_is_installed():
     assert out.returncode == 0
     for command in ("run", "status", "export", "submit", "demo"):
         assert command in out.stdout
+
+
+def test_status_shows_a_running_iterations_progress(tmp_path, capsys, inputs):
+    from segprop_ray.pipeline.driver import _progress
+    from segprop_ray.storage.manifest import LayerRecord, ManifestStore
+
+    model, train, evaluation = inputs
+    run_dir = str(tmp_path / "run")
+    driver = Driver(validate_config(pipeline_config(run_dir, str(model), str(train), str(evaluation))))
+    setup = driver.prepare()
+    store = ManifestStore(setup.layout)
+    manifest = setup.manifest
+    manifest.layers["1"] = LayerRecord(depth=1, stage="stage2", status="running")
+    store.update(manifest, lambda m: _progress(m, 1, {"step": 7, "total": 40, "train_loss": 2.5}))
+    code, out, _ = run_cli(capsys, "status", run_dir)
+    assert code == 0 and "7/40" in out and "2.5000" in out

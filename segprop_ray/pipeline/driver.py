@@ -131,7 +131,8 @@ class Driver:
         started = self._start_layer(depth, stage)
         self.echo(f"training {_label(stage, depth)} (Ray Train)")
         name = f"{self.manifest.run_id}-depth{depth}"
-        result = run_trainer(ctx, name=name, stage=stage, board=self.board, label=_label(stage, depth))
+        result = run_trainer(ctx, name=name, stage=stage, board=self.board, label=_label(stage, depth),
+                             on_progress=lambda record: self._save(lambda m: _progress(m, depth, record)))
         self._finish_layer(depth, stage, started, result)
         self.echo(f"committed {_label(stage, depth)}: eval loss {result['eval_loss']:.4f} after {result['steps']} steps "
                   f"({result['decision']['reason']})")
@@ -231,6 +232,14 @@ class Driver:
             record.status, record.finished = "done", now()
 
         self._save(change)
+
+
+def _progress(manifest: Manifest, depth: int, record: dict[str, Any]) -> None:
+    """A running iteration's latest step and losses, for ``segprop status``."""
+    layer = manifest.layers[str(depth)]
+    layer.steps = int(record.get("step", layer.steps))
+    layer.metrics["total_steps"] = record.get("total")
+    layer.train_loss = record.get("train_loss", layer.train_loss)
 
 
 def _label(stage: str, depth: int) -> str:

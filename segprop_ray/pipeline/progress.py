@@ -8,6 +8,7 @@ line by line, which no progress bar survives. Rank 0 instead sends ``(step, tota
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable
 
 import ray
@@ -35,8 +36,13 @@ def poster(board: Any, job: str) -> Callable[[dict[str, Any]], None]:
     return lambda record: board.post.remote(job, record)
 
 
-def run_with_bar(work: Callable[[], Any], board: Any, job: str, label: str, poll_s: float = 0.5) -> Any:
-    """Run ``work()`` in a thread while a bar shows ``job``'s posted ``step`` of ``total``; returns its result."""
+def run_with_bar(work: Callable[[], Any], board: Any, job: str, label: str, poll_s: float = 0.5,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None, every_s: float = 10.0) -> Any:
+    """Run ``work()`` in a thread while a bar shows ``job``'s posted ``step`` of ``total``; returns its result.
+
+    ``on_progress`` receives the latest record every ``every_s`` seconds (the driver writes it to the
+    manifest, so ``segprop status`` shows a running iteration's progress too).
+    """
     outcome: dict[str, Any] = {}
 
     def target() -> None:
@@ -47,10 +53,15 @@ def run_with_bar(work: Callable[[], Any], board: Any, job: str, label: str, poll
 
     thread = threading.Thread(target=target, name=f"segprop-{job}", daemon=True)
     thread.start()
+    last_sent = time.monotonic()
     with tqdm(desc=label, unit="step", dynamic_ncols=True, leave=True) as bar:
         while thread.is_alive():
             thread.join(poll_s)
-            _draw(bar, ray.get(board.get.remote(job)))
+            record = ray.get(board.get.remote(job))
+            _draw(bar, record)
+            if on_progress is not None and record and time.monotonic() - last_sent >= every_s:
+                on_progress(record)
+                last_sent = time.monotonic()
         _draw(bar, ray.get(board.get.remote(job)))
     if "error" in outcome:
         raise outcome["error"]

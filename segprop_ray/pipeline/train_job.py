@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray.train
 import torch
@@ -115,7 +115,8 @@ def _test_hooks_env() -> dict[str, Any] | None:
     return {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}} if os.environ.get(FAULT_ENV) else None
 
 
-def run_trainer(ctx: JobContext, name: str, stage: str, board: Any = None, label: str = "") -> dict[str, Any]:
+def run_trainer(ctx: JobContext, name: str, stage: str, board: Any = None, label: str = "",
+                on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run one iteration as a TorchTrainer named ``name`` (the same name resumes it); returns rank 0's result.
 
     With a progress ``board``, a bar labelled ``label`` follows the workers' steps.
@@ -142,7 +143,7 @@ def run_trainer(ctx: JobContext, name: str, stage: str, board: Any = None, label
             worker_runtime_env=_test_hooks_env(),
         ),
     )
-    result = run_with_bar(trainer.fit, board, name, label) if board is not None else trainer.fit()
+    result = run_with_bar(trainer.fit, board, name, label, on_progress=on_progress) if board is not None else trainer.fit()
     if result.error is not None:
         raise result.error
     return result.return_value

@@ -21,7 +21,7 @@ def layer_rows(manifest: Manifest) -> list[dict[str, Any]]:
         rows.append({
             "depth": record.depth, "stage": record.stage, "status": record.status, "steps": record.steps,
             "train_loss": record.train_loss, "eval_loss": record.eval_loss, "perplexity": record.perplexity,
-            "accuracy": metrics.get("accuracy"),
+            "accuracy": metrics.get("accuracy"), "total_steps": metrics.get("total_steps"),
             "iteration_exit": (record.decision or {}).get("reason"),
             "global_exit": (decisions.get(record.depth) or {}).get("reason"),
             "wall_s": metrics.get("wall_s"), "tokens_per_s": metrics.get("tokens_per_s"),
@@ -50,7 +50,8 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
                   "wall s", "tok/s", "read wait"):
         table.add_column(title, justify="right" if title not in ("stage", "status", "exit (iter / global)") else "left")
     for row in layer_rows(manifest):
-        table.add_row(str(row["depth"]), row["stage"], row["status"], str(row["steps"]), _num(row["train_loss"]),
+        steps = f"{row['steps']}/{row['total_steps']}" if row["status"] == "running" and row["total_steps"] else str(row["steps"])
+        table.add_row(str(row["depth"]), row["stage"], row["status"], steps, _num(row["train_loss"]),
                       _num(row["eval_loss"]), _num(row["perplexity"], 2), _pct(row["accuracy"]),
                       f"{row['iteration_exit'] or '-'} / {row['global_exit'] or '-'}",
                       _num(row["wall_s"], 1), _num(row["tokens_per_s"], 0), _pct(row["data_wait_share"]))

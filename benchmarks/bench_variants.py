@@ -8,7 +8,7 @@
   shards, trained with ``SegmentLoop``: what Stage 2 costs without SnapCheck.
 - ``lw_snap``: ``SegmentRun`` of an ``lw`` run (r = 0), from S[p].
 - ``snap_write``: the snapshot job's per-file work: ``transform_file`` S[p] -> S[p+1] with one committed layer,
-  through the same apply as ``SnapshotActor`` (whose module imports Ray, so its three lines are repeated here).
+  through ``core.iteration.snapshot_forward``, the function ``SnapshotActor.apply`` calls.
 - ``read_shards``: the streaming reader alone over S[p] (``ReadStats``): how fast shards can feed a worker.
 
 A suffix ``@p<d>`` runs a stage-2 variant at prefix depth d instead of the default p.
@@ -191,7 +191,7 @@ def h2d_probe(plan: BenchPlan, device: torch.device, repeats: int = 5) -> dict[s
 # -- snapshot job and reader -------------------------------------------------------------------------
 def run_snap_write(plan: BenchPlan, prefix: int, device: torch.device) -> dict[str, Any]:
     """S[p+1] = f_{p+1}(S[p]) for every file, as the snapshot job's actor does (warm-up: the eval split)."""
-    from segprop_ray.core.iteration import build_segment, snapshot_cast
+    from segprop_ray.core.iteration import build_segment, snapshot_forward
     from segprop_ray.storage.snapcheck import commit_depth, transform_file
 
     depth = prefix + 1
@@ -203,12 +203,10 @@ def run_snap_write(plan: BenchPlan, prefix: int, device: torch.device) -> dict[s
     build_s = time.perf_counter() - start
     spent = {"fn_s": 0.0}
 
-    @torch.no_grad()
     def apply(input_ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:  # = SnapshotActor.apply
         begin = time.perf_counter()
-        hidden = None if hidden is None else hidden.to(device).float()  # (n, T, H) widened exactly
-        output = producer(input_ids.to(device), hidden)  # (n, T, H) fp32
-        result = snapshot_cast(output, ctx.cfg.snapcheck.dtype).cpu()
+        cfg = ctx.cfg
+        result = snapshot_forward(producer, input_ids, hidden, cfg.snapcheck.dtype, cfg.training.bf16, device)
         spent["fn_s"] += time.perf_counter() - begin
         return result
 

@@ -8,21 +8,25 @@ resumes from its own latest checkpoint (same run name).
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Callable
 
 from segprop_ray.config import Config
 from segprop_ray.core.exits import RunExit
 from segprop_ray.pipeline.context import JobContext
+from segprop_ray.pipeline.evaluations import Evaluations
 from segprop_ray.pipeline.prepare import RunSetup, prepare_run
+from segprop_ray.pipeline.progress import ProgressBoard
+from segprop_ray.pipeline.runtime import connect
 from segprop_ray.pipeline.segment_run import stage_of
+from segprop_ray.pipeline.snapshot_job import run_snapshot_job
+from segprop_ray.pipeline.tokenize_job import tokenize_and_pack
+from segprop_ray.pipeline.train_job import run_trainer
+from segprop_ray.reporting.model_card import export_with_card
 from segprop_ray.storage.layout import SPLITS
 from segprop_ray.storage.manifest import LayerRecord, Manifest, ManifestStore, now
 from segprop_ray.storage.snapcheck import apply_retention, commit_depth, inspect_committed
 from segprop_ray.storage.weights_store import EMBED_FILE, layer_file, weights_hash
-
-log = logging.getLogger("segprop_ray")
 
 
 class Driver:
@@ -46,16 +50,10 @@ class Driver:
 
     def run(self) -> Manifest:
         """The whole pipeline; returns the final manifest."""
-        from segprop_ray.pipeline.runtime import connect
-
         if self.setup is None:
             self.prepare()
         connect(self.cfg)
-        from segprop_ray.pipeline.progress import ProgressBoard
-
         self.board = ProgressBoard.remote()
-        from segprop_ray.pipeline.evaluations import Evaluations
-
         self.evaluations = Evaluations(self)
         try:
             self._run_steps()
@@ -88,8 +86,6 @@ class Driver:
 
     def export(self, depth: int) -> None:
         """Export the model exiting at ``depth`` to ``export/exit-<depth>`` in the run directory."""
-        from segprop_ray.reporting.model_card import export_with_card
-
         name = f"export:{depth}"
         if self.manifest.step(name).status == "done":
             return
@@ -102,8 +98,6 @@ class Driver:
     # -- tokens ---------------------------------------------------------------------------------
     def tokenize(self) -> None:
         """Write the token shards of both splits, unless committed with the run's tokenization."""
-        from segprop_ray.pipeline.tokenize_job import tokenize_and_pack
-
         setup = self.setup
         if all(self._committed(split, None) for split in SPLITS):
             return
@@ -120,8 +114,6 @@ class Driver:
     # -- training -------------------------------------------------------------------------------
     def train_depth(self, depth: int) -> None:
         """Train and commit ``depth`` (Stage 1 at the base depth), unless already committed."""
-        from segprop_ray.pipeline.train_job import run_trainer
-
         record = self.manifest.layer(depth)
         if record is not None and record.status == "done":
             return
@@ -156,8 +148,6 @@ class Driver:
         base = self.setup.plan.base_depth
         if depth > base:
             self.ensure_snapshot(depth - 1)
-        from segprop_ray.pipeline.snapshot_job import run_snapshot_job
-
         self.echo(f"snapshot S[{depth}] (Ray Data)")
         started = self._start_step(f"snapshot:{depth}")
         ctx = self._context(depth, input_hash=self._hash_of(None if depth == base else depth - 1))
@@ -166,7 +156,7 @@ class Driver:
         for split in SPLITS:
             commit_depth(self.setup.layout, split, depth, written[split], expected, self.setup.spec)
             apply_retention(self.setup.layout, split, self.cfg.snapcheck.keep_depths, protect=[depth])
-        self._finish_step(f"snapshot:{depth}", started, {"files": {s: len(w) for s, w in written.items()}})
+        self._finish_step(f"snapshot:{depth}", started, _snapshot_outputs(written, time.time() - started))
 
     def _committed(self, split: str, depth: int | None) -> bool:
         tokens = self.manifest.tokens.get(split, {})
@@ -232,6 +222,14 @@ class Driver:
             record.status, record.finished = "done", now()
 
         self._save(change)
+
+
+def _snapshot_outputs(written: dict[str, list], wall_s: float) -> dict[str, Any]:
+    """What a snapshot job wrote, and how fast (bytes written per second of the whole job)."""
+    rows = {split: sum(info.rows for info in infos) for split, infos in written.items()}
+    size = sum(info.bytes for infos in written.values() for info in infos)
+    return {"files": {split: len(infos) for split, infos in written.items()}, "rows": rows, "bytes": size,
+            "written_mb_per_s": round(size / max(wall_s, 1e-9) / 1e6, 2)}
 
 
 def _progress(manifest: Manifest, depth: int, record: dict[str, Any]) -> None:

@@ -36,8 +36,6 @@ def is_bad_input(error: BaseException) -> bool:
     from segprop_ray.core.layout import UnsupportedArchitecture
     from segprop_ray.storage.errors import StorageError
 
-    if type(error).__name__ == "RunConflict":
-        return True
     return isinstance(error, (ConfigError, UnsupportedArchitecture, StorageError, FileNotFoundError)) or (
         type(error) is ValueError)
 

@@ -111,3 +111,34 @@ def test_status_shows_a_running_iterations_progress(tmp_path, capsys, inputs):
     store.update(manifest, lambda m: _progress(m, 1, {"step": 7, "total": 40, "train_loss": 2.5}))
     code, out, _ = run_cli(capsys, "status", run_dir)
     assert code == 0 and "7/40" in out and "2.5000" in out
+
+
+def test_resumed_driver_rehashes_shards_it_did_not_write(tmp_path, inputs):
+    """A token shard corrupted in place (same size) is found by the next driver and regenerated, not read."""
+    from segprop_ray.storage.shards import write_token_shards
+    from segprop_ray.storage.snapcheck import commit_depth
+    from helpers import corpus_blocks
+
+    model, train, evaluation = inputs
+    cfg = validate_config(pipeline_config(str(tmp_path / "run"), str(model), str(train), str(evaluation)))
+    driver = Driver(cfg)
+    setup = driver.prepare()
+    blocks = {"train": 12, "eval": 4}
+    for split, count in blocks.items():
+        infos = write_token_shards(setup.layout, split, corpus_blocks(count, 32), setup.spec)
+        commit_depth(setup.layout, split, None, infos, setup.tokens_hash, setup.spec)
+    driver.store.update(driver.manifest, lambda m: setattr(m, "tokens", {s: {"num_blocks": n} for s, n in blocks.items()}))
+    assert Driver(cfg).prepare() and _committed_after_restart(cfg, "train")
+    shard = tmp_path / "run" / "tokens" / "train" / "part-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert not _committed_after_restart(cfg, "train")
+    assert _committed_after_restart(cfg, "eval")
+
+
+def _committed_after_restart(cfg, split: str) -> bool:
+    driver = Driver(cfg)
+    driver.prepare()
+    driver.echo = lambda text: None
+    return driver._committed(split, None)

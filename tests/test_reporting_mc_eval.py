@@ -71,7 +71,7 @@ def test_cloze_style_is_the_question_completed_by_the_option():
 
 
 def test_evaluate_exit_mc_uses_the_configured_prompt_style(tmp_path):
-    from types import SimpleNamespace
+    from segprop_ray.config.schema import EvaluationConfig
 
     path = write_jsonl(tmp_path / "mc.jsonl", [{"question": "the cow says", "choices": ["meow", "moo"], "answer": 1}])
 
@@ -81,7 +81,7 @@ def test_evaluate_exit_mc_uses_the_configured_prompt_style(tmp_path):
         return bias.expand(*ids.shape, VOCAB)  # (B, T, V)
 
     def config(**fields):
-        return SimpleNamespace(mc_path=path, mc_dev_path=None, few_shot=0, max_items=None, **fields)
+        return EvaluationConfig(mc_path=str(path), **fields)
 
     assert evaluate_exit_mc(moo_only_in_short_prompts, TOKENIZER, config(prompt_style="cloze"))["accuracy"] == 1.0
     assert evaluate_exit_mc(moo_only_in_short_prompts, TOKENIZER, config())["accuracy"] == 0.0  # default: mmlu

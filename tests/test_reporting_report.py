@@ -19,7 +19,6 @@ from segprop_ray.storage.manifest import LayerRecord, Manifest, ManifestStore, M
 
 NUM_LAYERS = 8
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-HAS_BASELINE_FIELD = "baseline" in Manifest.model_fields
 BASELINE = {"eval_loss": 3.91, "perplexity": math.exp(3.91), "accuracy": 0.25}
 
 
@@ -70,7 +69,7 @@ def manifest_of(mode: str, base_depth: int, last_layers: int, losses: dict[int, 
                                    wall_s={"segprop": 40.0, "lw": 31.0}.get(mode, 260.0) + d,
                                    peak_memory={"segprop": 700, "lw": 520}.get(mode, 1500) << 20) for d in depths}
     decisions = [global_decision(d, losses, last) for d in depths] if mode != "e2e" else []
-    extra = {"baseline": baseline} if baseline is not None and HAS_BASELINE_FIELD else {}
+    extra = {"baseline": baseline} if baseline is not None else {}
     return Manifest(run_id=f"{mode}-run", config_hash="0" * 64, mode=mode, base_depth=base_depth, state="done",
                     last_layers=last_layers, model=model, group_size=4, layers=layers, decisions=decisions,
                     final_depth=last, tokens={"train": {"num_blocks": 2800}, "eval": {"num_blocks": 180}}, **extra)
@@ -174,17 +173,13 @@ def test_report_shows_the_decision_trace_references_and_comparison(runs, tmp_pat
 
 
 def test_original_model_score_is_a_reference_row():
-    class WithBaseline(Manifest):  # works whether or not Manifest has the baseline field yet
-        baseline: dict | None = None
-
-    manifest = WithBaseline(**{**segprop_manifest().model_dump(), "baseline": BASELINE})
+    manifest = Manifest(**{**segprop_manifest().model_dump(), "baseline": BASELINE})
     references = reference_rows(manifest, [e2e_manifest()])
     assert [ref["label"] for ref in references] == ["original model", "e2e"]
     assert {key: references[0][key] for key in BASELINE} == BASELINE
     assert reference_rows(e2e_manifest(), []) == []  # no baseline, nothing compared
 
 
-@pytest.mark.skipif(not HAS_BASELINE_FIELD, reason="Manifest.baseline is not in this tree yet")
 def test_original_model_score_read_from_the_manifest_file(runs, tmp_path):
     write_report(runs["segprop"], out=str(tmp_path / "out"))
     assert "| original model | segprop-run | - | 3.9100 |" in (tmp_path / "out" / "report.md").read_text()

@@ -2,6 +2,7 @@
 
 from segprop_ray.config.loading import (
     ConfigError,
+    RunConflict,
     apply_overrides,
     config_to_yaml,
     load_config,
@@ -20,6 +21,7 @@ from segprop_ray.config.training import TrainingConfig
 __all__ = [
     "Config",
     "ConfigError",
+    "RunConflict",
     "DataConfig",
     "ExitConfig",
     "ResourcesConfig",

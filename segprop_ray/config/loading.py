@@ -15,6 +15,10 @@ class ConfigError(ValueError):
     """A bad configuration; ``str()`` is one line naming the problem."""
 
 
+class RunConflict(ConfigError):
+    """The config does not match the run already in its run directory."""
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b=c`` into (``["a", "b"]``, ``c`` parsed as a YAML scalar or list)."""
     key, sep, raw = text.partition("=")

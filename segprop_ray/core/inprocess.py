@@ -86,8 +86,8 @@ class InProcessRun:
 
     def train_depth(self, depth: int, snap_train: torch.Tensor | None, snap_eval: torch.Tensor | None) -> None:
         """Train the segment that commits ``depth`` and record committed and exit weights."""
-        stage = "stage1" if depth == self.plan.base_depth else "stage2"
-        args = self.cfg.training_for("e2e" if self.plan.mode == "e2e" else stage)
+        stage = self.plan.stage_of(depth)
+        args = self.cfg.training_for(stage)
         torch.manual_seed(segment_seed(args.seed, depth))
         segment = build_segment(self.parts, self.weights.training_spec(depth), trainable=True)
         self.observe("built", depth, segment)

@@ -37,7 +37,7 @@ class RunWeights:
         """The segment trained to commit ``depth``: Stage 1 at the base depth, else a Stage 2 iteration."""
         if depth == self.plan.base_depth:
             return stage1_spec(self.plan, self.base)
-        head = self.exit_weights(self.previous_depth(depth))
+        head = self.exit_weights(depth - 1)  # the head committed by the previous iteration
         ll = self.base if self.ll_baseline == "input" else self.exit_weights(self.plan.base_depth)
         return stage2_spec(self.plan, depth, self.base, ll, head)
 
@@ -48,14 +48,6 @@ class RunWeights:
             return snapshot_spec(self.plan.prefix_layers, source, embed=True)
         return snapshot_spec([depth], source, embed=False)
 
-    def exit_spec(self, depth: int) -> SegmentSpec:
-        """Exit ``depth``'s LL + head, fed with S[depth]."""
-        source = self.exit_weights(depth)
-        return SegmentSpec(layers=[(i, source) for i in self.plan.ll_layers], head_source=source)
-
-    def previous_depth(self, depth: int) -> int:
-        """The depth committed before ``depth``."""
-        return depth - 1
 
 
 def build_segment(parts: ModelParts, spec: SegmentSpec, trainable: bool) -> Segment:

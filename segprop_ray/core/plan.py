@@ -62,6 +62,12 @@ class SegPropPlan:
         """Deepest exit: the last middle layer."""
         return self.num_layers - self.last_layers - 1
 
+    def stage_of(self, depth: int) -> str:
+        """``stage1``, ``stage2`` or ``e2e``: which kind of iteration commits ``depth``."""
+        if self.mode == "e2e":
+            return "e2e"
+        return "stage1" if depth == self.base_depth else "stage2"
+
     def exit_layers(self, depth: int) -> list[int]:
         """Decoder layers (original indices) of the model that exits at ``depth``: 0..depth, then LL."""
         return list(range(depth + 1)) + self.ll_layers

@@ -99,8 +99,3 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Read every tensor of a safetensors file."""
     with safe_open(str(path), framework="pt") as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}
-
-
-def with_prefix(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{prefix.name: tensor}`` for a module's own state dict."""
-    return {f"{prefix}.{name}": t for name, t in tensors.items()}

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from segprop_ray.demo.corpus import generate_corpus, generate_mc_items, write_jsonl, write_mc_jsonl
 from segprop_ray.demo.tiny_model import make_tiny_model
 
@@ -85,8 +83,3 @@ def run_demo(out: str | Path, overrides: list[str]) -> int:
     print(f"final model (Hugging Face format): {Path(cfg.run_dir) / 'export' / f'exit-{manifest.final_depth}'}")
     print(f"status any time: segprop status {cfg.run_dir}")
     return 0
-
-
-def load_demo_config_text(out: str | Path) -> dict:
-    """The demo config for ``out`` as a mapping (for tests)."""
-    return yaml.safe_load(DEMO_CONFIG.format(out=Path(out).resolve()))

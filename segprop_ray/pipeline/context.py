@@ -68,8 +68,8 @@ class JobContext:
     def spec(self, hidden_size: int) -> ShardSpec:
         """Shard geometry of the run (same for tokens and every snapshot depth)."""
         snap = self.cfg.snapcheck
-        return ShardSpec(self.cfg.data.seq_len, self.group_size, snap.groups_per_file, hidden_size,
-                         "bfloat16" if snap.dtype == "bf16" else "float32", snap.compression)
+        return ShardSpec.for_snapcheck(self.cfg.data.seq_len, hidden_size, snap.dtype, self.group_size,
+                                       snap.groups_per_file, snap.compression)
 
     def source(self, paths: list[str]) -> TensorSource:
         """Committed files (those of ``paths`` that are committed) as one lazy tensor source."""

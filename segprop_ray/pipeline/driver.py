@@ -18,7 +18,6 @@ from segprop_ray.pipeline.evaluations import Evaluations
 from segprop_ray.pipeline.prepare import RunSetup, prepare_run
 from segprop_ray.pipeline.progress import ProgressBoard
 from segprop_ray.pipeline.runtime import connect
-from segprop_ray.pipeline.segment_run import stage_of
 from segprop_ray.pipeline.snapshot_job import run_snapshot_job
 from segprop_ray.pipeline.tokenize_job import tokenize_and_pack
 from segprop_ray.pipeline.train_job import run_trainer
@@ -35,6 +34,8 @@ class Driver:
     def __init__(self, cfg: Config, restart: bool = False, echo: Callable[[str], None] = print):
         self.cfg, self.restart, self.echo = cfg, restart, echo
         self.setup: RunSetup | None = None
+        self.checked: set[tuple[str, int | None, str]] = set()
+        """Shards known good in this process: written by it, or re-hashed against their marker once."""
 
     @property
     def manifest(self) -> Manifest:
@@ -106,6 +107,7 @@ class Driver:
         sinks = tokenize_and_pack(self._context(depth=-1), setup.spec)
         for split, sink in sinks.items():
             commit_depth(setup.layout, split, None, sink.files, setup.tokens_hash, setup.spec)
+            self.checked.add((split, None, setup.tokens_hash))
         tokens = {split: {"num_blocks": s.count, "files": len(s.files), "seq_len": setup.spec.seq_len} for split, s in sinks.items()}
         self._finish_step("tokenize", started, tokens)
         self._save(lambda m: setattr(m, "tokens", tokens))
@@ -117,7 +119,7 @@ class Driver:
         record = self.manifest.layer(depth)
         if record is not None and record.status == "done":
             return
-        stage = stage_of(self.setup.plan, depth)
+        stage = self.setup.plan.stage_of(depth)
         source = None if stage != "stage2" else depth - 1
         ctx = self._context(depth, input_hash=self._hash_of(source))
         started = self._start_layer(depth, stage)
@@ -155,7 +157,9 @@ class Driver:
         expected = self._hash_of(depth)
         for split in SPLITS:
             commit_depth(self.setup.layout, split, depth, written[split], expected, self.setup.spec)
-            apply_retention(self.setup.layout, split, self.cfg.snapcheck.keep_depths, protect=[depth])
+            self.checked.add((split, depth, expected))
+            deleted = apply_retention(self.setup.layout, split, self.cfg.snapcheck.keep_depths, protect=[depth])
+            self.checked = {key for key in self.checked if key[:2] not in {(split, d) for d in deleted}}
         self._finish_step(f"snapshot:{depth}", started, _snapshot_outputs(written, time.time() - started))
 
     def _committed(self, split: str, depth: int | None) -> bool:
@@ -163,7 +167,15 @@ class Driver:
         if not tokens:
             return False
         layout, expected = self.setup.layout, self._hash_of(depth)
-        marker, reason = inspect_committed(layout, split, depth, expected, tokens["num_blocks"], self.setup.spec)
+        key = (split, depth, expected)
+        if key in self.checked:
+            return True
+        # Shards this process did not write (a resumed run) are re-hashed against their marker once, so a
+        # corrupted file of the right size is regenerated rather than trained on.
+        marker, reason = inspect_committed(layout, split, depth, expected, tokens["num_blocks"], self.setup.spec,
+                                           verify_checksums=True)
+        if marker is not None:
+            self.checked.add(key)
         if marker is None and layout.fs.exists(layout.commit_marker(split, depth)):
             self.echo(f"{split} {'tokens' if depth is None else f'snapshot S[{depth}]'} cannot be used ({reason}): regenerating")
         return marker is not None
@@ -172,20 +184,14 @@ class Driver:
         """Weights hash of S[depth]: the embedding file and layers 0..depth (tokens: the tokenization's hash)."""
         if depth is None:
             return self.setup.tokens_hash
-        files = self._files()
+        files = self.manifest.committed_files()
         return weights_hash([files[EMBED_FILE]] + [files[layer_file(i)] for i in range(depth + 1)])
 
     # -- bookkeeping ------------------------------------------------------------------------------
-    def _files(self) -> dict[str, str]:
-        files: dict[str, str] = {}
-        for depth in self.manifest.committed_depths():
-            record = self.manifest.layer(depth)
-            files.update(record.files)
-        return files
-
     def _context(self, depth: int, input_hash: str = "") -> JobContext:
         blocks = {split: info.get("num_blocks", 0) for split, info in self.manifest.tokens.items()}
-        return JobContext(self.cfg.model_dump(mode="json"), depth, self.setup.spec.group_size, blocks, self._files(), input_hash)
+        return JobContext(self.cfg.model_dump(mode="json"), depth, self.setup.spec.group_size, blocks,
+                          self.manifest.committed_files(), input_hash)
 
     def _save(self, change: Callable[[Manifest], Any]) -> None:
         self.store.update(self.manifest, change)

@@ -20,7 +20,7 @@ from segprop_ray.core.training import evaluate_loss
 from segprop_ray.core.weights import ChainSource
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.storage.reader import ShardBatchReader
-from segprop_ray.storage.snapcheck import load_committed
+from segprop_ray.storage.snapcheck import CommitMarker, load_committed
 
 
 def _device() -> torch.device:
@@ -33,12 +33,16 @@ def _tokenizer(ctx: JobContext):
     return AutoTokenizer.from_pretrained(ctx.model_dir)
 
 
-def _eval_blocks(ctx: JobContext, count: int) -> dict[str, torch.Tensor]:
-    """The first ``count`` evaluation token blocks."""
-    spec = ctx.spec(ctx.parts(torch.device("cpu")).config.hidden_size)
-    marker = load_committed(ctx.layout, "eval", None, ctx.input_hash, ctx.num_blocks["eval"], spec)
+def _eval_tokens(ctx: JobContext, hidden_size: int) -> CommitMarker:
+    """The committed evaluation token shards."""
+    marker = load_committed(ctx.layout, "eval", None, ctx.input_hash, ctx.num_blocks["eval"], ctx.spec(hidden_size))
     if marker is None:
         raise RuntimeError("evaluation tokens are not committed")
+    return marker
+
+
+def _first_blocks(ctx: JobContext, marker: CommitMarker, count: int) -> dict[str, torch.Tensor]:
+    """The first ``count`` evaluation token blocks."""
     rows = list(range(min(count, marker.total_rows)))
     return next(iter(ShardBatchReader(ctx.layout, marker, [rows], with_hidden=False)))
 
@@ -58,11 +62,11 @@ def exit_metrics(job: dict[str, Any]) -> dict[str, Any]:
     model = build_segment(parts, SegmentSpec([(i, source) for i in layers], source, source), trainable=False)
     metrics: dict[str, Any] = {}
     tokens_needed = max(cfg.evaluation.nhsic_tokens // max(cfg.data.seq_len - 1, 1) + 1, 1)
-    blocks = _eval_blocks(ctx, max(tokens_needed, cfg.training.per_device_eval_batch_size))
-    ids = blocks["input_ids"].to(device)  # (N, T)
+    tokens = _eval_tokens(ctx, parts.config.hidden_size)
+    ids = _first_blocks(ctx, tokens, tokens_needed)["input_ids"].to(device)  # (N, T)
     with torch.no_grad():
         if depth < 0:
-            metrics["eval_loss"] = _baseline_loss(ctx, model, device)
+            metrics["eval_loss"] = _baseline_loss(ctx, tokens, model, device)
         if cfg.evaluation.nhsic_tokens and depth >= 0:
             hidden = _hidden_after(model, ids, depth + 1)  # (N, T, H): after layer `depth`
             metrics.update(representation_nhsic(hidden.cpu(), ids.cpu(), cfg.evaluation.nhsic_tokens, seed=cfg.training.seed))
@@ -82,10 +86,8 @@ def _hidden_after(model, ids: torch.Tensor, num_layers: int) -> torch.Tensor:
     return truncated(hidden)
 
 
-def _baseline_loss(ctx: JobContext, model, device: torch.device) -> float:
+def _baseline_loss(ctx: JobContext, marker: CommitMarker, model, device: torch.device) -> float:
     """Mean eval loss of the input model over all evaluation blocks (the original score)."""
-    spec = ctx.spec(model.stack.config.hidden_size)
-    marker = load_committed(ctx.layout, "eval", None, ctx.input_hash, ctx.num_blocks["eval"], spec)
     size = ctx.cfg.training.per_device_eval_batch_size
     batches = [list(range(s, min(s + size, marker.total_rows))) for s in range(0, marker.total_rows, size)]
     return evaluate_loss(model, iter(ShardBatchReader(ctx.layout, marker, batches, with_hidden=False)), device, False)

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from segprop_ray.config import Config, config_to_yaml
+from segprop_ray.config import Config, RunConflict, config_to_yaml
 from segprop_ray.core.parts import ModelParts
 from segprop_ray.core.plan import SegPropPlan
 from segprop_ray.storage.fs import check_writable
@@ -22,10 +22,6 @@ from segprop_ray.storage.shard_format import ShardSpec
 # Settings that say where and how fast a run goes, or what is measured, not which weights it trains:
 # changing them continues a run.
 WHERE_NOT_WHAT = {"run_dir", "storage_options", "resources", "device", "evaluation"}
-
-
-class RunConflict(ValueError):
-    """The run directory holds a different run."""
 
 
 @dataclass

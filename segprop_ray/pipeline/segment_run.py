@@ -26,13 +26,6 @@ from segprop_ray.storage.snapcheck import CommitMarker, load_committed
 from segprop_ray.storage.weights_store import WeightStore, exit_file, group_committed
 
 
-def stage_of(plan: Any, depth: int) -> str:
-    """``stage1``, ``stage2`` or ``e2e``: what training ``depth`` is."""
-    if plan.mode == "e2e":
-        return "e2e"
-    return "stage1" if depth == plan.base_depth else "stage2"
-
-
 class SegmentRun:
     """Builds, trains and commits the segment of ``ctx.depth`` on this rank."""
 
@@ -42,7 +35,7 @@ class SegmentRun:
         cfg = ctx.cfg
         self.parts = ctx.parts(device)
         self.plan = ctx.plan(self.parts.num_layers)
-        self.stage = stage_of(self.plan, ctx.depth)
+        self.stage = self.plan.stage_of(ctx.depth)
         self.args = cfg.training_for(self.stage)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

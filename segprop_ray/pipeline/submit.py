@@ -48,10 +48,11 @@ def submit_run(config: str, address: str, overrides: list[str], wait: bool = Tru
     enable_token_auth_if_available()
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory() as staging:
-        job_dir = Path(working_dir or staging)
-        if working_dir is None or not (job_dir / "config.yaml").exists():
-            job_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy(config, job_dir / "config.yaml")
+        job_dir = Path(staging) / "job"  # a copy: the user's directory is never written to
+        if working_dir is not None:
+            shutil.copytree(working_dir, job_dir)
+        job_dir.mkdir(exist_ok=True)
+        shutil.copy(config, job_dir / "config.yaml")
         env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
         job_id = client.submit_job(
             entrypoint=entrypoint(overrides, python),

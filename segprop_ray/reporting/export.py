@@ -38,6 +38,8 @@ def best_depth(manifest: Manifest) -> int:
 def choose_depth(manifest: Manifest, depth: str | int | None) -> int:
     """``best``, ``final`` (None) or a committed depth; one-line error for an uncommitted one."""
     committed = manifest.committed_depths()
+    if depth in (None, "final", "best") and not committed:
+        raise StorageError("the run has no committed exit yet")
     if depth in (None, "final"):
         return manifest.final_depth if manifest.final_depth is not None else max(committed)
     if depth == "best":
@@ -58,7 +60,7 @@ def export_model(run_dir: str, out: str, depth: str | int | None = None, storage
     hf_config = AutoConfig.from_pretrained(model_dir)
     parts = ModelParts(hf_config)
     plan = SegPropPlan(manifest.model.num_layers, manifest.base_depth, manifest.last_layers, manifest.mode)
-    files = committed_files(manifest)
+    files = manifest.committed_files()
     needed = [EMBED_FILE] + [layer_file(i) for i in range(depth + 1)]
     store = WeightStore(layout)
     committed = store.source({p: files[p] for p in needed})
@@ -68,14 +70,6 @@ def export_model(run_dir: str, out: str, depth: str | int | None = None, storage
                 "eval_loss": manifest.layer(depth).eval_loss}
     _write(out, storage_options, lambda local: _write_dir(local, hf_config, plan, depth, state, model_dir, metadata, extra_files))
     return depth, out
-
-
-def committed_files(manifest: Manifest) -> dict[str, str]:
-    """Every committed file of the run: run-relative path -> sha256."""
-    files: dict[str, str] = {}
-    for depth in manifest.committed_depths():
-        files.update(manifest.layer(depth).files)
-    return files
 
 
 def _all(source: SafetensorsSource | ChainSource) -> dict:

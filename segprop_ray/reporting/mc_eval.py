@@ -168,7 +168,7 @@ def evaluate_exit_mc(model_or_logits_fn: nn.Module | LogitsFn, tokenizer: Any, c
     shots, items = _split_shots(items, cfg_evaluation, storage_options)
     if cfg_evaluation.max_items:
         items = items[: cfg_evaluation.max_items]
-    style = getattr(cfg_evaluation, "prompt_style", "mmlu")
+    style = cfg_evaluation.prompt_style
     result = score_items(logits_fn_of(model_or_logits_fn), tokenizer, items, shots, batch_size, style=style)
     return {"accuracy": result["accuracy"], "accuracy_norm": result["accuracy_norm"], "n": result["n"],
             "few_shot": len(shots)}

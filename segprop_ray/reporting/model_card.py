@@ -61,7 +61,7 @@ def _decision_text(manifest: Manifest, depth: int) -> str:
 
 
 def _metrics_table(manifest: Manifest, depth: int, metrics: dict[str, Any]) -> str:
-    baseline = getattr(manifest, "baseline", None) or {}
+    baseline = manifest.baseline or {}
     rows = [[title, fmt(key, metrics[key]), fmt(key, baseline.get(key))] for key, title in CARD_METRICS
             if metrics.get(key) is not None]
     if not rows:

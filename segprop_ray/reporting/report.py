@@ -75,7 +75,7 @@ def final_score(manifest: Manifest) -> dict[str, Any] | None:
 def baseline_score(manifests: Sequence[Manifest]) -> dict[str, Any] | None:
     """The input model's own score (manifest ``baseline``) of the first run that has one."""
     for manifest in manifests:
-        baseline = getattr(manifest, "baseline", None)  # a field added to Manifest with the per-exit evaluation
+        baseline = manifest.baseline
         if baseline:
             return {"label": "original model", "run_id": manifest.run_id,
                     **{key: baseline.get(key) for key in SCORE_KEYS}}

@@ -1,13 +1,10 @@
-"""The report as text: Markdown (report.md), CSV (report.csv) and a rich console summary, from the report mapping."""
+"""The report as text: Markdown (report.md) and CSV (report.csv), from the report mapping."""
 
 from __future__ import annotations
 
 import csv
 import io
 from typing import Any, Sequence
-
-from rich.console import Console
-from rich.table import Table
 
 TABLE_COLUMNS = [("depth", "depth"), ("stage", "stage"), ("train_loss", "train loss"), ("eval_loss", "eval loss"),
                  ("perplexity", "perplexity"), ("accuracy", "accuracy"), ("tokens", "tokens"), ("wall_s", "wall s"),
@@ -126,22 +123,3 @@ def markdown_report(data: dict[str, Any]) -> str:
     sections = [_header(data), _depth_section(data), _reference_section(data), _comparison_section(data),
                 _decision_section(data), _iteration_section(data), _plot_section(data)]
     return "\n\n".join(section for section in sections if section) + "\n"
-
-
-def render_report(data: dict[str, Any], console: Console | None = None) -> None:
-    """Print the per-depth table, the reference scores and the global decisions to the console."""
-    console = console or Console()
-    run = data["run"]
-    console.print(f"[bold]{run['label']}[/bold]  run {run['run_id']}  model {run['model']}  state {run['state']}")
-    table = Table(title="results per depth")
-    for key, title in TABLE_COLUMNS:
-        table.add_column(title, justify="left" if key in ("stage", "iteration_exit", "global_exit") else "right")
-    for row in data["layers"]:
-        table.add_row(*(fmt(key, row.get(key)) for key, _ in TABLE_COLUMNS))
-    for ref in data["references"]:
-        table.add_row(ref["label"], "", "", fmt("eval_loss", ref.get("eval_loss")), fmt("perplexity", ref.get("perplexity")),
-                      fmt("accuracy", ref.get("accuracy")), *([""] * (len(TABLE_COLUMNS) - 6)), style="dim")
-    console.print(table)
-    for decision in data["decisions"]:
-        verdict = "continue" if decision.get("continue_training") else "stop"
-        console.print(f"after depth {decision['depth']}: {verdict} ({decision.get('reason')}) {decision.get('detail', '')}")

@@ -15,6 +15,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -144,6 +145,11 @@ def ensure_parent_dir(fs: fsspec.AbstractFileSystem, path: str) -> None:
     a missing bucket)."""
     if not is_object_store(fs):
         fs.makedirs(path.rsplit("/", 1)[0] or "/", exist_ok=True)
+
+
+def cache_root() -> Path:
+    """This node's local cache of fetched models and weights: ``SEGPROP_CACHE`` or ``~/.cache/segprop_ray``."""
+    return Path(os.environ.get("SEGPROP_CACHE", Path.home() / ".cache" / "segprop_ray"))
 
 
 def redact_uri(uri: str) -> str:

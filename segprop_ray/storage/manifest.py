@@ -107,6 +107,13 @@ class Manifest(_Record):
         """Depths whose iteration is done, in order."""
         return sorted(int(d) for d, rec in self.layers.items() if rec.status == "done")
 
+    def committed_files(self) -> dict[str, str]:
+        """Every committed file of the run: run-relative path -> sha256."""
+        files: dict[str, str] = {}
+        for depth in self.committed_depths():
+            files.update(self.layers[str(depth)].files)
+        return files
+
     def step(self, name: str) -> StepRecord:
         """The record of step ``name``, created pending if new."""
         return self.steps.setdefault(name, StepRecord())

@@ -8,12 +8,11 @@ own cache). Only config, tokenizer and safetensors files are fetched; pickled we
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 from segprop_ray.storage.errors import StorageError, one_line
-from segprop_ray.storage.fs import redact_uri, resolve_filesystem, split_protocol
+from segprop_ray.storage.fs import cache_root, redact_uri, resolve_filesystem, split_protocol
 
 MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
 
@@ -38,7 +37,7 @@ def _checked(local: Path, model: str) -> Path:
 
 
 def _from_fsspec(model: str, storage_options: dict[str, Any] | None, cache_dir: str | Path | None) -> Path:
-    cache = Path(cache_dir or os.environ.get("SEGPROP_CACHE", Path.home() / ".cache" / "segprop_ray")) / "models"
+    cache = Path(cache_dir or cache_root() / "models")
     target = cache / hashlib.sha256(model.encode()).hexdigest()[:16]
     done = target / ".complete"
     if done.is_file():

@@ -91,7 +91,8 @@ class ShardBatchReader:
                     loaded = {group: self._timed_load(group)}  # the previous group is fully consumed
                 rows = [block - group * group_size for block in blocks]
                 pieces.append(_take_rows(loaded[group], rows, self.pin_memory))
-            yield pieces[0] if len(pieces) == 1 else {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
+            yield pieces[0] if len(pieces) == 1 else {key: _concat([p[key] for p in pieces], self.pin_memory)
+                                                      for key in pieces[0]}
 
     def _timed_load(self, group: int) -> Batch:
         start = time.perf_counter()
@@ -145,6 +146,14 @@ def _take_rows(group: Batch, rows: list[int], pin_memory: bool = False) -> Batch
         return {key: value[rows[0] : rows[0] + len(rows)] for key, value in group.items()}  # (b, ...) view
     index = torch.tensor(rows)  # (b,) int64
     return {key: _gather(value, index, pin_memory) for key, value in group.items()}  # (b, ...) copy
+
+
+def _concat(parts: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
+    """Rows of two groups as one batch, kept in page-locked memory when asked."""
+    if not pin_memory:
+        return torch.cat(parts)
+    out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=True)
+    return torch.cat(parts, out=out)  # (b, ...)
 
 
 def _gather(value: torch.Tensor, index: torch.Tensor, pin_memory: bool) -> torch.Tensor:

@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from segprop_ray.storage.documents import describe_path
 from segprop_ray.storage.errors import StorageError, one_line
-from segprop_ray.storage.fs import is_local, redact_uri, resolve_filesystem
+from segprop_ray.storage.fs import is_local, resolve_filesystem
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.shard_format import ShardSpec, decode_hidden, decode_input_ids, parse_shard_metadata
 
@@ -37,7 +38,7 @@ class ShardFooter:
 
 def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> ShardFooter:
     """A shard's Parquet footer, its checked ``segprop_ray.shard`` description and its size in bytes."""
-    where = redact_uri(fs.unstrip_protocol(path))
+    where = describe_path(fs, path)
     try:
         with fs.open(path, "rb") as file:
             metadata, size = pq.ParquetFile(file).metadata, file.size
@@ -60,7 +61,7 @@ def read_row_group(fs: fsspec.AbstractFileSystem, path: str, group_in_file: int,
     footer = footer or read_footer(fs, path)
     names = set(footer.metadata.schema.names)
     columns = [c for c in ("block_id", "input_ids", "hidden") if c in names and (with_hidden or c != "hidden")]
-    where = redact_uri(fs.unstrip_protocol(path))
+    where = describe_path(fs, path)
     try:
         with _open_row_group(fs, path, group_in_file, footer) as source:
             table = pq.ParquetFile(source, metadata=footer.metadata).read_row_group(group_in_file, columns=columns)

@@ -24,6 +24,7 @@ import torch
 from segprop_ray.core.layout import ArchLayout
 from segprop_ray.core.weights import SafetensorsSource, save_tensors
 from segprop_ray.storage.errors import StorageError
+from segprop_ray.storage.fs import cache_root
 from segprop_ray.storage.layout import RunLayout
 
 EMBED_FILE = "layers/embed.safetensors"
@@ -71,8 +72,7 @@ class WeightStore:
 
     def __init__(self, layout: RunLayout, cache_dir: str | Path | None = None):
         self.layout = layout
-        default = Path(os.environ.get("SEGPROP_CACHE", Path.home() / ".cache" / "segprop_ray")) / "weights"
-        self.cache_dir = Path(cache_dir or default)
+        self.cache_dir = Path(cache_dir or cache_root() / "weights")
 
     def put(self, rel_path: str, tensors: Mapping[str, torch.Tensor]) -> str:
         """Write ``tensors`` to ``rel_path`` in the run directory (overwriting); returns the file's sha256."""

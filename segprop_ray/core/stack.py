@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from segprop_ray.core.head_loss import linear_cross_entropy
 from segprop_ray.core.hf_compat import attention_masks, call_decoder_layer, layer_attention_type
 
 
@@ -44,6 +44,13 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(hidden))  # (B, T, H) -> (B, T, V)
+
+    def next_token_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int | None = None):
+        """Mean cross-entropy of predicting token t+1 at position t, without all logits in memory at once."""
+        normed = self.norm(hidden[:, :-1])  # (B, T-1, H): the last position predicts nothing
+        flat = normed.reshape(-1, normed.shape[-1])  # (B*(T-1), H)
+        targets = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)
+        return linear_cross_entropy(flat, self.proj.weight, self.proj.bias, targets, chunk_tokens)
 
 
 class DecoderStack(nn.Module):
@@ -85,6 +92,7 @@ class Segment(nn.Module):
         self.stack = stack
         self.head = head
         self.origins = origins  # sub-module path in this Segment -> path in the original model
+        self.loss_chunk_tokens: int | None = None  # tokens per LM-head loss chunk; None: ~1 GiB of fp32 logits
 
     def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token loss if the segment has a head, else its output hidden states (B, T, H)."""
@@ -95,7 +103,7 @@ class Segment(nn.Module):
         hidden = self.stack(hidden)
         if self.head is None:
             return hidden
-        return causal_lm_loss(self.head(hidden), input_ids)
+        return self.head.next_token_loss(hidden, input_ids, self.loss_chunk_tokens)
 
     def logits(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) of a segment with a head."""
@@ -123,10 +131,3 @@ class Segment(nn.Module):
         for local, origin in self.origins.items():
             yield origin, self.get_submodule(local)
 
-
-def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 at position t, computed in fp32."""
-    vocab = logits.shape[-1]
-    shifted = logits[:, :-1].float().reshape(-1, vocab)  # (B*(T-1), V)
-    targets = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)
-    return F.cross_entropy(shifted, targets)

@@ -1,0 +1,132 @@
+"""Next-token cross-entropy through the LM head, computed a chunk of tokens at a time.
+
+The plain loss, ``cross_entropy(proj(h).float(), targets)``, keeps the fp32 log-softmax of every
+token's logits alive from forward to backward, and backward adds the gradient of the logits and
+its low-precision copy on top: three or four tensors of B x T x V. With a 128k vocabulary and
+8k tokens per micro-batch each is 4.2 GB, more than a decoder layer's whole activation memory.
+
+Here the projection, the loss and the gradients of the projection's inputs are computed in
+forward, one chunk of tokens at a time, so only one chunk's logits ever exist and nothing of size
+V is saved for backward. The arithmetic is the plain loss's, chunk by chunk: logits in the compute
+dtype (bf16 under autocast), softmax in fp32, gradients cast back to the compute dtype for the two
+matmuls. The only difference is that the weight gradient is summed over chunks in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOGITS_CHUNK_BYTES = 1 << 30
+"""Size of one chunk's fp32 logits when the chunk size is not given (1 GiB: 2,048 tokens at V=128k)."""
+
+
+@dataclass
+class _Wanted:
+    """Which input gradients the caller needs."""
+
+    hidden: bool
+    weight: bool
+    bias: bool
+
+    @property
+    def any(self) -> bool:
+        return self.hidden or self.weight or self.bias
+
+
+def chunk_tokens_for(vocab: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:
+    """Tokens per chunk such that one chunk's fp32 logits take at most ``chunk_bytes`` (at least 1)."""
+    return max(1, chunk_bytes // (4 * vocab))
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Mean of ``cross_entropy(hidden @ weight.T + bias, targets)`` without materialising all logits.
+
+    ``hidden`` is (N, H), ``weight`` (V, H), ``targets`` (N,). Under autocast the matmuls run in the
+    autocast dtype, as ``F.linear`` would; the loss is returned in fp32.
+    """
+    chunk = chunk_tokens or chunk_tokens_for(weight.shape[0])
+    dtype = _compute_dtype(hidden, weight)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, dtype)
+    loss, _ = _chunked_pass(hidden, weight, bias, targets, chunk, dtype, _Wanted(False, False, False))
+    return loss
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Loss and input gradients in forward; backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, dtype):  # noqa: D102 (autograd signature)
+        wanted = _Wanted(*ctx.needs_input_grad[:3])
+        loss, grads = _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted)
+        grad_hidden, grad_weight, grad_bias = grads
+        # The hidden gradient is an activation kept for backward, so it is saved the standard way
+        # (memory probes count it); the weight and bias gradients become the parameters' .grad.
+        ctx.save_for_backward(*(t for t in (grad_hidden,) if t is not None))
+        ctx.has_hidden = grad_hidden is not None
+        ctx.param_grads = (grad_weight, grad_bias)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: D102
+        grad_hidden = ctx.saved_tensors[0] if ctx.has_hidden else None
+        grad_weight, grad_bias = ctx.param_grads
+        ctx.param_grads = (None, None)  # let autograd take the buffers over instead of copying them
+        scaled = [_scale(g, grad_loss) for g in (grad_hidden, grad_weight, grad_bias)]
+        return (*scaled, None, None, None)
+
+
+def _scale(grad: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor | None:
+    # Always multiplied: testing for 1.0 would read the factor back from the device, a sync per step.
+    return grad.mul_(factor.to(grad.dtype)) if grad is not None else None
+
+
+def _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted: _Wanted):
+    """(mean loss, (grad_hidden, grad_weight, grad_bias)) with only one chunk's logits alive."""
+    count = hidden.shape[0]
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if wanted.hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wanted.weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wanted.bias else None
+        for start in range(0, count, chunk):
+            h = hidden[start : start + chunk].to(dtype)  # (C, H)
+            t = targets[start : start + chunk]  # (C,)
+            logits = F.linear(h, w, b).float()  # (C, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (C,)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not wanted.any:
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (C, V)
+            probs[torch.arange(len(t), device=t.device), t] -= 1.0
+            d_logits = probs.div_(count).to(dtype)  # d(mean loss)/d(logits): (C, V)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk] = d_logits @ w  # (C, V) @ (V, H) -> (C, H)
+            if grad_weight is not None:
+                grad_weight += d_logits.T @ h  # (V, C) @ (C, H) -> (V, H)
+            if grad_bias is not None:
+                grad_bias += d_logits.sum(0, dtype=torch.float32)
+    grads = (
+        grad_hidden,
+        grad_weight.to(weight.dtype) if grad_weight is not None else None,
+        grad_bias.to(bias.dtype) if grad_bias is not None else None,
+    )
+    return total / count, grads

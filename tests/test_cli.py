@@ -113,6 +113,23 @@ def test_status_shows_a_running_iterations_progress(tmp_path, capsys, inputs):
     assert code == 0 and "7/40" in out and "2.5000" in out
 
 
+def test_status_shows_a_running_snapshot_jobs_files(tmp_path, capsys, inputs):
+    from segprop_ray.storage.manifest import ManifestStore
+
+    model, train, evaluation = inputs
+    run_dir = str(tmp_path / "run")
+    setup = Driver(validate_config(pipeline_config(run_dir, str(model), str(train), str(evaluation)))).prepare()
+
+    def running(m):
+        step = m.step("snapshot:2")
+        step.status, step.started = "running", "2026-11-28T10:00:00Z"
+        step.outputs = {"files_done": {"train": 3, "eval": 0}, "files_total": {"train": 9, "eval": 1}}
+
+    ManifestStore(setup.layout).update(setup.manifest, running)
+    code, out, _ = run_cli(capsys, "status", run_dir)
+    assert code == 0 and "running: snapshot:2 since 2026-11-28T10:00:00Z: eval 0/1 files, train 3/9 files" in out
+
+
 def test_resumed_driver_rehashes_shards_it_did_not_write(tmp_path, inputs):
     """A token shard corrupted in place (same size) is found by the next driver and regenerated, not read."""
     from segprop_ray.storage.shards import write_token_shards

@@ -95,6 +95,35 @@ def test_worker_killed_mid_iteration_resumes_from_checkpoint(local_ray, tmp_path
     assert record.history == result.iterations[-1]["history"]
 
 
+def test_failed_snapshot_job_keeps_finished_files(local_ray, tmp_path, monkeypatch):
+    """S[0]'s job dies on its last file; the next run writes only what was not finished, and ends exact."""
+    model, train, evaluation = make_inputs(tmp_path)
+    run_dir = tmp_path / "run"
+    cfg = validate_config(pipeline_config(run_dir.as_uri(), str(model), str(train), str(evaluation)))
+    monkeypatch.setenv("SEGPROP_TEST_FAIL_SNAPSHOT_AT", f"{BASE_DEPTH}:eval:0")
+
+    with pytest.raises(Exception, match="SEGPROP_TEST_FAIL_SNAPSHOT_AT"):
+        Driver(cfg).run()
+    depth_dir = run_dir / "snapshots" / "train" / f"depth={BASE_DEPTH}"
+    assert not (depth_dir / "_COMMITTED").exists()
+    recorded = sorted(p.stem for p in (depth_dir / "_written").glob("*.json"))
+    assert recorded, "no train file finished before the failure"
+    before = {name: (depth_dir / f"{name}.parquet").stat().st_mtime_ns for name in recorded}
+
+    monkeypatch.delenv("SEGPROP_TEST_FAIL_SNAPSHOT_AT")
+    manifest = Driver(cfg).run()
+
+    assert manifest.state == "done"
+    outputs = manifest.steps[f"snapshot:{BASE_DEPTH}"].outputs
+    assert outputs["kept_files"]["train"] == len(recorded) and outputs["kept_files"]["eval"] == 0
+    assert {name: (depth_dir / f"{name}.parquet").stat().st_mtime_ns for name in recorded} == before
+    assert not (depth_dir / "_written").exists()
+    from segprop_ray.storage.layout import RunLayout
+    blocks = {split: info["num_blocks"] for split, info in manifest.tokens.items()}
+    result, _ = inprocess_reference(cfg, model, RunLayout.open(run_dir.as_uri()), blocks)
+    assert [manifest.layer(d).eval_loss for d in manifest.committed_depths()] == [it["eval_loss"] for it in result.iterations]
+
+
 def test_two_ddp_workers_train_as_one_batch_of_both(local_ray, tmp_path):
     """Stage 1 on 2 data-parallel workers (DDP, gloo) equals one process training on both ranks' batches at once."""
     from segprop_ray.core.data_order import BlockOrder

@@ -20,7 +20,7 @@ from segprop_ray.core.weights import DictSource, SafetensorsSource, TensorSource
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.models import resolve_model_dir
 from segprop_ray.storage.shard_format import ShardSpec
-from segprop_ray.storage.weights_store import EMBED_FILE, WeightStore, exit_file, layer_file
+from segprop_ray.storage.weights_store import EMBED_FILE, WeightStore, exit_file, layer_file, snapshot_weights_hash
 
 
 @dataclass
@@ -64,6 +64,11 @@ class JobContext:
     def plan(self, num_layers: int) -> SegPropPlan:
         """The layer plan of the run."""
         return SegPropPlan.from_config(self.cfg.segprop, num_layers)
+
+    @property
+    def snapshot_hash(self) -> str:
+        """Weights hash of snapshot depth :attr:`depth` (what a snapshot job of this depth writes)."""
+        return snapshot_weights_hash(self.files, self.depth)
 
     def spec(self, hidden_size: int) -> ShardSpec:
         """Shard geometry of the run (same for tokens and every snapshot depth)."""

@@ -16,7 +16,7 @@ from segprop_ray.core.exits import RunExit
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.pipeline.evaluations import Evaluations
 from segprop_ray.pipeline.prepare import RunSetup, prepare_run
-from segprop_ray.pipeline.progress import ProgressBoard
+from segprop_ray.pipeline.progress import PROGRESS_EVERY_S, ProgressBoard
 from segprop_ray.pipeline.runtime import connect
 from segprop_ray.pipeline.snapshot_job import run_snapshot_job
 from segprop_ray.pipeline.tokenize_job import tokenize_and_pack
@@ -25,7 +25,8 @@ from segprop_ray.reporting.model_card import export_with_card
 from segprop_ray.storage.layout import SPLITS
 from segprop_ray.storage.manifest import LayerRecord, Manifest, ManifestStore, now
 from segprop_ray.storage.snapcheck import apply_retention, commit_depth, inspect_committed
-from segprop_ray.storage.weights_store import EMBED_FILE, layer_file, weights_hash
+from segprop_ray.storage.snapshot_resume import clear_written, finished_files
+from segprop_ray.storage.weights_store import snapshot_weights_hash
 
 
 class Driver:
@@ -150,17 +151,37 @@ class Driver:
         base = self.setup.plan.base_depth
         if depth > base:
             self.ensure_snapshot(depth - 1)
-        self.echo(f"snapshot S[{depth}] (Ray Data)")
+        layout, expected = self.setup.layout, self._hash_of(depth)
+        kept = {split: finished_files(layout, split, depth, expected) for split in SPLITS}
+        reused = sum(map(len, kept.values()))
+        self.echo(f"snapshot S[{depth}] (Ray Data)" + (f": {reused} file(s) kept from an earlier attempt" if reused else ""))
         started = self._start_step(f"snapshot:{depth}")
         ctx = self._context(depth, input_hash=self._hash_of(None if depth == base else depth - 1))
-        written = run_snapshot_job(ctx, self.setup.model_info.hidden_size)
-        expected = self._hash_of(depth)
+        written = run_snapshot_job(ctx, self.setup.model_info.hidden_size, skip={s: set(kept[s]) for s in SPLITS},
+                                   on_file=self._snapshot_progress(depth, kept))
         for split in SPLITS:
-            commit_depth(self.setup.layout, split, depth, written[split], expected, self.setup.spec)
+            commit_depth(layout, split, depth, [*kept[split].values(), *written[split]], expected, self.setup.spec)
+            clear_written(layout, split, depth)
             self.checked.add((split, depth, expected))
-            deleted = apply_retention(self.setup.layout, split, self.cfg.snapcheck.keep_depths, protect=[depth])
+            deleted = apply_retention(layout, split, self.cfg.snapcheck.keep_depths, protect=[depth])
             self.checked = {key for key in self.checked if key[:2] not in {(split, d) for d in deleted}}
-        self._finish_step(f"snapshot:{depth}", started, _snapshot_outputs(written, time.time() - started))
+        outputs = _snapshot_outputs(written, time.time() - started)
+        self._finish_step(f"snapshot:{depth}", started, {**outputs, "kept_files": {s: len(kept[s]) for s in SPLITS}})
+
+    def _snapshot_progress(self, depth: int, kept: dict[str, dict]) -> Callable[[str, Any], None]:
+        """A per-file callback that writes ``files_done``/``files_total`` of S[depth] to the manifest every 10 s."""
+        total = {split: self.setup.spec.num_files(self.manifest.tokens[split]["num_blocks"]) for split in SPLITS}
+        done = {split: len(kept[split]) for split in SPLITS}
+        last = [time.monotonic()]
+
+        def on_file(split: str, _info: Any) -> None:
+            done[split] += 1
+            if time.monotonic() - last[0] >= PROGRESS_EVERY_S:
+                last[0] = time.monotonic()
+                self._save(lambda m: m.step(f"snapshot:{depth}").outputs.update(
+                    files_done=dict(done), files_total=dict(total)))
+
+        return on_file
 
     def _committed(self, split: str, depth: int | None) -> bool:
         tokens = self.manifest.tokens.get(split, {})
@@ -184,8 +205,7 @@ class Driver:
         """Weights hash of S[depth]: the embedding file and layers 0..depth (tokens: the tokenization's hash)."""
         if depth is None:
             return self.setup.tokens_hash
-        files = self.manifest.committed_files()
-        return weights_hash([files[EMBED_FILE]] + [files[layer_file(i)] for i in range(depth + 1)])
+        return snapshot_weights_hash(self.manifest.committed_files(), depth)
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _context(self, depth: int, input_hash: str = "") -> JobContext:

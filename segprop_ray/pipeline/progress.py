@@ -15,6 +15,10 @@ import ray
 from tqdm.auto import tqdm
 
 
+PROGRESS_EVERY_S = 10.0
+"""How often a running job's progress is written to the manifest (what ``segprop status`` shows)."""
+
+
 @ray.remote(num_cpus=0)
 class ProgressBoard:
     """The latest progress record of each job, by name."""
@@ -37,7 +41,7 @@ def poster(board: Any, job: str) -> Callable[[dict[str, Any]], None]:
 
 
 def run_with_bar(work: Callable[[], Any], board: Any, job: str, label: str, poll_s: float = 0.5,
-                 on_progress: Callable[[dict[str, Any]], None] | None = None, every_s: float = 10.0) -> Any:
+                 on_progress: Callable[[dict[str, Any]], None] | None = None, every_s: float = PROGRESS_EVERY_S) -> Any:
     """Run ``work()`` in a thread while a bar shows ``job``'s posted ``step`` of ``total``; returns its result.
 
     ``on_progress`` receives the latest record every ``every_s`` seconds (the driver writes it to the

@@ -30,6 +30,20 @@ def layer_rows(manifest: Manifest) -> list[dict[str, Any]]:
     return rows
 
 
+def running_steps(manifest: Manifest) -> list[str]:
+    """One line per running job that is not a layer's training (tokenize, snapshot, export), with its progress."""
+    lines = []
+    for name, step in manifest.steps.items():
+        if step.status != "running":
+            continue
+        outputs = step.outputs or {}
+        done, total = outputs.get("files_done"), outputs.get("files_total")
+        progress = "" if not (done and total) else ": " + ", ".join(
+            f"{split} {done.get(split, 0)}/{count} files" for split, count in total.items())
+        lines.append(f"{name} since {step.started or '?'}{progress}")
+    return lines
+
+
 def status_json(manifest: Manifest) -> str:
     """The status as JSON: run facts plus the per-layer rows."""
     return json.dumps({"run_id": manifest.run_id, "state": manifest.state, "mode": manifest.mode,
@@ -56,6 +70,8 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
                       f"{row['iteration_exit'] or '-'} / {row['global_exit'] or '-'}",
                       _num(row["wall_s"], 1), _num(row["tokens_per_s"], 0), _pct(row["data_wait_share"]))
     console.print(table)
+    for line in running_steps(manifest):
+        console.print(f"running: {line}")
     if manifest.baseline:
         console.print(f"input model: eval loss {_num(manifest.baseline.get('eval_loss'))}, "
                       f"accuracy {_pct(manifest.baseline.get('accuracy'))}")

@@ -10,6 +10,7 @@ node should talk to the same endpoint as the driver. Credentials never appear in
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -145,6 +146,15 @@ def ensure_parent_dir(fs: fsspec.AbstractFileSystem, path: str) -> None:
     a missing bucket)."""
     if not is_object_store(fs):
         fs.makedirs(path.rsplit("/", 1)[0] or "/", exist_ok=True)
+
+
+def file_sha256(fs: fsspec.AbstractFileSystem, path: str | Path, chunk_bytes: int = 16 << 20) -> str:
+    """sha256 of a file on ``fs`` (a local one: ``LocalFileSystem()``), streamed in chunks."""
+    digest = hashlib.sha256()
+    with fs.open(str(path), "rb", **({} if is_local(fs) else {"cache_type": "none"})) as file:
+        while chunk := file.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def cache_root() -> Path:

@@ -6,6 +6,7 @@
   config.resolved.yaml                            the config the run uses
   tokens/<split>/part-NNNNN.parquet + _COMMITTED  packed token blocks
   snapshots/<split>/depth=<q>/part-NNNNN.parquet + _COMMITTED   activations after layer q
+  snapshots/<split>/depth=<q>/_written/part-NNNNN.json          per-file records of a depth being written
   layers/layer-<q>.safetensors                    committed weights, original parameter names
   exits/exit-<q>/                                 LL weights trained in iteration q
   checkpoints/<name>/                             Ray Train checkpoints of one iteration
@@ -115,6 +116,14 @@ class RunLayout:
     def shard_file(self, split: str, depth: int | None, file_index: int) -> str:
         """Shard file ``file_index`` of a split's tokens (``depth=None``) or of a snapshot depth."""
         return f"{self.shard_dir(split, depth)}/{part_name(file_index)}"
+
+    def written_record(self, split: str, depth: int, file_index: int) -> str:
+        """The record of one finished snapshot file of a depth not yet committed (what a restarted job keeps)."""
+        return f"{self.written_dir(split, depth)}/{part_name(file_index).replace('.parquet', '.json')}"
+
+    def written_dir(self, split: str, depth: int) -> str:
+        """``_written/``: the per-file records of a snapshot depth being written."""
+        return f"{self.shard_dir(split, depth)}/_written"
 
     def commit_marker(self, split: str, depth: int | None) -> str:
         """The ``_COMMITTED`` marker of a split's tokens or of a snapshot depth."""

@@ -9,7 +9,6 @@ markers with ``depth=None``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 
 from segprop_ray.storage.documents import DocumentFormat, describe_path
 from segprop_ray.storage.errors import DocumentNotFound, StorageError
+from segprop_ray.storage.fs import file_sha256
 from segprop_ray.storage.layout import RunLayout, depth_of_dir
 from segprop_ray.storage.shard_format import ShardSpec
 from segprop_ray.storage.shards import FileInfo, ShardWriter, read_footer, read_row_group
@@ -183,18 +183,9 @@ def _files_mismatch(layout: RunLayout, marker: CommitMarker, verify_checksums: b
             return f"{info.name} missing"
         if sizes[info.name] != info.bytes:
             return f"{info.name} has {sizes[info.name]} bytes, marker says {info.bytes} (truncated or rewritten)"
-        if verify_checksums and file_sha256(layout, f"{directory}/{info.name}") != info.sha256:
+        if verify_checksums and file_sha256(layout.fs, f"{directory}/{info.name}") != info.sha256:
             return f"{info.name} sha256 differs from the marker's"
     return None
-
-
-def file_sha256(layout: RunLayout, path: str, chunk_bytes: int = 16 << 20) -> str:
-    """sha256 of a file, streamed in chunks."""
-    digest = hashlib.sha256()
-    with layout.fs.open(path, "rb", cache_type="none") as file:
-        while chunk := file.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def list_depths(layout: RunLayout, split: str) -> list[int]:

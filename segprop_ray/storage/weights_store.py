@@ -24,7 +24,9 @@ import torch
 from segprop_ray.core.layout import ArchLayout
 from segprop_ray.core.weights import SafetensorsSource, save_tensors
 from segprop_ray.storage.errors import StorageError
-from segprop_ray.storage.fs import cache_root
+from fsspec.implementations.local import LocalFileSystem
+
+from segprop_ray.storage.fs import cache_root, file_sha256
 from segprop_ray.storage.layout import RunLayout
 
 EMBED_FILE = "layers/embed.safetensors"
@@ -58,13 +60,16 @@ def weights_hash(file_hashes: list[str]) -> str:
     return hashlib.sha256("|".join(file_hashes).encode()).hexdigest()
 
 
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a local file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(16 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def snapshot_weights_hash(files: Mapping[str, str], depth: int) -> str:
+    """Weights hash of snapshot depth ``depth``: the embedding file and layers 0..depth.
+
+    ``files`` maps committed run-relative paths to their sha256 (the manifest's committed files).
+    """
+    return weights_hash([files[EMBED_FILE]] + [files[layer_file(i)] for i in range(depth + 1)])
+
+
+def _local_sha256(path: str | Path) -> str:
+    return file_sha256(LocalFileSystem(), path)
 
 
 class WeightStore:
@@ -80,7 +85,7 @@ class WeightStore:
         with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:
             local = Path(tmp) / "weights.safetensors"
             save_tensors(tensors, local, metadata={"format": "pt"})
-            sha = sha256_file(local)
+            sha = _local_sha256(local)
             target = self.layout.join(*rel_path.split("/"))
             self.layout.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             self.layout.fs.put_file(str(local), target)
@@ -99,7 +104,7 @@ class WeightStore:
             partial = Path(handle.name)
         try:
             self.layout.fs.get_file(self.layout.join(*rel_path.split("/")), str(partial))
-            found = sha256_file(partial)
+            found = _local_sha256(partial)
             if found != sha256:
                 raise StorageError(f"{self.layout.uri(self.layout.join(rel_path))}: sha256 {found[:12]} does not match "
                                    f"the committed {sha256[:12]} (torn or replaced file)")

@@ -140,3 +140,27 @@ def test_e2e_trains_all_layers(tmp_path, blocks):
     base = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     moved = {k.split(".")[2] for k, v in result.committed.items() if k.startswith("model.layers.") and not torch.equal(v, base[k])}
     assert moved == {str(i) for i in range(N_LAYERS)}
+
+
+def test_loss_chunk_setting_reaches_training_and_changes_only_rounding(tmp_path, blocks):
+    """training.loss_chunk_tokens is used by the segments that train; 3-token chunks train like one chunk."""
+    from segprop_ray.core import head_loss
+
+    model_dir = tiny_model_dir(tmp_path, "llama", N_LAYERS)
+    sizes = []
+    real = head_loss.linear_cross_entropy
+
+    def spy(hidden, weight, bias, targets, chunk_tokens=None):
+        sizes.append(chunk_tokens)
+        return real(hidden, weight, bias, targets, chunk_tokens)
+
+    results = {}
+    for chunk in (0, 3):
+        cfg = make_config(model_dir, training={"max_steps": 3, "loss_chunk_tokens": chunk}, exit={"run": {"max_depth": P + 1}})
+        sizes.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("segprop_ray.core.stack.linear_cross_entropy", spy)
+            results[chunk] = run_inprocess(str(model_dir), *blocks, cfg)
+        assert set(sizes) == {chunk or None}
+    for one, other in zip(results[0].iterations, results[3].iterations):
+        assert one["eval_loss"] == pytest.approx(other["eval_loss"], rel=1e-4)

@@ -68,6 +68,9 @@ class TrainingConfig(Strict):
     """Record the training loss every this many steps."""
     save_steps: int = Field(50, ge=1)
     """Write a resumable checkpoint every this many steps."""
+    loss_chunk_tokens: int = Field(0, ge=0)
+    """Tokens per chunk of the LM-head loss: only one chunk's logits exist at a time (0: as many as make
+    1 GiB of fp32 logits, 2,092 tokens at a 128k vocabulary). Smaller saves memory, larger saves time."""
     max_eval_blocks: int = Field(0, ge=0)
     """Evaluate on at most this many blocks during training (0: all); final exit metrics use all."""
 

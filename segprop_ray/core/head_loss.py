@@ -118,6 +118,7 @@ def _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted: _Wanted):
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (C, V)
             probs[torch.arange(len(t), device=t.device), t] -= 1.0
             d_logits = probs.div_(count).to(dtype)  # d(mean loss)/d(logits): (C, V)
+            del logits, probs  # the fp32 chunk goes before the matmuls allocate theirs
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk] = d_logits @ w  # (C, V) @ (V, H) -> (C, H)
             if grad_weight is not None:

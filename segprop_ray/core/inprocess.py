@@ -89,7 +89,8 @@ class InProcessRun:
         stage = self.plan.stage_of(depth)
         args = self.cfg.training_for(stage)
         torch.manual_seed(segment_seed(args.seed, depth))
-        segment = build_segment(self.parts, self.weights.training_spec(depth), trainable=True)
+        segment = build_segment(self.parts, self.weights.training_spec(depth), trainable=True,
+                                loss_chunk_tokens=args.loss_chunk_tokens)
         self.observe("built", depth, segment)
         order = BlockOrder(len(self.train_ids), self.group_size, args.per_device_train_batch_size, args.seed, self.cfg.data.shuffle)
 

@@ -50,9 +50,13 @@ class RunWeights:
 
 
 
-def build_segment(parts: ModelParts, spec: SegmentSpec, trainable: bool) -> Segment:
-    """Materialise a segment; all its parameters train when ``trainable``, else none."""
+def build_segment(parts: ModelParts, spec: SegmentSpec, trainable: bool, loss_chunk_tokens: int = 0) -> Segment:
+    """Materialise a segment; all its parameters train when ``trainable``, else none.
+
+    ``loss_chunk_tokens``: tokens per LM-head loss chunk (0: the default size, see ``core.head_loss``).
+    """
     segment = parts.segment(spec)
+    segment.loss_chunk_tokens = loss_chunk_tokens or None
     segment.requires_grad_(trainable)
     return segment if trainable else segment.eval()
 

@@ -32,6 +32,7 @@ class TrainArgs(Protocol):
     logging_steps: int
     save_steps: int
     max_eval_blocks: int
+    loss_chunk_tokens: int
 
 
 def total_steps(args: TrainArgs, batches_per_epoch: int) -> int:

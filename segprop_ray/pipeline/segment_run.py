@@ -41,7 +41,8 @@ class SegmentRun:
             torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(segment_seed(self.args.seed, ctx.depth))
         weights = ctx.run_weights(self.plan, committed_layers=[])
-        self.segment = build_segment(self.parts, weights.training_spec(ctx.depth), trainable=True)
+        self.segment = build_segment(self.parts, weights.training_spec(ctx.depth), trainable=True,
+                                     loss_chunk_tokens=self.args.loss_chunk_tokens)
         strategy = (cfg.resources.stage1 if self.stage != "stage2" else cfg.resources.segment).strategy
         self.model = wrap(self.segment, strategy) if wrap is not None and world > 1 else self.segment
         self.source_depth = None if self.stage != "stage2" else ctx.depth - 1

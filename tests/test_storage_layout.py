@@ -7,6 +7,7 @@ import pickle
 import pytest
 
 from segprop_ray.storage.layout import RunLayout, depth_of_dir, part_index, part_name
+from segprop_ray.storage.weights_store import EMBED_FILE, exit_file, layer_file
 
 
 def test_paths_follow_the_documented_layout(tmp_path):
@@ -18,8 +19,9 @@ def test_paths_follow_the_documented_layout(tmp_path):
     assert layout.shard_file("eval", 7, 12) == f"{root}/snapshots/eval/depth=7/part-00012.parquet"
     assert layout.commit_marker("train", 7) == f"{root}/snapshots/train/depth=7/_COMMITTED"
     assert layout.commit_marker("train", None) == f"{root}/tokens/train/_COMMITTED"
-    assert layout.layer_file(17) == f"{root}/layers/layer-17.safetensors"
-    assert layout.exit_dir(4) == f"{root}/exits/exit-4"
+    assert layout.join(layer_file(17)) == f"{root}/layers/layer-17.safetensors"
+    assert layout.join(exit_file(4)) == f"{root}/exits/exit-4/ll.safetensors"
+    assert layout.written_record("eval", 7, 12) == f"{root}/snapshots/eval/depth=7/_written/part-00012.json"
     assert layout.checkpoints_dir("layer-5") == f"{root}/checkpoints/layer-5"
     assert layout.export_dir() == f"{root}/export" and layout.report_dir == f"{root}/report"
     assert layout.uri(layout.manifest) == f"file://{root}/manifest.json"
@@ -28,7 +30,7 @@ def test_paths_follow_the_documented_layout(tmp_path):
 def test_s3_layout_paths_and_uris(s3_bucket):
     layout = RunLayout.open(f"s3://{s3_bucket}/runs/a/")
     assert layout.root == f"{s3_bucket}/runs/a"
-    assert layout.uri(layout.layers_dir) == f"s3://{s3_bucket}/runs/a/layers"
+    assert layout.uri(layout.join(EMBED_FILE)) == f"s3://{s3_bucket}/runs/a/layers/embed.safetensors"
     pa_fs, path = layout.pyarrow_filesystem()
     assert path == f"{s3_bucket}/runs/a"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ from segprop_ray.core.parts import ModelParts
 from segprop_ray.core.plan import SegPropPlan
 from segprop_ray.core.weights import ChainSource, SafetensorsSource
 from segprop_ray.storage.errors import StorageError
-from segprop_ray.storage.fs import resolve_filesystem, split_protocol
+from segprop_ray.storage.fs import publish_dir
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.manifest import Manifest, ManifestStore
 from segprop_ray.storage.models import resolve_model_dir
@@ -68,7 +67,8 @@ def export_model(run_dir: str, out: str, depth: str | int | None = None, storage
     state = exit_state_dict(plan, parts.layout, depth, _all(committed), _all(exit_weights))
     metadata = {"depth": depth, "base_model": manifest.model.uri, "run_id": manifest.run_id, "mode": manifest.mode,
                 "eval_loss": manifest.layer(depth).eval_loss}
-    _write(out, storage_options, lambda local: _write_dir(local, hf_config, plan, depth, state, model_dir, metadata, extra_files))
+    publish_dir(out, storage_options,
+                lambda local: _write_dir(local, hf_config, plan, depth, state, model_dir, metadata, extra_files))
     return depth, out
 
 
@@ -76,19 +76,8 @@ def _all(source: SafetensorsSource | ChainSource) -> dict:
     return {name: source.get(name) for name in source.keys()}
 
 
-def _write_dir(local: Path, hf_config, plan, depth, state, model_dir, metadata, extra_files) -> None:
+def _write_dir(local: Path, hf_config, plan, depth, state, model_dir, metadata, extra_files) -> list[str]:
     write_model_dir(local, exit_config(hf_config, plan, depth), state, tokenizer_dir=model_dir, metadata=metadata)
     for name, text in (extra_files or {}).items():
         (local / name).write_text(text)
-
-
-def _write(out: str, storage_options: dict[str, Any] | None, build) -> None:
-    """Build the directory locally, then copy it to ``out`` when that is not a local path."""
-    if split_protocol(out)[0] == "file":
-        build(Path(split_protocol(out)[1]))
-        return
-    fs, path = resolve_filesystem(out, storage_options)
-    with tempfile.TemporaryDirectory() as tmp:
-        build(Path(tmp))
-        for file in Path(tmp).iterdir():
-            fs.put_file(str(file), f"{path}/{file.name}")
+    return sorted(file.name for file in local.iterdir() if file.is_file())

@@ -9,14 +9,13 @@ drawn beside the run, an ``e2e`` run as a reference at its final score (the pape
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from segprop_ray.reporting.export import open_run
 from segprop_ray.reporting.plots import write_plots
 from segprop_ray.reporting.report_text import markdown_report, rows_csv
-from segprop_ray.storage.fs import redact_uri, resolve_filesystem, split_protocol
+from segprop_ray.storage.fs import publish_dir, redact_uri
 from segprop_ray.storage.manifest import LayerRecord, Manifest
 
 ROW_COLUMNS = ["depth", "stage", "status", "steps", "train_loss", "eval_loss", "perplexity", "accuracy",
@@ -136,18 +135,4 @@ def write_report(run_dir: str, out: str | None = None, compare: Sequence[str] = 
     compared = [(uri, open_run(uri, storage_options)[1]) for uri in compare]
     data = build_report(manifest, run_dir, compared)
     target = out or layout.uri(layout.report_dir)
-    return publish(target, storage_options, lambda local: write_report_files(local, data))
-
-
-def publish(out: str, storage_options: dict[str, Any] | None, build: Callable[[Path], list[str]]) -> dict[str, str]:
-    """Run ``build`` on a local directory, copying its files to ``out`` when that is not local; name -> path."""
-    protocol, path = split_protocol(out)
-    if protocol == "file":
-        names = build(Path(path))
-        return {name: str(Path(path) / name) for name in names}
-    fs, remote = resolve_filesystem(out, storage_options)
-    with tempfile.TemporaryDirectory() as tmp:
-        names = build(Path(tmp))
-        for name in names:
-            fs.put_file(str(Path(tmp) / name), f"{remote}/{name}")
-    return {name: f"{out.rstrip('/')}/{name}" for name in names}
+    return publish_dir(target, storage_options, lambda local: write_report_files(local, data))

@@ -8,26 +8,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from segprop_ray.storage.manifest import LayerRecord, Manifest
+from segprop_ray.reporting.report import depth_rows
+from segprop_ray.storage.manifest import Manifest
 
 
 def layer_rows(manifest: Manifest) -> list[dict[str, Any]]:
-    """One row per iteration (depth), in order: what the table and the JSON show."""
-    rows = []
-    decisions = {d["depth"]: d for d in manifest.decisions}
-    for key in sorted(manifest.layers, key=int):
-        record: LayerRecord = manifest.layers[key]
-        metrics = record.metrics
-        rows.append({
-            "depth": record.depth, "stage": record.stage, "status": record.status, "steps": record.steps,
-            "train_loss": record.train_loss, "eval_loss": record.eval_loss, "perplexity": record.perplexity,
-            "accuracy": metrics.get("accuracy"), "total_steps": metrics.get("total_steps"),
-            "iteration_exit": (record.decision or {}).get("reason"),
-            "global_exit": (decisions.get(record.depth) or {}).get("reason"),
-            "wall_s": metrics.get("wall_s"), "tokens_per_s": metrics.get("tokens_per_s"),
-            "data_wait_share": metrics.get("data_wait_share"), "peak_memory_bytes": metrics.get("peak_memory_bytes"),
-        })
-    return rows
+    """One row per iteration (depth), in order: the report's per-depth row plus a running iteration's step budget."""
+    return [{**row, "total_steps": manifest.layers[str(row["depth"])].metrics.get("total_steps")}
+            for row in depth_rows(manifest)]
 
 
 def running_steps(manifest: Manifest) -> list[str]:

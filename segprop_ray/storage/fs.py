@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable
@@ -155,6 +156,25 @@ def file_sha256(fs: fsspec.AbstractFileSystem, path: str | Path, chunk_bytes: in
         while chunk := file.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def publish_dir(out: str, storage_options: dict[str, Any] | None,
+                build: Callable[[Path], list[str]]) -> dict[str, str]:
+    """Have ``build`` write files into a local directory and return their names; returns name -> location.
+
+    A local ``out`` is that directory itself; for any other URI ``build`` writes into a temporary
+    directory whose files are then copied to ``out``.
+    """
+    protocol, path = split_protocol(out)
+    if protocol == "file":
+        names = build(Path(path))
+        return {name: str(Path(path) / name) for name in names}
+    fs, remote = resolve_filesystem(out, storage_options)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = build(Path(tmp))
+        for name in names:
+            fs.put_file(str(Path(tmp) / name), f"{remote}/{name}")
+    return {name: f"{out.rstrip('/')}/{name}" for name in names}
 
 
 def cache_root() -> Path:

@@ -13,8 +13,10 @@
   export/<name>/                                  exported HF model directories
   report/                                         tables and plots
 ```
-``<split>`` is ``train`` or ``eval``. Paths are fsspec paths inside :attr:`RunLayout.fs` (no protocol);
-:meth:`RunLayout.uri` turns one back into a full URI.
+``<split>`` is ``train`` or ``eval``. The weight files' run-relative names (``layers/...``,
+``exits/...``, the manifest's keys) come from :mod:`segprop_ray.storage.weights_store`. Paths are
+fsspec paths inside :attr:`RunLayout.fs` (no protocol); :meth:`RunLayout.uri` turns one back into a
+full URI.
 """
 
 from __future__ import annotations
@@ -128,19 +130,6 @@ class RunLayout:
     def commit_marker(self, split: str, depth: int | None) -> str:
         """The ``_COMMITTED`` marker of a split's tokens or of a snapshot depth."""
         return f"{self.shard_dir(split, depth)}/{COMMIT_MARKER}"
-
-    @property
-    def layers_dir(self) -> str:
-        """``layers/``: committed weights."""
-        return self.join("layers")
-
-    def layer_file(self, layer: int) -> str:
-        """``layers/layer-<q>.safetensors``."""
-        return f"{self.layers_dir}/layer-{layer}.safetensors"
-
-    def exit_dir(self, layer: int) -> str:
-        """``exits/exit-<q>/``: the LL weights exit ``q`` is evaluated with."""
-        return self.join("exits", f"exit-{layer}")
 
     def checkpoints_dir(self, name: str = "") -> str:
         """``checkpoints/`` or ``checkpoints/<name>``: Ray Train checkpoints."""

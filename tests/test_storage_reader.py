@@ -122,3 +122,30 @@ def test_mismatched_order_is_rejected(committed):
         epoch_reader(layout, marker, BlockOrder(N, 4, 4, seed=0), 0)
     with pytest.raises(ValueError, match="only 23"):
         epoch_reader(layout, marker, BlockOrder(N + 1, 3, 4, seed=0), 0)
+
+
+def test_footers_are_read_once_per_file_content(committed, monkeypatch):
+    """Later epochs reuse each file's footer; a regenerated file (new sha256) is read afresh."""
+    layout, _, marker = committed
+    monkeypatch.setattr(reader_module, "FOOTERS", reader_module.FooterCache())
+    reads: list[str] = []
+    original = reader_module.read_footer
+
+    def counting(fs, path):
+        reads.append(path.rsplit("/", 1)[-1])
+        return original(fs, path)
+
+    monkeypatch.setattr(reader_module, "read_footer", counting)
+    order = BlockOrder(N, SPEC.group_size, batch_size=4, seed=7)
+    for epoch in (0, 1, 2):
+        list(epoch_reader(layout, marker, order, epoch))
+    assert sorted(reads) == [info.name for info in marker.files]
+
+    double = lambda ids, hidden: 2 * hidden_of(ids)  # noqa: E731
+    infos = [transform_file(layout, "train", f, source_depth=None, depth=1, fn=double, spec=SPEC)
+             for f in range(SPEC.num_files(N))]
+    commit_depth(layout, "train", 1, infos, "w2", SPEC)
+    regenerated = load_committed(layout, "train", 1, "w2")
+    batches = list(epoch_reader(layout, regenerated, order, 0))
+    assert len(reads) == 2 * len(marker.files)
+    assert torch.equal(batches[0]["hidden"], (2 * hidden_of(IDS[batches[0]["block_id"]])).to(torch.bfloat16))

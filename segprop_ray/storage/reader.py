@@ -3,9 +3,10 @@
 A rank's stream (:meth:`BlockOrder.epoch_batches`) visits each row group's rows consecutively, so the
 reader needs one group at a time; a background thread reads the groups and assembles the batches
 (into page-locked memory with ``pin_memory``, for asynchronous copies to a GPU) while the trainer works
-on the current one (bounded queue: about ``prefetch_groups`` groups' worth of batches ahead). ``skip_batches=k`` resumes mid-epoch without
-reading the groups the first ``k`` batches consumed. :class:`ReadStats` records how long the consumer
-waited on reads.
+on the current one (bounded queue: about ``prefetch_groups`` groups' worth of batches ahead).
+``skip_batches=k`` resumes mid-epoch without reading the groups the first ``k`` batches consumed.
+:class:`ReadStats` records how long the consumer waited on reads; file footers are read once per
+process (:class:`FooterCache`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -61,7 +63,6 @@ class ShardBatchReader:
         self.pin_memory = pin_memory
         self.groups = _group_sequence(self.batches, marker.spec.group_size)
         self.stats = ReadStats()
-        self._footers: dict[int, ShardFooter] = {}
         if any(block < 0 or block >= marker.total_rows for batch in self.batches for block in batch):
             raise ValueError(f"batches name block ids outside 0..{marker.total_rows - 1}")
 
@@ -106,13 +107,43 @@ class ShardBatchReader:
         spec, marker = self.marker.spec, self.marker
         file_index, group_in_file = divmod(group, spec.groups_per_file)
         path = self.layout.shard_file(marker.split, marker.depth, file_index)
-        if file_index not in self._footers:
-            self._footers[file_index] = read_footer(self.layout.fs, path)
-        rows = read_row_group(self.layout.fs, path, group_in_file, spec, self.with_hidden, self._footers[file_index])
+        footer = FOOTERS.get(self.layout, path, marker.files[file_index].sha256)
+        rows = read_row_group(self.layout.fs, path, group_in_file, spec, self.with_hidden, footer)
         expected = torch.arange(group * spec.group_size, min((group + 1) * spec.group_size, marker.total_rows))
         if not torch.equal(rows["block_id"], expected):
             raise StorageError(f"{path}: row group {group_in_file} does not hold blocks {expected[0]}..{expected[-1]}")
         return rows
+
+
+class FooterCache:
+    """Shard footers by (file URI, sha256), shared by the readers of a process.
+
+    A reader is built per epoch and per evaluation; without this each would fetch every file's
+    footer again (on S3, one more round trip per file and pass). The key holds the content hash
+    from the commit marker, so a regenerated file is never served a stale footer.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[str, str], ShardFooter] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, layout: RunLayout, path: str, sha256: str) -> ShardFooter:
+        """The footer of ``path`` (content ``sha256``), read on first use."""
+        key = (layout.uri(path), sha256)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        footer = read_footer(layout.fs, path)
+        with self._lock:
+            self._entries[key] = footer
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return footer
+
+
+FOOTERS = FooterCache()
 
 
 def epoch_reader(layout: RunLayout, marker: CommitMarker, order: BlockOrder, epoch: int, skip_batches: int = 0,

@@ -186,3 +186,32 @@ def test_retention_keeps_newest_committed_and_the_depth_being_read(run_layout):
     assert run_layout.fs.exists(run_layout.shard_file("train", 5, 0))
     assert apply_retention(run_layout, "train", keep=2) == [1]
     assert apply_retention(run_layout, "train", keep=5) == []
+
+
+def test_next_row_group_is_read_while_the_current_one_is_computed(run_layout, monkeypatch):
+    import threading
+
+    import segprop_ray.storage.snapcheck as snapcheck_module
+
+    commit_tokens(run_layout, tokens())
+    second_read = threading.Event()
+    original = snapcheck_module.read_row_group
+
+    def reading(fs, path, group, *args, **kwargs):
+        if group == 1:
+            second_read.set()
+        return original(fs, path, group, *args, **kwargs)
+
+    overlapped = []
+
+    def slow_embed(ids, hidden):
+        if not overlapped:
+            overlapped.append(second_read.wait(timeout=10))  # group 1's read starts before group 0 is done
+        return embed(ids, hidden)
+
+    monkeypatch.setattr(snapcheck_module, "read_row_group", reading)
+    info = transform_file(run_layout, "train", 0, source_depth=None, depth=2, fn=slow_embed, spec=SPEC)
+    assert overlapped == [True] and info.rows == SPEC.rows_per_file
+    for group in range(SPEC.groups_per_file):  # and every group was computed from its own rows
+        rows = original(run_layout.fs, run_layout.shard_file("train", 2, 0), group, SPEC)
+        assert torch.equal(rows["hidden"], embed(rows["input_ids"], None).to(torch.bfloat16))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +65,8 @@ class CommitMarker:
 def transform_file(layout: RunLayout, split: str, file_index: int, *, source_depth: int | None, depth: int,
                    fn: HiddenFn, spec: ShardSpec) -> FileInfo:
     """Write snapshot file ``file_index`` of ``depth`` as ``fn`` applied to the same file of ``source_depth``
-    (``None``: the token shards), one row group at a time, so memory stays bounded by one group.
+    (``None``: the token shards), one row group at a time: the next group is read while ``fn`` runs and
+    the encoded bytes are hashed and written on background threads, so memory stays bounded by two groups.
 
     ``fn``'s output is cast to ``spec.dtype``. Rewriting overwrites the file; the depth's stale marker is
     removed first. This is the per-file work of the snapshot job.
@@ -74,9 +76,16 @@ def transform_file(layout: RunLayout, split: str, file_index: int, *, source_dep
     source_spec = _spec_of(footer.description, source)
     _check_same_geometry(source_spec, spec, describe_path(layout.fs, source))
     _remove_marker(layout, split, depth)
-    with ShardWriter(layout.fs, target, spec, "hidden", split, depth, file_index) as writer:
+    def read(group: int) -> dict[str, torch.Tensor]:
+        return read_row_group(layout.fs, source, group, source_spec, footer=footer)
+
+    with ShardWriter(layout.fs, target, spec, "hidden", split, depth, file_index) as writer, \
+            ThreadPoolExecutor(1, thread_name_prefix="segprop-snapshot-read") as reader:
+        pending = reader.submit(read, 0) if footer.num_row_groups else None
         for group in range(footer.num_row_groups):
-            rows = read_row_group(layout.fs, source, group, source_spec, footer=footer)
+            rows = pending.result()
+            if group + 1 < footer.num_row_groups:
+                pending = reader.submit(read, group + 1)  # the next group is read while this one is computed
             hidden = fn(rows["input_ids"], rows.get("hidden"))  # (n, T, H) float
             writer.write_group(rows["input_ids"], hidden, block_ids=rows["block_id"])
     return writer.info

@@ -6,9 +6,11 @@ hooks (``log`` after every optimizer step, ``evaluate``), the activation probe o
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
+import tempfile
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -65,9 +67,10 @@ class StepTimer:
         if self._log is not None:
             self._log(record)
 
-    def summary(self, warmup: int, tokens_per_step: int) -> dict[str, Any]:
-        """Median step, tokens/s and wait share over the steps after ``warmup``."""
-        steps, waits = self.step_s[warmup:], self.wait_s[warmup:]
+    def summary(self, warmup: int, tokens_per_step: int, timed: int | None = None) -> dict[str, Any]:
+        """Median step, tokens/s and wait share over the ``timed`` steps after ``warmup`` (default: all)."""
+        end = None if timed is None else warmup + timed
+        steps, waits = self.step_s[warmup:end], self.wait_s[warmup:end]
         median = statistics.median(steps)
         return {"median_step_s": round(median, 5), "tokens_per_s": round(tokens_per_step / median, 1),
                 "step_s": [round(s, 5) for s in steps], "warmup_step_s": [round(s, 5) for s in self.step_s[:warmup]],
@@ -112,6 +115,68 @@ def peak_since_reset(device: torch.device) -> int:
 def process_max_rss() -> int:
     """``getrusage`` peak RSS of the whole process (never reset)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class TensorPeakProbe:
+    """CPU stand-in for CUDA's ``max_memory_allocated`` over one training step of a ``SegmentLoop``.
+
+    RSS counts what the C allocator keeps after ``free`` and is no measure of what a step needs. This probe
+    takes the bytes of every tensor alive when step ``step`` starts (weights, gradients, optimizer state and
+    buffers, by unique storage) and adds the highest net allocation of the step itself, from the memory
+    events of torch's profiler (``profile_memory``; allocations of the main thread, so not the reader's
+    prefetch thread: on a GPU those host buffers are not device memory either). It hangs on the loop's
+    ``log`` hook, after a :class:`StepTimer` if there is one, so the profiled step can be left out of timing.
+    """
+
+    def __init__(self, loop: Any, model: nn.Module, step: int):
+        self.loop, self.model, self.step = loop, model, step
+        self.live_bytes: int | None = None
+        self.step_peak_bytes: int | None = None
+        self._log = loop.hooks.log
+        loop.hooks.log = self._on_log
+        self._profiler: Any = None
+
+    @property
+    def peak_bytes(self) -> int | None:
+        """Live bytes at the step's start plus the step's highest net allocation (None if not reached)."""
+        if self.live_bytes is None or self.step_peak_bytes is None:
+            return None
+        return self.live_bytes + self.step_peak_bytes
+
+    def _on_log(self, record: dict[str, float]) -> None:
+        if self._log is not None:
+            self._log(record)
+        if "train_loss" not in record:
+            return
+        if record["step"] == self.step - 1:
+            self.live_bytes = live_tensor_bytes(self.model, self.loop.optimizer)
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                    profile_memory=True)
+            self._profiler.__enter__()
+        elif record["step"] == self.step and self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            self.step_peak_bytes = max(0, max_net_allocated(self._profiler))
+            self._profiler = None
+
+
+def live_tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the distinct storages of ``model``'s parameters, gradients and buffers and the optimizer's state."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def max_net_allocated(profiler: Any) -> int:
+    """Highest 'Total Allocated' (bytes allocated minus freed since the profile began) of the CPU memory events."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        profiler.export_chrome_trace(trace)
+        with open(trace) as file:
+            events = json.load(file)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    return max(totals, default=0)
 
 
 # -- saved activations ------------------------------------------------------------------------------

@@ -131,6 +131,11 @@ class BenchPlan:
     def load(cls, path: str | Path) -> "BenchPlan":
         return cls(**json.loads(Path(path).read_text()))
 
+    @property
+    def profiled_step(self) -> int | None:
+        """On CPU, one untimed step after the timed ones, run under the tensor-memory probe."""
+        return self.warmup + self.steps + 1 if self.device == "cpu" else None
+
     def job_config(self, mode: str, prefix: int) -> dict[str, Any]:
         """The run config a pipeline job of this shape would get (``JobContext.config``)."""
         return {
@@ -138,7 +143,7 @@ class BenchPlan:
             "model": self.model_dir,
             "data": {"train": str(Path(self.work_dir) / "unused-train.jsonl"), "seq_len": self.seq, "shuffle": True},
             "segprop": {"mode": mode, "base_depth": prefix, "last_layers": self.r},
-            "training": {"learning_rate": self.lr, "max_steps": self.warmup + self.steps, "bf16": True,
+            "training": {"learning_rate": self.lr, "max_steps": self.profiled_step or self.warmup + self.steps, "bf16": True,
                          "per_device_train_batch_size": self.batch, "per_device_eval_batch_size": self.batch,
                          "max_grad_norm": self.max_grad_norm, "logging_steps": 1, "save_steps": 1_000_000,
                          "max_eval_blocks": self.batch, "seed": 0},
@@ -164,7 +169,7 @@ def make_plan(args: Any, work_dir: Path) -> BenchPlan:
     # the project's default row group (~64 MiB of activations), but at most two micro-batches, so that
     # even small shapes read several row groups and the reader's wait shows in the timed steps
     group = min(default_group_size(args.seq, hidden, 2), 2 * args.batch)
-    micro = args.warmup + args.steps
+    micro = args.warmup + args.steps + (1 if args.device == "cpu" else 0)  # + the profiled step on CPU
     train_blocks = -(-args.batch * micro // group) * group
     return BenchPlan(device=args.device, shape=args.shape, seq=args.seq, batch=args.batch, steps=args.steps,
                      warmup=args.warmup, prefix=prefix, r=args.r, num_layers=n, hidden_size=hidden,

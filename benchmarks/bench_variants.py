@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import bench_setup
-from bench_probes import (SavedTensorProbe, StepTimer, load_average, peak_since_reset, process_max_rss, reset_peak,
-                          rss_bytes, sync, threads, variant_flops)
+from bench_probes import (SavedTensorProbe, StepTimer, TensorPeakProbe, load_average, peak_since_reset,
+                          process_max_rss, reset_peak, rss_bytes, sync, threads, variant_flops)
 from bench_setup import TOKENS_HASH, BenchPlan, snapshot_hash
 
 import torch
@@ -153,11 +153,14 @@ def train_timed(plan: BenchPlan, loop: Any, model: nn.Module, device: torch.devi
     """Run ``loop`` to its end with the step timer and the activation probe attached."""
     timer = StepTimer(loop, device)
     probe = SavedTensorProbe(model)
+    tensors = TensorPeakProbe(loop, model, plan.profiled_step) if plan.profiled_step else None
     timer.start()
     loop.run()
     sync(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result = timer.summary(plan.warmup, plan.batch * plan.seq)
+    result = timer.summary(plan.warmup, plan.batch * plan.seq, timed=plan.steps)
+    if tensors is not None:
+        result.update(tensor_peak_bytes=tensors.peak_bytes, live_tensor_bytes=tensors.live_bytes)
     result.update(trainable_params=trainable, activation_bytes=probe.bytes, loop_wall_s=round(loop.wall_s, 3),
                   loop_data_wait_s=loop.data_wait_s, tokens=loop.state.tokens, steps_run=loop.state.step)
     # what a worker must hold at least: fp32 weights + grads + AdamW's two moments, one micro-batch's

@@ -2,7 +2,8 @@
 # GPU check of the training-step benchmark (issue 7): the project's workers vs the reference loops,
 # on the same card, in one call. Meant for the device machine (no Ray there, and none needed).
 #
-# Run from the repository root, in ONE device call (about 4-8 minutes for the two default shapes; each shape is capped):
+# Run from the repository root, in ONE device call (about 4-8 minutes for the two default shapes; each shape is capped;
+# first a 1-minute comparison of the plain and the chunked LM-head loss):
 #   bash benchmarks/gpu_check.sh                      # llama1b, then mistral7b_12l
 #   bash benchmarks/gpu_check.sh mistral7b            # full 32-layer 7B shape, batch 1 (a separate call)
 # with the device tool: run(command="bash benchmarks/gpu_check.sh", kind="nvidia-h200", timeout_s=600, carry=[".whl"])
@@ -45,6 +46,10 @@ EOF
 mkdir -p "$WORK" && trap 'rm -rf "${WORK:?}"' EXIT
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.csv"
 df -hT "$WORK" | tail -1
+
+echo "=== LM-head loss: plain vs chunked (llama1b head) ==="
+timeout -k 10 60 "$PY" benchmarks/bench_head_loss.py --device cuda --shape llama1b --out "$OUT/head_loss.llama1b.cuda.json" \
+  2>&1 | grep -v -e USDT -e FutureWarning | tee "$OUT/head_loss.llama1b.log"
 
 SHAPES=("$@")
 [ ${#SHAPES[@]} -eq 0 ] && SHAPES=(llama1b mistral7b_12l)

@@ -212,3 +212,40 @@ def test_a_failed_exit_evaluation_is_shown(tmp_path):
     markdown = (tmp_path / "run" / "report" / "report.md").read_text()
     assert "- exit 3: evaluation failed: OutOfMemoryError: CUDA out of memory" in markdown
     assert table_rows(section(markdown, "Results per depth"))[1][5] == "-"  # no accuracy at depth 3
+
+
+def test_stage_totals_sum_layers_and_snapshot_jobs(tmp_path):
+    """Stage 2's row sums its layers over training time; the snapshot row sums rows, bytes and wall time."""
+    from segprop_ray.reporting.stages import stage_rows
+    from segprop_ray.storage.manifest import StepRecord
+
+    manifest = segprop_manifest()
+    for depth, record in manifest.layers.items():
+        record.metrics.update(wall_s=10.0 + int(depth), eval_s=2.0, data_wait_s=0.08, tokens=4000,
+                              driver_wall_s=15.0 + int(depth), peak_memory_bytes=(600 + int(depth)) << 20)
+    manifest.tokens = {"train": {"num_blocks": 2800, "seq_len": 64}, "eval": {"num_blocks": 180, "seq_len": 64}}
+    manifest.steps = {
+        "tokenize": StepRecord(status="done", wall_s=12.5),
+        "snapshot:2": StepRecord(status="done", wall_s=20.0, outputs={"rows": {"train": 2800, "eval": 180}, "bytes": 4_000_000}),
+        "snapshot:3": StepRecord(status="done", wall_s=30.0, outputs={"rows": {"train": 2800, "eval": 180}, "bytes": 6_000_000}),
+        "snapshot:4": StepRecord(status="running", outputs={"files_done": {"train": 1}}),
+        "export:5": StepRecord(status="done", wall_s=3.0),
+    }
+    rows = {row["stage"]: row for row in stage_rows(manifest)}
+    assert list(rows) == ["tokenize", "stage1", "snapshot", "stage2", "export"]
+    stage2 = rows["stage2"]
+    assert stage2["items"] == 3 and stage2["tokens"] == 12000 and stage2["wall_s"] == 15 * 3 + 3 + 4 + 5
+    train_s = (13 - 2) + (14 - 2) + (15 - 2)
+    assert stage2["tokens_per_s"] == round(12000 / train_s, 1)
+    assert stage2["data_wait_share"] == round(0.24 / train_s, 4) and stage2["peak_memory_bytes"] == 605 << 20
+    snapshot = rows["snapshot"]
+    assert snapshot["items"] == 2 and snapshot["wall_s"] == 50.0 and snapshot["tokens"] == 2 * 2980 * 64
+    assert snapshot["written_mb_per_s"] == 0.2 and snapshot["bytes_written"] == 10_000_000
+
+    ManifestStore(RunLayout.open(str(tmp_path / "run"))).write(manifest)
+    files = write_report(str(tmp_path / "run"), out=str(tmp_path / "report"))
+    markdown = Path(files["report.md"]).read_text()
+    table = table_rows(section(markdown, "Time per stage"))
+    assert [row[0] for row in table] == ["tokenize", "stage1", "snapshot", "stage2", "export"]
+    assert table[3][4] == f"{12000 / train_s:,.1f}" and table[2][8] == "0.2"
+    assert json.loads(Path(files["report.json"]).read_text())["stages"][3]["tokens"] == 12000

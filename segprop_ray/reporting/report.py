@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from segprop_ray.reporting.export import open_run
 from segprop_ray.reporting.plots import write_plots
 from segprop_ray.reporting.report_text import markdown_report, rows_csv
+from segprop_ray.reporting.stages import stage_rows
 from segprop_ray.storage.fs import publish_dir, redact_uri
 from segprop_ray.storage.manifest import LayerRecord, Manifest
 
@@ -101,6 +102,7 @@ def build_report(manifest: Manifest, run_dir: str, compared: Sequence[tuple[str,
         "run": run_summary(manifest, run_dir),
         "columns": ROW_COLUMNS,
         "layers": depth_rows(manifest),
+        "stages": stage_rows(manifest),
         "references": reference_rows(manifest, others),
         "decisions": list(manifest.decisions),
         "iteration_decisions": {str(rec.depth): rec.decision for rec in _records(manifest) if rec.decision},

@@ -19,13 +19,13 @@ def fmt(key: str, value: Any) -> str:
         return "-"
     if isinstance(value, bool) or isinstance(value, str):
         return str(value)
-    if key == "peak_memory_bytes":
+    if key in ("peak_memory_bytes", "bytes_written"):
         return _bytes(value)
     if key in ("data_wait_share", "accuracy", "accuracy_norm"):
         return f"{100 * value:.1f}%"
-    if key in ("tokens", "steps", "depth"):
+    if key in ("tokens", "steps", "depth", "items"):
         return f"{int(value):,}"
-    if key in ("wall_s", "tokens_per_s"):
+    if key in ("wall_s", "tokens_per_s", "written_mb_per_s"):
         return f"{value:,.1f}"
     return f"{value:.4f}"
 
@@ -75,6 +75,21 @@ def _depth_section(data: dict[str, Any]) -> str:
     return text + ("\n\n" + "\n".join(errors) if errors else "")
 
 
+STAGE_HEADINGS = {"stage": "stage", "items": "layers / depths", "wall_s": "wall s", "tokens": "tokens",
+                  "tokens_per_s": "tokens/s", "data_wait_share": "read wait", "peak_memory_bytes": "peak memory",
+                  "bytes_written": "written", "written_mb_per_s": "write MB/s"}
+"""Headings of the per-stage table, by ``stages.STAGE_COLUMNS`` key."""
+
+
+def _stage_section(data: dict[str, Any]) -> str:
+    if not data.get("stages"):
+        return ""
+    rows = [[fmt(key, row.get(key)) for key in STAGE_HEADINGS] for row in data["stages"]]
+    note = ("Training stages sum their layers: tokens/s and read wait are over training time (evaluation left "
+            "out); wall s is the driver's time per layer, Ray start-up included; peak memory is the highest layer's.")
+    return "## Time per stage\n\n" + markdown_table(list(STAGE_HEADINGS.values()), rows) + "\n\n" + note
+
+
 def _reference_section(data: dict[str, Any]) -> str:
     if not data["references"]:
         return "## Reference scores\n\nNo original-model score and no compared e2e run."
@@ -119,7 +134,9 @@ def _plot_section(data: dict[str, Any]) -> str:
 
 
 def markdown_report(data: dict[str, Any]) -> str:
-    """report.md: run facts, per-depth table, reference scores, comparison, decision traces, plots."""
-    sections = [_header(data), _depth_section(data), _reference_section(data), _comparison_section(data),
+    """report.md: run facts, per-depth table, per-stage totals, reference scores, comparison, decision traces,
+    plots."""
+    sections = [_header(data), _depth_section(data), _stage_section(data), _reference_section(data),
+                _comparison_section(data),
                 _decision_section(data), _iteration_section(data), _plot_section(data)]
     return "\n\n".join(section for section in sections if section) + "\n"

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from segprop_ray.reporting.report import depth_rows
+from segprop_ray.reporting.stages import stage_rows
 from segprop_ray.storage.manifest import Manifest
 
 
@@ -36,7 +37,8 @@ def status_json(manifest: Manifest) -> str:
     """The status as JSON: run facts plus the per-layer rows."""
     return json.dumps({"run_id": manifest.run_id, "state": manifest.state, "mode": manifest.mode,
                        "model": manifest.model.uri, "final_depth": manifest.final_depth, "error": manifest.error,
-                       "tokens": manifest.tokens, "layers": layer_rows(manifest), "decisions": manifest.decisions,
+                       "tokens": manifest.tokens, "layers": layer_rows(manifest), "stages": stage_rows(manifest),
+                       "decisions": manifest.decisions,
                        "steps": {k: v.model_dump() for k, v in manifest.steps.items()}}, indent=2)
 
 

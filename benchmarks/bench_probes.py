@@ -136,6 +136,12 @@ class TensorPeakProbe:
         loop.hooks.log = self._on_log
         self._profiler: Any = None
 
+    def close(self) -> None:
+        """Stop the profiler if the loop ended before the profiled step did (an exit rule stopped it early)."""
+        if self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            self._profiler = None
+
     @property
     def peak_bytes(self) -> int | None:
         """Live bytes at the step's start plus the step's highest net allocation (None if not reached)."""
@@ -168,15 +174,22 @@ def live_tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int
 
 
 def max_net_allocated(profiler: Any) -> int:
-    """Highest 'Total Allocated' (bytes allocated minus freed since the profile began) of the CPU memory events."""
+    """Highest net allocation (bytes allocated minus freed) during a profile, from its CPU memory events.
+
+    The profiler's running 'Total Allocated' is not reset between profiles of one process, so it is taken
+    relative to its value before the profile's first event.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         trace = os.path.join(tmp, "trace.json")
         profiler.export_chrome_trace(trace)
         with open(trace) as file:
             events = json.load(file)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
-    return max(totals, default=0)
+    memory = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
+                    key=lambda e: e["ts"])
+    if not memory:
+        return 0
+    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in memory) - start
 
 
 # -- saved activations ------------------------------------------------------------------------------

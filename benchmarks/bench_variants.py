@@ -155,7 +155,11 @@ def train_timed(plan: BenchPlan, loop: Any, model: nn.Module, device: torch.devi
     probe = SavedTensorProbe(model)
     tensors = TensorPeakProbe(loop, model, plan.profiled_step) if plan.profiled_step else None
     timer.start()
-    loop.run()
+    try:
+        loop.run()
+    finally:
+        if tensors is not None:
+            tensors.close()
     sync(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = timer.summary(plan.warmup, plan.batch * plan.seq, timed=plan.steps)

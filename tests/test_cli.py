@@ -71,6 +71,9 @@ def test_other_config_on_existing_run_is_refused_unless_restart(tmp_path, inputs
     assert marker.exists()  # nothing written is lost by a refusal
     same_where = validate_config({**raw, "resources": {"num_cpus": 1}})
     Driver(same_where).prepare()  # where/how fast it runs is not what it computes: continues the run
+    smaller_chunks = validate_config({**raw, "training": {**raw["training"], "loss_chunk_tokens": 64}})
+    Driver(smaller_chunks).prepare()  # e.g. after an out-of-memory error: continues the run
+    assert marker.exists()
     Driver(changed, restart=True).prepare()
     assert not marker.exists()
 

@@ -119,3 +119,11 @@ def test_segment_loss_equals_hf_loss_and_saves_no_logits(tmp_path):
     chunked_saved = saved_bytes(lambda: exit_model(ids, hidden))
     assert plain_saved - chunked_saved >= logits_bytes  # the probe sees the plain loss's fp32 logits
     assert chunked_saved < logits_bytes
+
+
+def test_a_second_backward_is_refused():
+    hidden, weight, bias, targets = leaves()
+    loss = linear_cross_entropy(hidden, weight, bias, targets, chunk_tokens=4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated once"):
+        loss.backward()

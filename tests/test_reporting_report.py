@@ -231,12 +231,13 @@ def test_stage_totals_sum_layers_and_snapshot_jobs(tmp_path):
         "snapshot:4": StepRecord(status="running", outputs={"files_done": {"train": 1}}),
         "export:5": StepRecord(status="done", wall_s=3.0),
     }
+    manifest.layers["3"].metrics["world_size"] = 2  # its rank 0 saw half of the layer's tokens
     rows = {row["stage"]: row for row in stage_rows(manifest)}
     assert list(rows) == ["tokenize", "stage1", "snapshot", "stage2", "export"]
     stage2 = rows["stage2"]
-    assert stage2["items"] == 3 and stage2["tokens"] == 12000 and stage2["wall_s"] == 15 * 3 + 3 + 4 + 5
+    assert stage2["items"] == 3 and stage2["tokens"] == 16000 and stage2["wall_s"] == 15 * 3 + 3 + 4 + 5
     train_s = (13 - 2) + (14 - 2) + (15 - 2)
-    assert stage2["tokens_per_s"] == round(12000 / train_s, 1)
+    assert stage2["tokens_per_s"] == round(16000 / train_s, 1)
     assert stage2["data_wait_share"] == round(0.24 / train_s, 4) and stage2["peak_memory_bytes"] == 605 << 20
     snapshot = rows["snapshot"]
     assert snapshot["items"] == 2 and snapshot["wall_s"] == 50.0 and snapshot["tokens"] == 2 * 2980 * 64
@@ -247,5 +248,5 @@ def test_stage_totals_sum_layers_and_snapshot_jobs(tmp_path):
     markdown = Path(files["report.md"]).read_text()
     table = table_rows(section(markdown, "Time per stage"))
     assert [row[0] for row in table] == ["tokenize", "stage1", "snapshot", "stage2", "export"]
-    assert table[3][4] == f"{12000 / train_s:,.1f}" and table[2][8] == "0.2"
-    assert json.loads(Path(files["report.json"]).read_text())["stages"][3]["tokens"] == 12000
+    assert table[3][4] == f"{16000 / train_s:,.1f}" and table[2][8] == "0.2"
+    assert json.loads(Path(files["report.json"]).read_text())["stages"][3]["tokens"] == 16000

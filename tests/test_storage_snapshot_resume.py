@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from segprop_ray.storage.snapshot_resume import clear_written, finished_files, record_written
+from segprop_ray.storage.snapshot_resume import clear_written, is_intact, recorded_files, record_written
 from test_storage_snapcheck import N, SPEC, commit_tokens, embed, tokens
 from segprop_ray.storage.snapcheck import transform_file
 
 DEPTH = 2
+
+
+def finished_files(layout, split, depth, weights_hash):
+    """What a restarted job keeps: recorded files (driver's check) whose content is intact (actors' check)."""
+    return {index: info for index, info in recorded_files(layout, split, depth, weights_hash).items()
+            if is_intact(layout, split, depth, info)}
 
 
 @pytest.fixture
@@ -42,6 +48,8 @@ def test_damaged_or_missing_files_are_written_again(run_layout, written):
     fs.pipe_file(first, bytes(data))
     fs.pipe_file(second, fs.cat_file(second)[:-10])  # truncated
     fs.rm_file(third)
+    assert set(recorded_files(run_layout, "train", DEPTH, "w")) == {0}  # the size check alone misses the flip
+    assert not is_intact(run_layout, "train", DEPTH, written[0])
     assert finished_files(run_layout, "train", DEPTH, "w") == {}
 
 

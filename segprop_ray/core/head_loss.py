@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 LOGITS_CHUNK_BYTES = 1 << 30
-"""Size of one chunk's fp32 logits when the chunk size is not given (1 GiB: 2,048 tokens at V=128k)."""
+"""Size of one chunk's fp32 logits when the chunk size is not given (1 GiB: 2,092 tokens at V=128,256)."""
 
 
 @dataclass
@@ -81,10 +81,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(*(t for t in (grad_hidden,) if t is not None))
         ctx.has_hidden = grad_hidden is not None
         ctx.param_grads = (grad_weight, grad_bias)
+        ctx.spent = False
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):  # noqa: D102
+        if ctx.spent:
+            raise RuntimeError("the chunked LM-head loss can be backpropagated once (its gradients were handed over)")
+        ctx.spent = True
         grad_hidden = ctx.saved_tensors[0] if ctx.has_hidden else None
         grad_weight, grad_bias = ctx.param_grads
         ctx.param_grads = (None, None)  # let autograd take the buffers over instead of copying them

@@ -25,7 +25,7 @@ from segprop_ray.reporting.model_card import export_with_card
 from segprop_ray.storage.layout import SPLITS
 from segprop_ray.storage.manifest import LayerRecord, Manifest, ManifestStore, now
 from segprop_ray.storage.snapcheck import apply_retention, commit_depth, inspect_committed
-from segprop_ray.storage.snapshot_resume import clear_written, finished_files
+from segprop_ray.storage.snapshot_resume import clear_written, recorded_files
 from segprop_ray.storage.weights_store import snapshot_weights_hash
 
 
@@ -152,26 +152,26 @@ class Driver:
         if depth > base:
             self.ensure_snapshot(depth - 1)
         layout, expected = self.setup.layout, self._hash_of(depth)
-        kept = {split: finished_files(layout, split, depth, expected) for split in SPLITS}
-        reused = sum(map(len, kept.values()))
-        self.echo(f"snapshot S[{depth}] (Ray Data)" + (f": {reused} file(s) kept from an earlier attempt" if reused else ""))
+        recorded = {split: recorded_files(layout, split, depth, expected) for split in SPLITS}
+        candidates = sum(map(len, recorded.values()))
+        note = f": {candidates} file(s) of an earlier attempt to check" if candidates else ""
+        self.echo(f"snapshot S[{depth}] (Ray Data){note}")
         started = self._start_step(f"snapshot:{depth}")
         ctx = self._context(depth, input_hash=self._hash_of(None if depth == base else depth - 1))
-        written = run_snapshot_job(ctx, self.setup.model_info.hidden_size, skip={s: set(kept[s]) for s in SPLITS},
-                                   on_file=self._snapshot_progress(depth, kept))
+        files = run_snapshot_job(ctx, self.setup.model_info.hidden_size, recorded, self._snapshot_progress(depth))
         for split in SPLITS:
-            commit_depth(layout, split, depth, [*kept[split].values(), *written[split]], expected, self.setup.spec)
+            commit_depth(layout, split, depth, files.all(split), expected, self.setup.spec)
             clear_written(layout, split, depth)
             self.checked.add((split, depth, expected))
             deleted = apply_retention(layout, split, self.cfg.snapcheck.keep_depths, protect=[depth])
             self.checked = {key for key in self.checked if key[:2] not in {(split, d) for d in deleted}}
-        outputs = _snapshot_outputs(written, time.time() - started)
-        self._finish_step(f"snapshot:{depth}", started, {**outputs, "kept_files": {s: len(kept[s]) for s in SPLITS}})
+        outputs = _snapshot_outputs(files.written, time.time() - started)
+        self._finish_step(f"snapshot:{depth}", started, {**outputs, "kept_files": {s: len(files.kept[s]) for s in SPLITS}})
 
-    def _snapshot_progress(self, depth: int, kept: dict[str, dict]) -> Callable[[str, Any], None]:
+    def _snapshot_progress(self, depth: int) -> Callable[[str, Any], None]:
         """A per-file callback that writes ``files_done``/``files_total`` of S[depth] to the manifest every 10 s."""
         total = {split: self.setup.spec.num_files(self.manifest.tokens[split]["num_blocks"]) for split in SPLITS}
-        done = {split: len(kept[split]) for split in SPLITS}
+        done = {split: 0 for split in SPLITS}
         last = [time.monotonic()]
 
         def on_file(split: str, _info: Any) -> None:

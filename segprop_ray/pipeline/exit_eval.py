@@ -59,7 +59,8 @@ def exit_metrics(job: dict[str, Any]) -> dict[str, Any]:
     weights = ctx.run_weights(plan, committed_layers=list(range(depth + 1)) if depth >= 0 else [])
     layers = list(range(parts.num_layers)) if depth < 0 else plan.exit_layers(depth)
     source = weights.base if depth < 0 else ChainSource(weights.committed, weights.exit_weights(depth), weights.base)
-    model = build_segment(parts, SegmentSpec([(i, source) for i in layers], source, source), trainable=False)
+    model = build_segment(parts, SegmentSpec([(i, source) for i in layers], source, source), trainable=False,
+                          loss_chunk_tokens=cfg.training.loss_chunk_tokens)
     metrics: dict[str, Any] = {}
     tokens_needed = max(cfg.evaluation.nhsic_tokens // max(cfg.data.seq_len - 1, 1) + 1, 1)
     tokens = _eval_tokens(ctx, parts.config.hidden_size)

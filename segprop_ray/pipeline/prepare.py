@@ -22,6 +22,10 @@ from segprop_ray.storage.shard_format import ShardSpec
 # Settings that say where and how fast a run goes, or what is measured, not which weights it trains:
 # changing them continues a run.
 WHERE_NOT_WHAT = {"run_dir", "storage_options", "resources", "device", "evaluation"}
+"""Config sections that say where and how a run executes, not what it computes: changing them continues the run."""
+HOW_NOT_WHAT = {"loss_chunk_tokens"}
+"""Training settings of the same kind (memory against speed; only float rounding differs): lowering the loss
+chunk after an out-of-memory error continues the run."""
 
 
 @dataclass
@@ -38,7 +42,10 @@ class RunSetup:
 
 def semantic_config(cfg: Config) -> dict[str, Any]:
     """The settings that decide what the run computes."""
-    return cfg.model_dump(mode="json", exclude=WHERE_NOT_WHAT)
+    data = cfg.model_dump(mode="json", exclude=WHERE_NOT_WHAT)
+    data["training"] = {k: v for k, v in data["training"].items() if k not in HOW_NOT_WHAT}
+    data["stage1"] = {k: v for k, v in data["stage1"].items() if k not in HOW_NOT_WHAT}
+    return data
 
 
 def digest(data: Any) -> str:

@@ -13,7 +13,9 @@ once every file is written.
 from __future__ import annotations
 
 import json
+import logging
 import os
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -25,7 +27,9 @@ from segprop_ray.pipeline.context import JobContext
 from segprop_ray.storage.layout import SPLITS
 from segprop_ray.storage.shards import FileInfo
 from segprop_ray.storage.snapcheck import transform_file
-from segprop_ray.storage.snapshot_resume import record_written
+from segprop_ray.storage.snapshot_resume import is_intact, record_written
+
+log = logging.getLogger(__name__)
 
 FAULT_ENV = "SEGPROP_TEST_FAIL_SNAPSHOT_AT"
 """Testing hook: ``"<depth>:<split>:<file index>"`` makes the actor raise on that file (see tests)."""
@@ -52,28 +56,42 @@ class SnapshotActor:
         return snapshot_forward(self.producer, input_ids, hidden, cfg.snapcheck.dtype, cfg.training.bf16, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        infos = []
-        for split, file_index in zip(batch["split"], batch["file_index"]):
+        infos, kept = [], []
+        for split, file_index, record in zip(batch["split"], batch["file_index"], batch["record"]):
             split, file_index = str(split), int(file_index)
-            if os.environ.get(FAULT_ENV) == f"{self.ctx.depth}:{split}:{file_index}":
-                raise RuntimeError(f"{FAULT_ENV}: failing {split} file {file_index} of depth {self.ctx.depth}")
-            info = transform_file(self.ctx.layout, split, file_index, source_depth=self.source_depth,
-                                  depth=self.ctx.depth, fn=self.apply, spec=self.spec)
+            info = self._kept(split, str(record))
+            kept.append(info is not None)
+            infos.append(json.dumps((info or self._write(split, file_index)).to_dict()))
+        return {"split": batch["split"], "info": np.array(infos), "kept": np.array(kept)}
+
+    def _kept(self, split: str, record: str) -> FileInfo | None:
+        """The recorded file of an earlier attempt, if its content is intact (the sha256 is checked here, in
+        parallel across the actors, rather than on the driver)."""
+        if not record:
+            return None
+        info = FileInfo.from_dict(json.loads(record))
+        return info if is_intact(self.ctx.layout, split, self.ctx.depth, info) else None
+
+    def _write(self, split: str, file_index: int) -> FileInfo:
+        if os.environ.get(FAULT_ENV) == f"{self.ctx.depth}:{split}:{file_index}":
+            raise RuntimeError(f"{FAULT_ENV}: failing {split} file {file_index} of depth {self.ctx.depth}")
+        info = transform_file(self.ctx.layout, split, file_index, source_depth=self.source_depth,
+                              depth=self.ctx.depth, fn=self.apply, spec=self.spec)
+        try:
             record_written(self.ctx.layout, split, self.ctx.depth, info, self.weights_hash)
-            infos.append(json.dumps(info.to_dict()))
-        return {"split": batch["split"], "info": np.array(infos)}
+        except Exception as error:  # noqa: BLE001 - the file is written; only a restart's shortcut is lost
+            log.warning("%s: no resume record written (%s)", info.name, error)
+        return info
 
 
-def run_snapshot_job(ctx: JobContext, hidden_size: int, skip: dict[str, set[int]] | None = None,
-                     on_file: Callable[[str, FileInfo], None] | None = None) -> dict[str, list[FileInfo]]:
-    """Write the shard files of S[ctx.depth] for both splits, except the file indices in ``skip``;
-    returns the written files per split. ``on_file(split, info)`` hears of each file as it is done."""
-    spec, skip = ctx.spec(hidden_size), skip or {}
-    items = [{"split": split, "file_index": i} for split in SPLITS
-             for i in range(spec.num_files(ctx.num_blocks[split])) if i not in skip.get(split, ())]
-    written: dict[str, list[FileInfo]] = {split: [] for split in SPLITS}
-    if not items:
-        return written
+def run_snapshot_job(ctx: JobContext, hidden_size: int, recorded: dict[str, dict[int, FileInfo]] | None = None,
+                     on_file: Callable[[str, FileInfo], None] | None = None) -> SnapshotFiles:
+    """Write the shard files of S[ctx.depth] for both splits. Files in ``recorded`` (an earlier attempt's,
+    by split and file index) are kept if their sha256 still matches, else written again. ``on_file(split,
+    info)`` hears of each file as it is done."""
+    spec, recorded = ctx.spec(hidden_size), recorded or {}
+    items = [{"split": split, "file_index": i, "record": _record_json(recorded.get(split, {}).get(i))}
+             for split in SPLITS for i in range(spec.num_files(ctx.num_blocks[split]))]
     res = ctx.cfg.resources.snapshot
     remote_args: dict[str, Any] = {}
     if os.environ.get(FAULT_ENV):
@@ -91,9 +109,26 @@ def run_snapshot_job(ctx: JobContext, hidden_size: int, skip: dict[str, set[int]
         num_gpus=res.num_gpus,
         **remote_args,
     )
+    files = SnapshotFiles()
     for row in dataset.iter_rows():
         split, info = str(row["split"]), FileInfo.from_dict(json.loads(str(row["info"])))
-        written[split].append(info)
+        (files.kept if bool(row["kept"]) else files.written)[split].append(info)
         if on_file is not None:
             on_file(split, info)
-    return written
+    return files
+
+
+@dataclass
+class SnapshotFiles:
+    """The files of a snapshot job, per split: written by it, or kept from an earlier attempt."""
+
+    written: dict[str, list[FileInfo]] = field(default_factory=lambda: {split: [] for split in SPLITS})
+    kept: dict[str, list[FileInfo]] = field(default_factory=lambda: {split: [] for split in SPLITS})
+
+    def all(self, split: str) -> list[FileInfo]:
+        """Every file of ``split``, in no particular order."""
+        return self.written[split] + self.kept[split]
+
+
+def _record_json(info: FileInfo | None) -> str:
+    return json.dumps(info.to_dict()) if info is not None else ""

@@ -85,8 +85,9 @@ def _stage_section(data: dict[str, Any]) -> str:
     if not data.get("stages"):
         return ""
     rows = [[fmt(key, row.get(key)) for key in STAGE_HEADINGS] for row in data["stages"]]
-    note = ("Training stages sum their layers: tokens/s and read wait are over training time (evaluation left "
-            "out); wall s is the driver's time per layer, Ray start-up included; peak memory is the highest layer's.")
+    note = ("Training stages sum their layers: tokens and tokens/s are the whole worker group's, over training "
+            "time (evaluation left out), as is the read wait; wall s is the driver's time per layer, Ray start-up "
+            "included; peak memory is the highest layer's on one worker.")
     return "## Time per stage\n\n" + markdown_table(list(STAGE_HEADINGS.values()), rows) + "\n\n" + note
 
 

@@ -3,7 +3,9 @@
 Stages, in pipeline order: ``tokenize``, ``stage1`` (or ``e2e``), ``snapshot`` (every SnapCheck depth),
 ``stage2`` (every middle layer) and ``export``. Training stages sum their layers' tokens, training
 time and shard-read waits, so ``tokens_per_s`` and ``data_wait_share`` are the stage's own (evaluation
-time left out, as per layer); the peak is the highest layer's. Snapshot jobs report rows, bytes and
+time left out, as per layer); the peak is the highest layer's. A layer's metrics are rank 0's, so its
+tokens are counted once per data-parallel worker (``world_size``): the stage's tokens and tokens/s are
+the whole worker group's, like the snapshot row's. Snapshot jobs report rows, bytes and
 write throughput. Only finished work is counted.
 """
 
@@ -51,7 +53,7 @@ def _training_rows(manifest: Manifest, stage: str) -> list[dict[str, Any]]:
     if not records:
         return []
     metrics = [r.metrics for r in records]
-    tokens = _sum(m.get("tokens") for m in metrics)
+    tokens = _sum(m["tokens"] * (m.get("world_size") or 1) for m in metrics if m.get("tokens") is not None)
     train_s = _sum((m.get("wall_s") or 0.0) - (m.get("eval_s") or 0.0) for m in metrics)
     waited = _sum(m.get("data_wait_s") for m in metrics)
     wall = _sum(m.get("driver_wall_s", m.get("wall_s")) for m in metrics)

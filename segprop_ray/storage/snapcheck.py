@@ -88,6 +88,7 @@ def transform_file(layout: RunLayout, split: str, file_index: int, *, source_dep
                 pending = reader.submit(read, group + 1)  # the next group is read while this one is computed
             hidden = fn(rows["input_ids"], rows.get("hidden"))  # (n, T, H) float
             writer.write_group(rows["input_ids"], hidden, block_ids=rows["block_id"])
+            del rows, hidden  # the next group's output is not made while this one is held
     return writer.info
 
 

@@ -3,9 +3,10 @@
 A snapshot job writes a depth file by file. Right after a file is finished its writer leaves
 ``_written/part-NNNNN.json`` beside it: the file's :class:`FileInfo` and the weights hash of the
 depth. A job started again for the same depth (a preempted node, a killed driver) keeps a file
-only if its record names the expected weights hash and the file still has the recorded size and
-sha256; every other file is written again. The records are removed once the depth is committed:
-its ``_COMMITTED`` marker then holds the same facts.
+only if its record names the expected weights hash and the file still has the recorded size
+(:func:`recorded_files`, on the driver) and sha256 (:func:`is_intact`, in the job's actors, in
+parallel); every other file is written again. The records are removed once the depth is
+committed: its ``_COMMITTED`` marker then holds the same facts.
 
 Each file has its own record, so concurrent writers never share a document.
 """
@@ -34,8 +35,9 @@ def record_written(layout: RunLayout, split: str, depth: int, info: FileInfo, we
     WRITTEN_FORMAT.write(layout.fs, layout.written_record(split, depth, index), body)
 
 
-def finished_files(layout: RunLayout, split: str, depth: int, weights_hash: str) -> dict[int, FileInfo]:
-    """``file index -> FileInfo`` of the depth's files that an earlier attempt finished and that are intact."""
+def recorded_files(layout: RunLayout, split: str, depth: int, weights_hash: str) -> dict[int, FileInfo]:
+    """``file index -> FileInfo`` of the depth's files that an earlier attempt recorded as finished from the
+    weights ``weights_hash`` and that still have the recorded size (their content: :func:`is_intact`)."""
     directory = layout.written_dir(split, depth)
     layout.fs.invalidate_cache(directory)
     try:
@@ -50,6 +52,15 @@ def finished_files(layout: RunLayout, split: str, depth: int, weights_hash: str)
         else:
             kept[part_index(info.name)] = info
     return kept
+
+
+def is_intact(layout: RunLayout, split: str, depth: int, info: FileInfo) -> bool:
+    """Whether the depth's file ``info.name`` has the recorded sha256 (reads the whole file)."""
+    index = part_index(info.name)
+    try:
+        return index is not None and file_sha256(layout.fs, layout.shard_file(split, depth, index)) == info.sha256
+    except FileNotFoundError:
+        return False
 
 
 def clear_written(layout: RunLayout, split: str, depth: int) -> None:
@@ -81,6 +92,4 @@ def _check_record(layout: RunLayout, split: str, depth: int, record: str,
         return None, f"{info.name} missing"
     if size != info.bytes:
         return None, f"{info.name} has {size} bytes, record says {info.bytes}"
-    if file_sha256(layout.fs, path) != info.sha256:
-        return None, f"{info.name} sha256 differs from the record's"
     return info, "ok"

@@ -10,11 +10,11 @@
 #
 # Before the call, on the CPU machine (the device image has torch, transformers, safetensors, pyarrow,
 # fsspec and PyYAML, but was not seen with pydantic, which segprop_ray.config needs):
-#   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl pydantic==2.14.3 pydantic_core==2.50.4 annotated_types==0.8.0 typing_inspection==0.4.5 \
 #     typing_extensions==4.16.0
+# (.whl/ is in .gitignore, so only carry=[".whl"] takes it to the device.)
 # The script installs .whl/*.whl (if any) into /tmp/site first, and stops early, naming what is missing,
 # if an import fails. Output: a short table per shape on stdout; JSON + log per shape in $OUT.
 set -uo pipefail

@@ -127,7 +127,7 @@ def test_report_files_table_json_csv_and_plots_agree_with_the_manifest(runs, tmp
 
     report_dir = tmp_path / "segprop" / "report"
     assert set(written) == {"report.md", "report.json", "report.csv", "metric_vs_depth.png", "loss_curves.png",
-                            "nhsic.png", "efficiency.png"}
+                            "nhsic.png", "efficiency.png", "time_per_stage.png"}
     assert all(Path(path).parent == report_dir and Path(path).is_file() for path in written.values())
     depths = manifest.committed_depths()
     markdown = (report_dir / "report.md").read_text()
@@ -234,6 +234,7 @@ def test_stage_totals_sum_layers_and_snapshot_jobs(tmp_path):
     manifest.layers["3"].metrics["world_size"] = 2  # its rank 0 saw half of the layer's tokens
     rows = {row["stage"]: row for row in stage_rows(manifest)}
     assert list(rows) == ["tokenize", "stage1", "snapshot", "stage2", "export"]
+    assert rows["tokenize"]["tokens"] == 2980 * 64 and rows["tokenize"]["tokens_per_s"] == round(2980 * 64 / 12.5, 1)
     stage2 = rows["stage2"]
     assert stage2["items"] == 3 and stage2["tokens"] == 16000 and stage2["wall_s"] == 15 * 3 + 3 + 4 + 5
     train_s = (13 - 2) + (14 - 2) + (15 - 2)
@@ -250,3 +251,5 @@ def test_stage_totals_sum_layers_and_snapshot_jobs(tmp_path):
     assert [row[0] for row in table] == ["tokenize", "stage1", "snapshot", "stage2", "export"]
     assert table[3][4] == f"{16000 / train_s:,.1f}" and table[2][8] == "0.2"
     assert json.loads(Path(files["report.json"]).read_text())["stages"][3]["tokens"] == 16000
+    assert_real_png(Path(files["time_per_stage.png"]).read_bytes())
+    assert "![Time per stage](time_per_stage.png)" in markdown

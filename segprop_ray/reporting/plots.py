@@ -22,6 +22,7 @@ PLOT_FILES = {
     "Loss curves per iteration": "loss_curves.png",
     "nHSIC by depth": "nhsic.png",
     "Efficiency by depth": "efficiency.png",
+    "Time per stage": "time_per_stage.png",
 }
 """Plot title -> file name; a plot without data is not written."""
 
@@ -193,6 +194,27 @@ def plot_efficiency(data: dict[str, Any], path: Path) -> bool:
     return _save(figure, path)
 
 
+def plot_time_per_stage(data: dict[str, Any], path: Path) -> bool:
+    """Where the run's time went: wall time per stage (bars), with its throughput written beside each bar."""
+    stages = [row for row in data.get("stages", []) if row.get("wall_s")]
+    if not stages:
+        return False
+    figure = Figure(figsize=(9, 0.6 * len(stages) + 1.6), dpi=DPI)
+    ax = figure.subplots()
+    names = [f"{row['stage']} ({row['items']})" for row in stages][::-1]
+    walls = [row["wall_s"] for row in stages][::-1]
+    bars = ax.barh(names, walls, color=[f"C{i}" for i in range(len(stages))][::-1])
+    for bar, row in zip(bars, stages[::-1]):
+        speed = f"  {row['tokens_per_s']:,.0f} tokens/s" if row.get("tokens_per_s") else ""
+        ax.annotate(f"{row['wall_s']:,.1f} s{speed}", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                    xytext=(4, 0), textcoords="offset points", va="center", fontsize=9)
+    ax.set_xlim(0, max(walls) * 1.45)
+    total = sum(walls)
+    _finish(ax, f"{data['run']['label']}: wall time per stage (total {total:,.0f} s; in brackets: layers or depths)",
+            "stage", xlabel="wall time (s)")
+    return _save(figure, path)
+
+
 def _join_cumulative(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     cumulative = {entry["depth"]: entry for entry in _cumulative_wall(rows)}
     return [(row, {"cumulative_wall_s": cumulative.get(row["depth"], {}).get("cumulative_wall_s")}) for row in rows]
@@ -209,6 +231,7 @@ PLOTTERS: dict[str, Callable[[dict[str, Any], Path], bool]] = {
     "Loss curves per iteration": plot_loss_curves,
     "nHSIC by depth": plot_nhsic,
     "Efficiency by depth": plot_efficiency,
+    "Time per stage": plot_time_per_stage,
 }
 
 

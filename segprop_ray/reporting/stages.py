@@ -25,7 +25,9 @@ def stage_rows(manifest: Manifest) -> list[dict[str, Any]]:
     rows = []
     tokenize = manifest.steps.get("tokenize")
     if tokenize is not None and tokenize.status == "done":
-        rows.append(_row("tokenize", 1, tokenize.wall_s))
+        tokens = _sum(info.get("num_blocks", 0) * info.get("seq_len", 0) for info in manifest.tokens.values())
+        rows.append(_row("tokenize", 1, tokenize.wall_s, tokens=tokens or None,
+                         tokens_per_s=round(tokens / tokenize.wall_s, 1) if tokens and tokenize.wall_s else None))
     for stage in ("stage1", "e2e"):
         rows += _training_rows(manifest, stage)
     snapshots = _done_steps(manifest, "snapshot:")

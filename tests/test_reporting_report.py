@@ -252,4 +252,10 @@ def test_stage_totals_sum_layers_and_snapshot_jobs(tmp_path):
     assert table[3][4] == f"{16000 / train_s:,.1f}" and table[2][8] == "0.2"
     assert json.loads(Path(files["report.json"]).read_text())["stages"][3]["tokens"] == 16000
     assert_real_png(Path(files["time_per_stage.png"]).read_bytes())
+
+    from rich.console import Console
+    from segprop_ray.reporting.status import render_status
+    console = Console(record=True, width=200)
+    render_status(manifest, console)
+    assert "time per stage: tokenize 12 s, stage1 17 s, snapshot 50 s (2), stage2 57 s (3), export 3 s" in console.export_text()
     assert "![Time per stage](time_per_stage.png)" in markdown

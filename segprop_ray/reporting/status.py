@@ -62,6 +62,10 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
     console.print(table)
     for line in running_steps(manifest):
         console.print(f"running: {line}")
+    stages = [f"{row['stage']} {row['wall_s']:,.0f} s" + (f" ({row['items']})" if row["items"] > 1 else "")
+              for row in stage_rows(manifest) if row.get("wall_s") is not None]
+    if stages:
+        console.print("time per stage: " + ", ".join(stages))
     if manifest.baseline:
         console.print(f"input model: eval loss {_num(manifest.baseline.get('eval_loss'))}, "
                       f"accuracy {_pct(manifest.baseline.get('accuracy'))}")

@@ -96,9 +96,11 @@ def test_steps_warmup_and_decay_groups(setup):
     assert total_steps(cfg.training, batches_per_epoch=10) == 13  # ceil(25 micro / 2)
     assert warmup_steps(cfg.training, 13) == 2
     loop = make_loop(setup)
-    decay, no_decay = decay_groups(loop.model.named_parameters(), 0.1)
+    decay, no_decay = decay_groups(loop.model, 0.1)
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    assert no_decay["weight_decay"] == 0.0
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+    trainable = [p for p in loop.model.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable) and no_decay["params"]
 
 
 def test_plateau_and_target_exits_record_their_numbers(setup):

@@ -133,7 +133,9 @@ class TrainResources(Strict):
     label_selector: dict[str, str] = {}
     """Ray node labels the workers must run on, e.g. ``{"ray.io/market-type": "spot"}``."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """Data-parallel strategy (FSDP shards the parameters; useful for Stage 1 and E2E; GPU only)."""
+    """Data-parallel strategy: ``ddp``, or ``fsdp`` (one FullyShardedDataParallel unit over the segment, original
+    parameters kept: shards weights, gradients and AdamW state across workers; useful for Stage 1 and E2E;
+    GPU only)."""
 
     @model_validator(mode="after")
     def _fsdp_needs_gpus(self) -> "TrainResources":

@@ -51,7 +51,7 @@ class TrainingConfig(Strict):
     warmup_steps: int = Field(0, ge=0)
     """Warmup steps; a positive value overrides ``warmup_ratio``."""
     weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay, applied to matrices only (not to biases and norm weights), as HF does."""
+    """AdamW weight decay, on every weight except biases and normalisation layers' weights, as HF's Trainer does."""
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     """AdamW beta1."""
     adam_beta2: float = Field(0.999, ge=0, lt=1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -48,18 +48,25 @@ def warmup_steps(args: TrainArgs, steps: int) -> int:
     return args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * steps)
 
 
-def decay_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Parameter groups: weight decay on matrices, none on biases and norm weights (1-D tensors)."""
-    decay, no_decay = [], []
-    for _, param in named_params:
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Parameter groups as HF's Trainer makes them: weight decay on every trainable weight except biases and the
+    weights of normalisation layers.
+
+    Decided by parameter name and module type, not by shape: FSDP presents its shards as 1-D views.
+    """
+    decay, no_decay, seen = [], [], set()
+    for _, sub in module.named_modules():
+        is_norm = "norm" in type(sub).__name__.lower()  # LayerNorm, LlamaRMSNorm, Qwen2RMSNorm, ...
+        for name, param in sub.named_parameters(recurse=False):
+            if param.requires_grad and id(param) not in seen:  # a tied weight is listed once
+                seen.add(id(param))
+                (no_decay if is_norm or name == "bias" else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(module: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``module`` (fused on CUDA)."""
-    groups = decay_groups(module.named_parameters(), args.weight_decay)
+    groups = decay_groups(module, args.weight_decay)
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(
         groups,

@@ -46,7 +46,11 @@ class LMHead(nn.Module):
         return self.proj(self.norm(hidden))  # (B, T, H) -> (B, T, V)
 
     def next_token_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int | None = None):
-        """Mean cross-entropy of predicting token t+1 at position t, without all logits in memory at once."""
+        """Mean cross-entropy of predicting token t+1 at position t, without all logits in memory at once.
+
+        Reads ``proj.weight`` directly rather than calling ``proj``: under FSDP the head must belong to the unit
+        whose forward is running, which holds as the pipeline wraps the whole segment as one unit.
+        """
         normed = self.norm(hidden[:, :-1])  # (B, T-1, H): the last position predicts nothing
         flat = normed.reshape(-1, normed.shape[-1])  # (B*(T-1), H)
         targets = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)

@@ -23,7 +23,6 @@ from segprop_ray.core.exits import IterationExit, StopDecision
 from segprop_ray.core.optim import TrainArgs, autocast_context, build_optimizer, build_scheduler, total_steps
 
 Batch = dict[str, torch.Tensor]
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FULL_LOAD = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
 BatchSource = Callable[[int, int], Iterator[Batch]]  # (epoch, batches to skip) -> micro-batches
 
@@ -123,12 +122,21 @@ class SegmentLoop:
 
     def _optimizer_step(self) -> None:
         if self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            self._clip_gradients(self.args.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self._after_step()
+
+    def _clip_gradients(self, max_norm: float) -> None:
+        """Clip by the norm of the whole gradient. FSDP (flat parameters) holds a shard per rank and knows how
+        to take the global norm; a per-rank norm would clip every rank by a different factor."""
+        clip = getattr(self.model, "clip_grad_norm_", None)
+        if clip is not None:
+            clip(max_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def _after_step(self) -> None:
         step, args = self.state.step, self.args
@@ -172,9 +180,10 @@ class SegmentLoop:
 
         Full (unsharded) CPU copies, also under DDP or FSDP: every rank must call it (a collective there).
         """
+        options = full_state_options(self.device)
         return {
-            "model": get_model_state_dict(self.model, options=FULL_STATE),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE),
+            "model": get_model_state_dict(self.model, options=options),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
             "scheduler": self.scheduler.state_dict(),
             "loop": asdict(self.state),
             "pending_loss": [float(x) for x in self._pending_loss],
@@ -192,6 +201,12 @@ class SegmentLoop:
         timing = state["timing"]
         self.wall_s, self.data_wait_s, self.eval_s = timing["wall_s"], timing["data_wait_s"], timing.get("eval_s", 0.0)
         torch.set_rng_state(state["rng"])
+
+
+def full_state_options(device: torch.device) -> StateDictOptions:
+    """Options to gather a full (unsharded) state dict: into CPU memory from a GPU; on CPU as it is (FSDP cannot
+    offload tensors that are already there)."""
+    return StateDictOptions(full_state_dict=True, cpu_offload=device.type == "cuda")
 
 
 def model_inputs(batch: Batch, device: torch.device) -> Batch:

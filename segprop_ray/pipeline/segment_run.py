@@ -18,7 +18,7 @@ from segprop_ray.core.data_order import BlockOrder
 from segprop_ray.core.exits import IterationExit
 from segprop_ray.core.iteration import build_segment, split_trained
 from segprop_ray.core.plan import segment_seed
-from segprop_ray.core.training import FULL_STATE, LoopHooks, SegmentLoop, evaluate_loss
+from segprop_ray.core.training import LoopHooks, SegmentLoop, evaluate_loss, full_state_options
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.storage.errors import StorageError
 from segprop_ray.storage.reader import ShardBatchReader, epoch_reader
@@ -88,7 +88,7 @@ class SegmentRun:
 
         Every rank must call it (gathering sharded weights is a collective); only ``write`` ranks write.
         """
-        state = get_model_state_dict(self.model, options=FULL_STATE)
+        state = get_model_state_dict(self.model, options=full_state_options(self.device))
         eval_loss = self.evaluate(0) if self.args.max_eval_blocks else self.loop.state.history[-1]["eval_loss"]
         if not write:
             return None

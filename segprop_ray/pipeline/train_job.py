@@ -48,8 +48,14 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     return result
 
 
+FSDP_OPTIONS = {"use_orig_params": True}
+"""FullyShardedDataParallel options: the optimizer sees the segment's own parameters (names, per-parameter
+weight-decay groups) rather than one flat parameter."""
+
+
 def _wrap_model(segment: torch.nn.Module, strategy: str) -> torch.nn.Module:
-    return ray.train.torch.prepare_model(segment, parallel_strategy=strategy)
+    options = FSDP_OPTIONS if strategy == "fsdp" else None
+    return ray.train.torch.prepare_model(segment, parallel_strategy=strategy, parallel_strategy_kwargs=options)
 
 
 def _restore(run: SegmentRun) -> int | None:

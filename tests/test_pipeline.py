@@ -96,14 +96,18 @@ def test_worker_killed_mid_iteration_resumes_from_checkpoint(local_ray, tmp_path
 
 
 def test_failed_snapshot_job_keeps_finished_files(local_ray, tmp_path, monkeypatch):
-    """S[0]'s job dies on its last file; the next run writes only what was not finished, and ends exact."""
+    """S[0]'s job dies on its last file; the next attempt writes only what was not finished, and the depth it
+    commits is byte for byte the depth a job from scratch writes."""
+    from segprop_ray.storage.layout import RunLayout
+    from segprop_ray.storage.snapcheck import delete_depth
+
     model, train, evaluation = make_inputs(tmp_path)
     run_dir = tmp_path / "run"
     cfg = validate_config(pipeline_config(run_dir.as_uri(), str(model), str(train), str(evaluation)))
     monkeypatch.setenv("SEGPROP_TEST_FAIL_SNAPSHOT_AT", f"{BASE_DEPTH}:eval:0")
 
     with pytest.raises(Exception, match="SEGPROP_TEST_FAIL_SNAPSHOT_AT"):
-        Driver(cfg).run()
+        Driver(cfg).run()  # tokenize, Stage 1, then S[0] fails on its last file
     depth_dir = run_dir / "snapshots" / "train" / f"depth={BASE_DEPTH}"
     assert not (depth_dir / "_COMMITTED").exists()
     recorded = sorted(p.stem for p in (depth_dir / "_written").glob("*.json"))
@@ -111,17 +115,26 @@ def test_failed_snapshot_job_keeps_finished_files(local_ray, tmp_path, monkeypat
     before = {name: (depth_dir / f"{name}.parquet").stat().st_mtime_ns for name in recorded}
 
     monkeypatch.delenv("SEGPROP_TEST_FAIL_SNAPSHOT_AT")
-    manifest = Driver(cfg).run()
+    driver = Driver(cfg)
+    driver.prepare()
+    driver.ensure_snapshot(BASE_DEPTH)
 
-    assert manifest.state == "done"
-    outputs = manifest.steps[f"snapshot:{BASE_DEPTH}"].outputs
+    outputs = driver.manifest.steps[f"snapshot:{BASE_DEPTH}"].outputs
     assert outputs["kept_files"]["train"] == len(recorded) and outputs["kept_files"]["eval"] == 0
     assert {name: (depth_dir / f"{name}.parquet").stat().st_mtime_ns for name in recorded} == before
     assert not (depth_dir / "_written").exists()
-    from segprop_ray.storage.layout import RunLayout
-    blocks = {split: info["num_blocks"] for split, info in manifest.tokens.items()}
-    result, _ = inprocess_reference(cfg, model, RunLayout.open(run_dir.as_uri()), blocks)
-    assert [manifest.layer(d).eval_loss for d in manifest.committed_depths()] == [it["eval_loss"] for it in result.iterations]
+    resumed = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.glob("snapshots/*/depth=*/part-*"))}
+
+    layout = RunLayout.open(run_dir.as_uri())
+    for split in ("train", "eval"):
+        delete_depth(layout, split, BASE_DEPTH)
+    fresh = Driver(cfg)
+    fresh.prepare()
+    fresh.ensure_snapshot(BASE_DEPTH)
+    assert fresh.manifest.steps[f"snapshot:{BASE_DEPTH}"].outputs["kept_files"] == {"train": 0, "eval": 0}
+    scratch = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.glob("snapshots/*/depth=*/part-*"))}
+    assert resumed.keys() == scratch.keys() and len(resumed) > len(recorded)
+    assert all(resumed[name] == scratch[name] for name in scratch)
 
 
 def test_two_ddp_workers_train_as_one_batch_of_both(local_ray, tmp_path):

@@ -15,41 +15,52 @@
 #     -d .whl pydantic==2.14.3 pydantic_core==2.50.4 annotated_types==0.8.0 typing_inspection==0.4.5 \
 #     typing_extensions==4.16.0
 # (.whl/ is in .gitignore, so only carry=[".whl"] takes it to the device.)
-# The script installs .whl/*.whl (if any) into /tmp/site first, and stops early, naming what is missing,
-# if an import fails. Output: a short table per shape on stdout; JSON + log per shape in $OUT.
+# The script installs .whl/*.whl (if any, and only if pydantic is missing) into /tmp/site first, and stops early,
+# naming what is missing, if an import fails. Output: a short table per shape on stdout; JSON + log per shape in $OUT.
+#
+# Dry run on a CPU machine (tests/test_bench_smoke.py does this, so a broken script is found before a device call):
+#   DEVICE=cpu HEAD_SHAPE=cpu_small BENCH_ARGS="--seq 32 --batch 2 --steps 1" bash benchmarks/gpu_check.sh tiny
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/segprop-gpu-check}
 PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}              # cpu: a dry run of this script
+HEAD_SHAPE=${HEAD_SHAPE:-llama1b}   # the LM-head shape of bench_head_loss.py
+read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"   # more segprop_bench.py options, for dry runs
 WORK=${BENCH_WORK:-$PWD/.segprop-bench-work}   # on the machine's disk (not /tmp, which may be memory)
 export PYTHONUNBUFFERED=1 SEGPROP_CACHE="$WORK/cache"
 mkdir -p "$OUT"
 
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ! "$PY" -c "import pydantic" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-"$PY" - <<'EOF' || exit 3
-import importlib, importlib.util, sys
+DEVICE=$DEVICE "$PY" - <<'EOF' || exit 3
+import importlib, importlib.util, os, sys
 need = ["torch", "transformers", "safetensors", "pyarrow", "fsspec", "yaml", "pydantic"]
 missing = [m for m in need if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"missing Python packages: {missing} (see the header of benchmarks/gpu_check.sh)")
-if importlib.util.find_spec("ray") is not None:
-    print("note: ray is importable here; the benchmark does not use it")
+try:
+    if importlib.util.find_spec("ray") is not None:
+        print("note: ray is importable here; the benchmark does not use it")
+except ImportError:  # hidden on purpose (the dry-run test)
+    pass
 import torch, transformers, pyarrow
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, pyarrow {pyarrow.__version__}, "
       f"cuda {torch.cuda.is_available()} {torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")
-sys.exit(0 if torch.cuda.is_available() else "no CUDA device")
+sys.exit(0 if torch.cuda.is_available() or os.environ["DEVICE"] == "cpu" else "no CUDA device")
 EOF
 mkdir -p "$WORK" && trap 'rm -rf "${WORK:?}"' EXIT
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.csv"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.csv"
+fi
 df -hT "$WORK" | tail -1
 
-echo "=== LM-head loss: plain vs chunked (llama1b head) ==="
-timeout -k 10 60 "$PY" benchmarks/bench_head_loss.py --device cuda --shape llama1b --out "$OUT/head_loss.llama1b.cuda.json" \
-  2>&1 | grep -v -e USDT -e FutureWarning | tee "$OUT/head_loss.llama1b.log"
+echo "=== LM-head loss: plain vs chunked ($HEAD_SHAPE head) ==="
+timeout -k 10 60 "$PY" benchmarks/bench_head_loss.py --device "$DEVICE" --shape "$HEAD_SHAPE" \
+  --out "$OUT/head_loss.$HEAD_SHAPE.$DEVICE.json" 2>&1 | grep -v -e USDT -e FutureWarning | tee "$OUT/head_loss.$HEAD_SHAPE.log"
 
 SHAPES=("$@")
 [ ${#SHAPES[@]} -eq 0 ] && SHAPES=(llama1b mistral7b_12l)
@@ -62,8 +73,8 @@ for shape in "${SHAPES[@]}"; do
     *)             limit=300; extra=() ;;
   esac
   echo "=== $shape (limit ${limit}s) ==="
-  timeout -k 15 "$limit" "$PY" benchmarks/segprop_bench.py --device cuda --shape "$shape" "${extra[@]}" \
-    --work-dir "$WORK/$shape" --out "$OUT/segprop_bench.$shape.cuda.json" 2>&1 \
+  timeout -k 15 "$limit" "$PY" benchmarks/segprop_bench.py --device "$DEVICE" --shape "$shape" "${extra[@]}" \
+    "${BENCH_EXTRA[@]}" --work-dir "$WORK/$shape" --out "$OUT/segprop_bench.$shape.$DEVICE.json" 2>&1 \
     | grep --line-buffered -v -e FutureWarning -e 'warnings.warn' | tee "$OUT/segprop_bench.$shape.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -ne 0 ] && { echo "$shape: exit $rc (the JSON holds the records made before it stopped)"; status=1; }

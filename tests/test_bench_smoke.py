@@ -1,10 +1,13 @@
-"""Smoke test of the training-step benchmark (benchmarks/segprop_bench.py): a tiny shape, one timed step per
-variant, everything in one process with Ray made unimportable (the GPU machine it is meant for has no Ray).
-It checks the JSON's shape and that the Stage 2 worker really reads SnapCheck shards; it times nothing."""
+"""Smoke test of the GPU check (benchmarks/gpu_check.sh) as a CPU dry run: the script itself, the head-loss
+comparison and the training-step benchmark at a tiny shape, one timed step per variant, with Ray made
+unimportable in every Python process it starts (the GPU machine it is meant for has no Ray). It checks
+the JSON's shape, that the Stage 2 worker really reads SnapCheck shards, and the chunked loss's memory;
+it times nothing."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,26 +18,30 @@ PROJECT = ["e2e", "seg_snap", "seg_recompute", "lw_snap", "snap_write", "read_sh
 REFERENCE = ["e2e", "e2e_ac", "seg_snap", "seg_recompute", "lw_snap", "snap_write_1layer_d2h", "seg_snap@p1",
              "seg_recompute@p1"]
 
-RUN_WITHOUT_RAY = """
-import runpy, sys
+HIDE_RAY = """
+import sys
 class NoRay:
     def find_spec(self, name, path=None, target=None):
         if name == "ray" or name.startswith("ray."):
             raise ImportError("ray is hidden in this test")
 sys.meta_path.insert(0, NoRay())
-sys.argv = ["segprop_bench.py", *sys.argv[1:]]
-runpy.run_path("benchmarks/segprop_bench.py", run_name="__main__")
-assert not any(m == "ray" or m.startswith("ray.") for m in sys.modules)
 """
 
 
-def test_bench_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    args = ["--shape", "tiny", "--seq", "32", "--batch", "2", "--steps", "1", "--warmup", "1", "--isolate", "none",
-            "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-c", RUN_WITHOUT_RAY, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+def test_gpu_check_dry_run(tmp_path: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HIDE_RAY)  # imported at start-up by every Python the script runs
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "BENCH_WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
+           "DEVICE": "cpu", "HEAD_SHAPE": "cpu_small", "PYTHONPATH": str(hook),
+           "BENCH_ARGS": "--seq 32 --batch 2 --steps 1 --warmup 1 --isolate none --threads 1"}
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "tiny"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ray is hidden" not in proc.stdout + proc.stderr
+    head_loss(json.loads((out / "head_loss.cpu_small.cpu.json").read_text()))
+    out = out / "segprop_bench.tiny.cpu.json"
     report = json.loads(out.read_text())
     records = {(r["impl"], r["variant"]): r for r in report["records"]}
     for impl, names in (("project", PROJECT), ("reference", REFERENCE)):
@@ -62,14 +69,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert memory["peak_bytes"] == seg["tensor_peak_bytes"] and memory["rss_peak_bytes"] > 0
 
 
-def test_head_loss_bench_smoke(tmp_path: Path) -> None:
-    """The head-loss comparison runs without Ray and shows the chunked loss allocating less than the plain one."""
-    out = tmp_path / "head.json"
-    args = ["--repeats", "1", "--chunks", "256,0", "--out", str(out)]
-    script = RUN_WITHOUT_RAY.replace("segprop_bench.py", "bench_head_loss.py")
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    records = {r["variant"]: r for r in json.loads(out.read_text())["records"]}
+def head_loss(report: dict) -> None:
+    """The chunked loss allocates less than the plain one, and computes the same thing."""
+    records = {r["variant"]: r for r in report["records"]}
     plain, small = records["plain"], records["chunked 256"]
     logits_bytes = 1024 * 8192 * 4
     assert plain["peak_bytes"] >= 2 * logits_bytes  # fp32 logits and their log-softmax at least

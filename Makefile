@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 	$(MAKE) test-compat
 
-# The split/export tests again on transformers 4.57 (the decoder-layer call changed in 5.x), from a side
+# The split/export/head-loss tests again on transformers 4.57 (the decoder-layer call changed in 5.x), from a side
 # directory shadowing the venv's transformers 5.
 TF4 := $(VENV)/transformers4
 $(TF4)/.installed: $(STAMP)
@@ -35,7 +35,8 @@ $(TF4)/.installed: $(STAMP)
 	touch $@
 
 test-compat: $(TF4)/.installed
-	PYTHONPATH=$(TF4) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_core_split.py tests/test_core_export.py
+	PYTHONPATH=$(TF4) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_core_split.py tests/test_core_export.py \
+		tests/test_core_head_loss.py
 
 # Everything but the tests marked slow.
 test-fast: $(STAMP)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,10 +37,15 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(out), "BENCH_WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
            "DEVICE": "cpu", "HEAD_SHAPE": "cpu_small", "PYTHONPATH": str(hook),
            "BENCH_ARGS": "--seq 32 --batch 2 --steps 1 --warmup 1 --isolate none --threads 1"}
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "tiny"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "ray is hidden" not in proc.stdout + proc.stderr
+    proc = subprocess.Popen(["bash", "benchmarks/gpu_check.sh", "tiny"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the script's timeout/python/tee children too
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "ray is hidden" not in stdout + stderr
     head_loss(json.loads((out / "head_loss.cpu_small.cpu.json").read_text()))
     out = out / "segprop_bench.tiny.cpu.json"
     report = json.loads(out.read_text())

@@ -8,7 +8,6 @@ Ray Train itself only offers FSDP on GPUs (the config refuses it otherwise); thi
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -59,11 +58,11 @@ def rank_batches(rank: int, world: int) -> list[list[int]]:
     return [list(range(s * per_step + rank * PER_RANK, s * per_step + (rank + 1) * PER_RANK)) for s in range(STEPS)]
 
 
-def fsdp_worker(rank: int, port: int, model_dir: str, blocks: torch.Tensor, out: str, kwargs: dict) -> None:
+def fsdp_worker(rank: int, store: str, model_dir: str, blocks: torch.Tensor, out: str, kwargs: dict) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on loopback whatever the host's interfaces
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)  # no port to race for
     torch.manual_seed(0)
     wrap = lambda module: FullyShardedDataParallel(module, **kwargs)  # noqa: E731
     saved = {}
@@ -82,17 +81,11 @@ def fsdp_worker(rank: int, port: int, model_dir: str, blocks: torch.Tensor, out:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_fsdp_loop_equals_one_process_and_resumes_exactly(tmp_path: Path):
     model_dir = str(tiny_model_dir(tmp_path, "llama", 4))
     blocks = corpus_blocks(WORLD * PER_RANK * STEPS, 16)
     out = tmp_path / "fsdp.pt"
-    mp.spawn(fsdp_worker, args=(free_port(), model_dir, blocks, str(out), fsdp_kwargs()), nprocs=WORLD)
+    mp.spawn(fsdp_worker, args=(str(tmp_path / "store"), model_dir, blocks, str(out), fsdp_kwargs()), nprocs=WORLD)
     result = torch.load(out)
     assert result["steps"] == [STEPS, STEPS]
 

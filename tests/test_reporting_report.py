@@ -257,5 +257,5 @@ def test_stage_totals_sum_layers_and_snapshot_jobs(tmp_path):
     from segprop_ray.reporting.status import render_status
     console = Console(record=True, width=200)
     render_status(manifest, console)
-    assert "time per stage: tokenize 12 s, stage1 17 s, snapshot 50 s (2), stage2 57 s (3), export 3 s" in console.export_text()
+    assert "time per stage: tokenize 12 s, stage1 17 s, snapshot 50 s (2), stage2 57 s (3), export 3.0 s" in console.export_text()
     assert "![Time per stage](time_per_stage.png)" in markdown

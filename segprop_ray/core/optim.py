@@ -60,7 +60,7 @@ def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
         for name, param in sub.named_parameters(recurse=False):
             if param.requires_grad and id(param) not in seen:  # a tied weight is listed once
                 seen.add(id(param))
-                (no_decay if is_norm or name == "bias" else decay).append(param)
+                (no_decay if is_norm or "bias" in name else decay).append(param)  # HF's rule: any *bias*
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -43,6 +43,8 @@ class SegmentRun:
         weights = ctx.run_weights(self.plan, committed_layers=[])
         self.segment = build_segment(self.parts, weights.training_spec(ctx.depth), trainable=True,
                                      loss_chunk_tokens=self.args.loss_chunk_tokens)
+        # counted before FSDP shards the parameters
+        self.trainable_params = sum(p.numel() for p in self.segment.parameters() if p.requires_grad)
         strategy = (cfg.resources.stage1 if self.stage != "stage2" else cfg.resources.segment).strategy
         self.model = wrap(self.segment, strategy) if wrap is not None and world > 1 else self.segment
         self.source_depth = None if self.stage != "stage2" else ctx.depth - 1
@@ -116,7 +118,7 @@ class SegmentRun:
             "tokens_per_s": round(loop.state.tokens / train_s, 1),
             "data_wait_s": round(loop.data_wait_s, 3), "data_wait_share": round(loop.data_wait_s / train_s, 4),
             "peak_memory_bytes": peak_memory_bytes(self.device), "device": str(self.device),
-            "trainable_params": sum(p.numel() for p in self.segment.parameters() if p.requires_grad),
+            "trainable_params": self.trainable_params,
             "world_size": self.world,
         }
 

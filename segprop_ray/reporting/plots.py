@@ -210,7 +210,7 @@ def plot_time_per_stage(data: dict[str, Any], path: Path) -> bool:
                     xytext=(4, 0), textcoords="offset points", va="center", fontsize=9)
     ax.set_xlim(0, max(walls) * 1.45)
     total = sum(walls)
-    _finish(ax, f"{data['run']['label']}: wall time per stage (total {total:,.0f} s; in brackets: layers or depths)",
+    _finish(ax, f"{data['run']['label']}: wall time per stage (total {total:,.0f} s; in brackets: layers, depths or jobs)",
             "stage", xlabel="wall time (s)")
     return _save(figure, path)
 

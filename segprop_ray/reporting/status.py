@@ -62,7 +62,7 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
     console.print(table)
     for line in running_steps(manifest):
         console.print(f"running: {line}")
-    stages = [f"{row['stage']} {row['wall_s']:,.0f} s" + (f" ({row['items']})" if row["items"] > 1 else "")
+    stages = [f"{row['stage']} {_seconds(row['wall_s'])}" + (f" ({row['items']})" if row["items"] > 1 else "")
               for row in stage_rows(manifest) if row.get("wall_s") is not None]
     if stages:
         console.print("time per stage: " + ", ".join(stages))
@@ -73,6 +73,10 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
         console.print(f"final model: exit {manifest.final_depth}")
     if manifest.error:
         console.print(f"[red]last error:[/red] {manifest.error}")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:,.1f} s" if value < 10 else f"{value:,.0f} s"
 
 
 def _num(value: float | None, digits: int = 4) -> str:

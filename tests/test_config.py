@@ -1,5 +1,7 @@
 """Configs: stable names, overrides, and a one-line error for each impossible setting."""
 
+from pathlib import Path
+
 import pytest
 
 from segprop_ray.config import ConfigError, load_config, validate_config
@@ -83,3 +85,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "a: [1, 2\n"))
+
+
+def test_readme_example_config_is_valid():
+    """The config shown in README.md passes validation as written (docs that match the code)."""
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = yaml.safe_load(readme.split("```yaml\n", 1)[1].split("```", 1)[0])
+    cfg = validate_config(example)
+    assert cfg.training.loss_chunk_tokens == 0 and cfg.training_for("stage1").max_steps == 2000

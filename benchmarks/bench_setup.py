@@ -95,6 +95,7 @@ class BenchPlan:
     work_dir: str
     lr: float = 1e-6
     max_grad_norm: float = 1.0
+    loss_chunk_tokens: int = 0
     threads: int = 0
     files: dict[str, str] = field(default_factory=dict)
     """Exit files put in the run directory: run-relative path -> sha256."""
@@ -145,8 +146,8 @@ class BenchPlan:
             "segprop": {"mode": mode, "base_depth": prefix, "last_layers": self.r},
             "training": {"learning_rate": self.lr, "max_steps": self.profiled_step or self.warmup + self.steps, "bf16": True,
                          "per_device_train_batch_size": self.batch, "per_device_eval_batch_size": self.batch,
-                         "max_grad_norm": self.max_grad_norm, "logging_steps": 1, "save_steps": 1_000_000,
-                         "max_eval_blocks": self.batch, "seed": 0},
+                         "max_grad_norm": self.max_grad_norm, "loss_chunk_tokens": self.loss_chunk_tokens,
+                         "logging_steps": 1, "save_steps": 1_000_000, "max_eval_blocks": self.batch, "seed": 0},
             "snapcheck": {"dtype": "bf16", "rows_per_group": self.group_size,
                           "groups_per_file": self.groups_per_file},
         }
@@ -175,7 +176,7 @@ def make_plan(args: Any, work_dir: Path) -> BenchPlan:
                      warmup=args.warmup, prefix=prefix, r=args.r, num_layers=n, hidden_size=hidden,
                      group_size=group, groups_per_file=args.groups_per_file, train_blocks=train_blocks,
                      eval_blocks=args.batch, work_dir=str(work_dir), lr=args.lr, max_grad_norm=args.max_grad_norm,
-                     threads=args.threads)
+                     loss_chunk_tokens=args.loss_chunk_tokens, threads=args.threads)
 
 
 def prepare(plan: BenchPlan) -> BenchPlan:

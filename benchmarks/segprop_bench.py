@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--groups-per-file", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="the project's default (HF's) is 1.0")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=0, help="training.loss_chunk_tokens (0: the default)")
     ap.add_argument("--warm", action="store_true", help="leave shards in the page cache (default: evicted)")
     ap.add_argument("--work-dir", default=None, help="default: a temporary directory, removed at the end")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from segprop_ray.core.optim import autocast_context
 from segprop_ray.core.parts import ModelParts, SegmentSpec
 from segprop_ray.core.plan import SegPropPlan, snapshot_spec, split_exit_weights, stage1_spec, stage2_spec
 from segprop_ray.core.stack import Segment
@@ -49,7 +50,6 @@ class RunWeights:
         return snapshot_spec([depth], source, embed=False)
 
 
-
 def build_segment(parts: ModelParts, spec: SegmentSpec, trainable: bool, loss_chunk_tokens: int = 0) -> Segment:
     """Materialise a segment; all its parameters train when ``trainable``, else none.
 
@@ -76,8 +76,6 @@ def snapshot_forward(producer: Segment, input_ids: torch.Tensor, hidden: torch.T
                      bf16: bool, device: torch.device) -> torch.Tensor:
     """One snapshot batch: ``producer`` on token ids (first depth) or stored activations, in the training
     precision (bf16 autocast when training uses it), cast to the storage dtype, on the CPU."""
-    from segprop_ray.core.optim import autocast_context
-
     hidden = None if hidden is None else hidden.to(device).float()  # (n, T, H) widened exactly
     with autocast_context(device, bf16):
         output = producer(input_ids.to(device), hidden)  # (n, T, H)

@@ -10,6 +10,7 @@ its whole state (weights, optimizer, schedule, counters, RNG) can be saved and r
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
@@ -75,7 +76,7 @@ class SegmentLoop:
         self.wall_s = 0.0
         self.data_wait_s = 0.0
         self.eval_s = 0.0
-        self._pending_loss: list[float] = []
+        self._pending_loss: list[torch.Tensor | float] = []  # device scalars, floats after a restore
 
     def run(self) -> LoopState:
         """Train until the step budget or an exit criterion stops the segment; returns the final state."""
@@ -201,6 +202,11 @@ class SegmentLoop:
         timing = state["timing"]
         self.wall_s, self.data_wait_s, self.eval_s = timing["wall_s"], timing["data_wait_s"], timing.get("eval_s", 0.0)
         torch.set_rng_state(state["rng"])
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(loss), capped at exp(50) so that a diverged loss gives a number, not an overflow."""
+    return None if loss is None else math.exp(min(loss, 50.0))
 
 
 def full_state_options(device: torch.device) -> StateDictOptions:

@@ -67,15 +67,13 @@ def run_demo(out: str | Path, overrides: list[str]) -> int:
     """Prepare and run the demo; print where the results are."""
     from segprop_ray.config import load_config
     from segprop_ray.pipeline.driver import Driver
-    from segprop_ray.reporting.export import open_run
     from segprop_ray.reporting.report import write_report
     from segprop_ray.reporting.status import render_status
 
     config_path = prepare_demo(out)
     print(f"demo config: {config_path}")
     cfg = load_config(config_path, overrides)
-    Driver(cfg).run()
-    _, manifest = open_run(cfg.run_dir)
+    manifest = Driver(cfg).run()
     render_status(manifest)
     written = write_report(cfg.run_dir)
     print(f"run directory: {cfg.run_dir}")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import ray
 
+from segprop_ray.core.training import perplexity
 from segprop_ray.pipeline import exit_eval
 from segprop_ray.storage.manifest import Manifest
 
@@ -59,7 +59,6 @@ def _record(manifest: Manifest, depth: int, result: dict[str, Any], error: str |
     if error:
         result["evaluation_error"] = error
     if depth == BASELINE:
-        loss = result.get("eval_loss")
-        manifest.baseline = {**result, "perplexity": None if loss is None else math.exp(min(loss, 50.0))}
+        manifest.baseline = {**result, "perplexity": perplexity(result.get("eval_loss"))}
         return
     manifest.layer(depth).metrics.update({**result, "evaluated": error is None})

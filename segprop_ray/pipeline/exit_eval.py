@@ -62,13 +62,13 @@ def exit_metrics(job: dict[str, Any]) -> dict[str, Any]:
     model = build_segment(parts, SegmentSpec([(i, source) for i in layers], source, source), trainable=False,
                           loss_chunk_tokens=cfg.training.loss_chunk_tokens)
     metrics: dict[str, Any] = {}
-    tokens_needed = max(cfg.evaluation.nhsic_tokens // max(cfg.data.seq_len - 1, 1) + 1, 1)
     tokens = _eval_tokens(ctx, parts.config.hidden_size)
-    ids = _first_blocks(ctx, tokens, tokens_needed)["input_ids"].to(device)  # (N, T)
     with torch.no_grad():
         if depth < 0:
             metrics["eval_loss"] = _baseline_loss(ctx, tokens, model, device)
         if cfg.evaluation.nhsic_tokens and depth >= 0:
+            blocks = max(cfg.evaluation.nhsic_tokens // max(cfg.data.seq_len - 1, 1) + 1, 1)
+            ids = _first_blocks(ctx, tokens, blocks)["input_ids"].to(device)  # (N, T)
             hidden = _hidden_after(model, ids, depth + 1)  # (N, T, H): after layer `depth`
             metrics.update(representation_nhsic(hidden.cpu(), ids.cpu(), cfg.evaluation.nhsic_tokens, seed=cfg.training.seed))
         if cfg.evaluation.mc_path:

@@ -19,8 +19,6 @@ from segprop_ray.storage.manifest import Manifest, ManifestStore, ModelInfo
 from segprop_ray.storage.models import resolve_model_dir
 from segprop_ray.storage.shard_format import ShardSpec
 
-# Settings that say where and how fast a run goes, or what is measured, not which weights it trains:
-# changing them continues a run.
 WHERE_NOT_WHAT = {"run_dir", "storage_options", "resources", "device", "evaluation"}
 """Config sections that say where and how a run executes, not what it computes: changing them continues the run."""
 HOW_NOT_WHAT = {"loss_chunk_tokens"}
@@ -43,8 +41,8 @@ class RunSetup:
 def semantic_config(cfg: Config) -> dict[str, Any]:
     """The settings that decide what the run computes."""
     data = cfg.model_dump(mode="json", exclude=WHERE_NOT_WHAT)
-    data["training"] = {k: v for k, v in data["training"].items() if k not in HOW_NOT_WHAT}
-    data["stage1"] = {k: v for k, v in data["stage1"].items() if k not in HOW_NOT_WHAT}
+    for section in ("training", "stage1"):
+        data[section] = {k: v for k, v in data[section].items() if k not in HOW_NOT_WHAT}
     return data
 
 

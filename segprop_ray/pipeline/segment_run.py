@@ -6,7 +6,6 @@ Ray Train worker function wraps it with checkpoint reporting and DDP.
 
 from __future__ import annotations
 
-import math
 import resource
 from typing import Any, Callable
 
@@ -18,7 +17,7 @@ from segprop_ray.core.data_order import BlockOrder
 from segprop_ray.core.exits import IterationExit
 from segprop_ray.core.iteration import build_segment, split_trained
 from segprop_ray.core.plan import segment_seed
-from segprop_ray.core.training import LoopHooks, SegmentLoop, evaluate_loss, full_state_options
+from segprop_ray.core.training import LoopHooks, SegmentLoop, evaluate_loss, full_state_options, perplexity
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.storage.errors import StorageError
 from segprop_ray.storage.reader import ShardBatchReader, epoch_reader
@@ -104,7 +103,7 @@ class SegmentRun:
         train_losses = [r["train_loss"] for r in state.history if "train_loss" in r]
         return {
             "depth": self.ctx.depth, "stage": self.stage, "steps": state.step, "history": state.history,
-            "decision": state.decision, "eval_loss": eval_loss, "perplexity": _perplexity(eval_loss),
+            "decision": state.decision, "eval_loss": eval_loss, "perplexity": perplexity(eval_loss),
             "train_loss": train_losses[-1] if train_losses else None, "files": files, "exit_file": exit_path,
             "metrics": self.metrics(),
         }
@@ -121,10 +120,6 @@ class SegmentRun:
             "trainable_params": self.trainable_params,
             "world_size": self.world,
         }
-
-
-def _perplexity(loss: float | None) -> float | None:
-    return None if loss is None else math.exp(min(loss, 50.0))
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -6,6 +6,7 @@ import os
 import re
 from typing import Any
 
+from segprop_ray.core.plan import SegPropPlan
 from segprop_ray.reporting.export import choose_depth, export_model, open_run
 from segprop_ray.reporting.report_text import fmt, markdown_table
 from segprop_ray.storage.manifest import Manifest
@@ -18,10 +19,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def kept_layers(manifest: Manifest, depth: int) -> list[int]:
     """Original indices of the decoder layers the exit at ``depth`` keeps: 0..depth, then LL's last r."""
-    n = manifest.model.num_layers
-    if manifest.mode == "e2e":
-        return list(range(n))
-    return list(range(depth + 1)) + list(range(n - manifest.last_layers, n))
+    plan = SegPropPlan(manifest.model.num_layers, manifest.base_depth, manifest.last_layers, manifest.mode)
+    return plan.exit_layers(depth)
 
 
 def _front_matter(manifest: Manifest) -> str:

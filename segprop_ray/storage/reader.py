@@ -61,7 +61,7 @@ class ShardBatchReader:
         self.layout, self.marker, self.batches = layout, marker, [list(batch) for batch in batches]
         self.prefetch_groups, self.with_hidden = max(1, prefetch_groups), with_hidden
         self.pin_memory = pin_memory
-        self.groups = _group_sequence(self.batches, marker.spec.group_size)
+        _check_groups_consecutive(self.batches, marker.spec.group_size)
         self.stats = ReadStats()
         if any(block < 0 or block >= marker.total_rows for batch in self.batches for block in batch):
             raise ValueError(f"batches name block ids outside 0..{marker.total_rows - 1}")
@@ -206,13 +206,12 @@ def _runs_by_group(blocks: Sequence[int], group_size: int) -> list[tuple[int, li
     return runs
 
 
-def _group_sequence(batches: Sequence[Sequence[int]], group_size: int) -> list[int]:
-    """Row groups in the order the batches need them; each group must be needed in one consecutive stretch."""
+def _check_groups_consecutive(batches: Sequence[Sequence[int]], group_size: int) -> None:
+    """The reader holds one row group at a time: each group must be needed in one consecutive stretch."""
     stream = [block for batch in batches for block in batch]
     groups = [group for group, _ in _runs_by_group(stream, group_size)]
     if len(set(groups)) != len(groups):
         raise ValueError("batches revisit a row group after leaving it; the reader needs each group's rows together")
-    return groups
 
 
 class _Prefetcher:

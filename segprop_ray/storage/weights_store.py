@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from segprop_ray.core.layout import ArchLayout
 from segprop_ray.core.weights import SafetensorsSource, save_tensors
 from segprop_ray.storage.errors import StorageError
-from fsspec.implementations.local import LocalFileSystem
-
 from segprop_ray.storage.fs import cache_root, file_sha256
 from segprop_ray.storage.layout import RunLayout
 

@@ -143,7 +143,8 @@ class SegmentLoop:
         step, args = self.state.step, self.args
         record: dict[str, float] = {}
         if step % args.logging_steps == 0 or step == self.total_steps:
-            record = {"step": step, "train_loss": sum(float(x) for x in self._pending_loss) / len(self._pending_loss)}
+            losses = self._pending_losses()
+            record = {"step": step, "train_loss": sum(losses) / len(losses)}
             record["lr"] = self.scheduler.get_last_lr()[0]
             self._pending_loss.clear()
         eval_now = step == self.total_steps or (args.eval_steps > 0 and step % args.eval_steps == 0)
@@ -155,6 +156,12 @@ class SegmentLoop:
         self._decide(record.get("eval_loss"))
         if self.hooks.checkpoint and (step % args.save_steps == 0 or self.state.decision is not None):
             self.hooks.checkpoint(self)
+
+    def _pending_losses(self) -> list[float]:
+        """The losses not yet logged, as floats in order, read back from the device in one transfer (one sync)."""
+        restored = [x for x in self._pending_loss if not isinstance(x, torch.Tensor)]  # restored floats come first
+        on_device = [x for x in self._pending_loss if isinstance(x, torch.Tensor)]
+        return restored + (torch.stack(on_device).tolist() if on_device else [])
 
     def _evaluate(self) -> float:
         started = time.perf_counter()
@@ -187,7 +194,7 @@ class SegmentLoop:
             "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
             "scheduler": self.scheduler.state_dict(),
             "loop": asdict(self.state),
-            "pending_loss": [float(x) for x in self._pending_loss],
+            "pending_loss": self._pending_losses(),
             "timing": {"wall_s": self.wall_s, "data_wait_s": self.data_wait_s, "eval_s": self.eval_s},
             "rng": torch.get_rng_state(),
         }

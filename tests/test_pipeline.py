@@ -137,8 +137,10 @@ def test_failed_snapshot_job_keeps_finished_files(local_ray, tmp_path, monkeypat
     assert all(resumed[name] == scratch[name] for name in scratch)
 
 
-def test_two_ddp_workers_train_as_one_batch_of_both(local_ray, tmp_path):
-    """Stage 1 on 2 data-parallel workers (DDP, gloo) equals one process training on both ranks' batches at once."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_data_parallel_workers_train_as_one_batch_of_both(local_ray, tmp_path, strategy):
+    """Stage 1 on 2 data-parallel workers (DDP or FSDP, gloo) equals one process training on both ranks' batches
+    at once. Gradient clipping is on: under FSDP it must use the norm of the whole gradient, not of a shard."""
     from segprop_ray.core.data_order import BlockOrder
     from segprop_ray.core.exits import IterationExit
     from segprop_ray.core.iteration import RunWeights, build_segment, split_trained
@@ -153,12 +155,17 @@ def test_two_ddp_workers_train_as_one_batch_of_both(local_ray, tmp_path):
 
     model, train, evaluation = make_inputs(tmp_path)
     run_dir = tmp_path / "run"
-    workers = {"num_workers": 2}
     cfg = validate_config(pipeline_config(str(run_dir), str(model), str(train), str(evaluation),
-                                          training={"max_steps": 4, "max_grad_norm": 0.0},
-                                          resources={"stage1": workers, "segment": workers}))
-    manifest = Driver(cfg).run()
-    assert manifest.layer(BASE_DEPTH).metrics["world_size"] == 2
+                                          training={"max_steps": 4, "max_grad_norm": 0.05},
+                                          resources={"stage1": {"num_workers": 2, "strategy": strategy}}))
+    driver = Driver(cfg)
+    driver.prepare()
+    driver.tokenize()
+    driver.train_depth(BASE_DEPTH)  # Stage 1 only
+    manifest = driver.manifest
+    metrics = manifest.layer(BASE_DEPTH).metrics
+    assert metrics["world_size"] == 2
+    assert metrics["data_parallel"] == {"ddp": "DistributedDataParallel", "fsdp": "FullyShardedDataParallel"}[strategy]
 
     args, parts = cfg.training_for("stage1"), ModelParts(AutoConfig.from_pretrained(model))
     spec = ShardSpec.for_snapcheck(cfg.data.seq_len, parts.config.hidden_size, "bf16", 4, 2)
@@ -181,3 +188,46 @@ def test_two_ddp_workers_train_as_one_batch_of_both(local_ray, tmp_path):
         stored.update(load_tensors(run_dir / path))
     for name, tensor in {**committed, **exit_weights}.items():
         torch.testing.assert_close(stored[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_driver_killed_while_tokenizing_continues_at_the_saved_input_file(local_ray, tmp_path, monkeypatch):
+    """The corpus in 4 files; the tokenize job fails on reaching the third. The next driver reads only files 2-3,
+    commits exactly the token files of an uninterrupted job and removes the saved position."""
+    from segprop_ray.pipeline import token_packing
+    from segprop_ray.storage.layout import RunLayout
+
+    model, train, evaluation = make_inputs(tmp_path)
+    lines = train.read_text().splitlines(keepends=True)
+    parts = [tmp_path / "data" / f"train-{i}.jsonl" for i in range(4)]
+    for i, part in enumerate(parts):
+        part.write_text("".join(lines[i::4]))
+    configs = {name: validate_config(pipeline_config((tmp_path / name).as_uri(), str(model), [str(p) for p in parts],
+                                                     str(evaluation))) for name in ("killed", "whole")}
+    monkeypatch.setattr(token_packing, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setenv(token_packing.FAIL_ENV, "train:2")
+    driver = Driver(configs["killed"])
+    driver.prepare()
+    with pytest.raises(RuntimeError, match=token_packing.FAIL_ENV):
+        driver.tokenize()
+    assert (tmp_path / "killed" / "tokens" / "_resume" / "state.json").exists()
+    monkeypatch.delenv(token_packing.FAIL_ENV)
+
+    from segprop_ray.pipeline import tokenize_job
+    read_texts, starts = tokenize_job.read_texts, []
+
+    def recording_read(files, *args):
+        starts.append(files[0])
+        return read_texts(files, *args)
+
+    monkeypatch.setattr(tokenize_job, "read_texts", recording_read)
+    for name in ("killed", "whole"):
+        driver = Driver(configs[name])
+        driver.prepare()
+        driver.tokenize()
+    assert starts[0] == str(parts[2]) and starts[2] == str(parts[0])  # resumed job: train files 2-3, then eval
+    assert not (tmp_path / "killed" / "tokens" / "_resume").exists()
+    written = {name: {p.relative_to(tmp_path / name): p.read_bytes() for p in sorted((tmp_path / name).glob("tokens/*/*"))}
+               for name in ("killed", "whole")}
+    assert written["killed"] == written["whole"] and len(written["whole"]) > 4
+    layout = RunLayout.open((tmp_path / "killed").as_uri())
+    assert layout.fs.exists(layout.commit_marker("train", None))

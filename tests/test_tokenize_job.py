@@ -62,3 +62,23 @@ def test_held_out_blocks_are_spread_and_stable():
     assert 95 <= len(chosen) <= 105
     assert max(b - a for a, b in zip(chosen, chosen[1:])) <= 20  # evenly spread, no long gaps
     assert chosen[:10] == [i for i in range(200) if is_held_out(i, 0.1)][:10]  # independent of stream length
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["file", "s3"])
+def test_documents_carry_the_index_of_their_input_file(local_ray, tmp_path, request, storage):
+    from segprop_ray.pipeline.tokenize_job import file_documents
+
+    paths = [str(write_jsonl(TEXTS[i::3], tmp_path / f"docs-{i}.jsonl")) for i in range(3)]
+    if storage == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        fs, _ = resolve_filesystem(f"s3://{bucket}")
+        for i, path in enumerate(paths):
+            fs.put_file(path, f"{bucket}/data/docs-{i}.jsonl")
+        paths = [f"s3://{bucket}/data/docs-{i}.jsonl" for i in range(3)]
+    model = tiny_model_dir(tmp_path, "llama", 4)
+    cfg = validate_config(pipeline_config(str(tmp_path / "run"), str(model), paths, paths))
+    ctx = JobContext(cfg.model_dump(mode="json"), -1, 4, {})
+    tokens = expected_tokens()
+    expected = [(i, tokens[j]) for i in (1, 2) for j in range(i, len(TEXTS), 3)]
+    assert list(file_documents(ctx, paths, 1)) == expected  # files[1:] only, each document with its file's index

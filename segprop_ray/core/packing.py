@@ -15,9 +15,14 @@ class BlockPacker:
     The tail shorter than a block is dropped at the end, as Hugging Face's ``group_texts`` does.
     """
 
-    def __init__(self, seq_len: int):
+    def __init__(self, seq_len: int, carry: list[int] | None = None):
         self.seq_len = seq_len
-        self._pending: list[int] = []
+        self._pending: list[int] = list(carry or [])
+
+    @property
+    def carry(self) -> list[int]:
+        """The tokens after the last full block (fewer than ``seq_len``): what a restarted packer starts from."""
+        return list(self._pending)
 
     def add(self, documents: Iterable[list[int]]) -> Iterator[torch.Tensor]:
         """Feed token lists; yields every block (T,) int64 completed so far."""

@@ -26,6 +26,7 @@ from segprop_ray.storage.layout import SPLITS
 from segprop_ray.storage.manifest import LayerRecord, Manifest, ManifestStore, now
 from segprop_ray.storage.snapcheck import apply_retention, commit_depth, inspect_committed
 from segprop_ray.storage.snapshot_resume import clear_written, recorded_files
+from segprop_ray.storage.tokenize_state import clear_state
 from segprop_ray.storage.weights_store import snapshot_weights_hash
 
 
@@ -37,6 +38,8 @@ class Driver:
         self.setup: RunSetup | None = None
         self.checked: set[tuple[str, int | None, str]] = set()
         """Shards known good in this process: written by it, or re-hashed against their marker once."""
+        self.board: Any = None
+        """The workers' progress board (a Ray actor), made by :meth:`run`; without one no bar is drawn."""
 
     @property
     def manifest(self) -> Manifest:
@@ -105,11 +108,13 @@ class Driver:
             return
         self.echo("tokenizing and packing the data (Ray Data)")
         started = self._start_step("tokenize")
-        sinks = tokenize_and_pack(self._context(depth=-1), setup.spec)
-        for split, sink in sinks.items():
-            commit_depth(setup.layout, split, None, sink.files, setup.tokens_hash, setup.spec)
+        splits = tokenize_and_pack(self._context(depth=-1), setup.spec, setup.tokens_hash)
+        for split, written in splits.items():
+            commit_depth(setup.layout, split, None, written.files, setup.tokens_hash, setup.spec)
             self.checked.add((split, None, setup.tokens_hash))
-        tokens = {split: {"num_blocks": s.count, "files": len(s.files), "seq_len": setup.spec.seq_len} for split, s in sinks.items()}
+        clear_state(setup.layout)
+        tokens = {split: {"num_blocks": s.count, "files": len(s.files), "seq_len": setup.spec.seq_len}
+                  for split, s in splits.items()}
         self._finish_step("tokenize", started, tokens)
         self._save(lambda m: setattr(m, "tokens", tokens))
         self.echo("blocks: " + ", ".join(f"{k} {v['num_blocks']}" for k, v in tokens.items()))

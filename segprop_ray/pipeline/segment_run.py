@@ -119,6 +119,7 @@ class SegmentRun:
             "peak_memory_bytes": peak_memory_bytes(self.device), "device": str(self.device),
             "trainable_params": self.trainable_params,
             "world_size": self.world,
+            "data_parallel": type(self.model).__name__ if self.model is not self.segment else None,
         }
 
 

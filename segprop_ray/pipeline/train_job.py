@@ -54,8 +54,17 @@ weight-decay groups) rather than one flat parameter."""
 
 
 def _wrap_model(segment: torch.nn.Module, strategy: str) -> torch.nn.Module:
-    options = FSDP_OPTIONS if strategy == "fsdp" else None
-    return ray.train.torch.prepare_model(segment, parallel_strategy=strategy, parallel_strategy_kwargs=options)
+    """DDP through Ray Train's ``prepare_model``. FSDP as ``prepare_model`` applies it (model moved to the
+    worker's device, then one FullyShardedDataParallel unit on it), wrapped here because ``prepare_model`` refuses
+    FSDP when CUDA is absent, where FSDP over gloo works (the CPU tests run it)."""
+    if strategy != "fsdp":
+        return ray.train.torch.prepare_model(segment, parallel_strategy=strategy)
+    segment = ray.train.torch.prepare_model(segment, parallel_strategy=None)
+    if ray.train.get_context().get_world_size() == 1:
+        return segment
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel(segment, device_id=ray.train.torch.get_device(), **FSDP_OPTIONS)
 
 
 def _restore(run: SegmentRun) -> int | None:

@@ -5,6 +5,7 @@
   manifest.json                                   run state (written atomically)
   config.resolved.yaml                            the config the run uses
   tokens/<split>/part-NNNNN.parquet + _COMMITTED  packed token blocks
+  tokens/_resume/                                 where an unfinished tokenize job stands
   snapshots/<split>/depth=<q>/part-NNNNN.parquet + _COMMITTED   activations after layer q
   snapshots/<split>/depth=<q>/_written/part-NNNNN.json          per-file records of a depth being written
   layers/layer-<q>.safetensors                    committed weights, original parameter names
@@ -126,6 +127,10 @@ class RunLayout:
     def written_dir(self, split: str, depth: int) -> str:
         """``_written/``: the per-file records of a snapshot depth being written."""
         return f"{self.shard_dir(split, depth)}/_written"
+
+    def tokenize_state_dir(self) -> str:
+        """``tokens/_resume``: where an unfinished tokenize job stands (see :mod:`segprop_ray.storage.tokenize_state`)."""
+        return self.join("tokens", "_resume")
 
     def commit_marker(self, split: str, depth: int | None) -> str:
         """The ``_COMMITTED`` marker of a split's tokens or of a snapshot depth."""

@@ -1,0 +1,149 @@
+"""Where a tokenize job stands, so a restarted job continues at the last finished input file.
+
+Tokenizing is sequential over the input files (documents are packed in input order). Between two
+input files the job may save its state under ``tokens/_resume/``:
+
+- ``state.json``: which input stream (``train`` or ``eval``) and file come next, the input file lists
+  the state belongs to, the tokenization hash, the number of blocks cut so far and, per split, the
+  token shard files already written (their :class:`FileInfo`) and the block count;
+- ``pending-<seq>.parquet``: the blocks each split holds that are not yet in a file, and the packer's
+  carry (the tokens after the last full block), one ``list<int64>`` row each.
+
+``state.json`` is written atomically after its ``pending`` file, so it never names a missing or
+partial one. A later job uses the state only if it has the same tokenization hash and input file
+lists and every recorded shard file still has its size and sha256; otherwise it starts over (reason
+logged). The directory is removed once the tokens are committed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from segprop_ray.storage.documents import DocumentFormat
+from segprop_ray.storage.errors import DocumentNotFound, StorageError
+from segprop_ray.storage.fs import file_sha256
+from segprop_ray.storage.layout import RunLayout, part_index
+from segprop_ray.storage.shards import FileInfo
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = DocumentFormat("segprop_ray.tokenize_state", 1)
+CARRY = "carry"
+
+
+@dataclass
+class SplitProgress:
+    """One split's output so far: files written, blocks taken and blocks (T,) waiting for the next file."""
+
+    files: list[FileInfo] = field(default_factory=list)
+    count: int = 0
+    pending: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class TokenizeState:
+    """A tokenize job between two input files."""
+
+    tokens_hash: str
+    inputs: dict[str, list[str]]
+    """Input file URIs of each stream (``train``, and ``eval`` when the eval data is separate)."""
+    stream: str = "train"
+    """The stream being read."""
+    next_file: int = 0
+    """Index in ``inputs[stream]`` of the first file not fully consumed."""
+    block_index: int = 0
+    """Blocks cut so far from the stream (they decide the eval hold-out)."""
+    carry: list[int] = field(default_factory=list)
+    """Tokens after the stream's last full block."""
+    splits: dict[str, SplitProgress] = field(default_factory=dict)
+
+
+def save_state(layout: RunLayout, state: TokenizeState, sequence: int) -> None:
+    """Save ``state`` (its ``sequence``-th save in this job): pending blocks first, then ``state.json``."""
+    directory = layout.tokenize_state_dir()
+    pending_name = f"pending-{sequence:06d}.parquet"
+    layout.fs.makedirs(directory, exist_ok=True)
+    layout.fs.pipe_file(f"{directory}/{pending_name}", _pending_bytes(state))
+    body = {"tokens_hash": state.tokens_hash, "inputs": state.inputs, "stream": state.stream,
+            "next_file": state.next_file, "block_index": state.block_index, "pending_file": pending_name,
+            "splits": {split: {"count": p.count, "files": [info.to_dict() for info in p.files]}
+                       for split, p in state.splits.items()}}
+    STATE_FORMAT.write(layout.fs, f"{directory}/state.json", body)
+    for stale in layout.fs.ls(directory, detail=False):
+        if stale.rsplit("/", 1)[-1].startswith("pending-") and not stale.endswith(pending_name):
+            layout.fs.rm(stale)
+
+
+def load_state(layout: RunLayout, tokens_hash: str, inputs: dict[str, list[str]]) -> TokenizeState | None:
+    """The saved state if it belongs to this tokenization and these inputs and its files are intact, else None."""
+    directory = layout.tokenize_state_dir()
+    try:
+        body = STATE_FORMAT.read(layout.fs, f"{directory}/state.json")
+    except DocumentNotFound:
+        return None
+    except StorageError as error:
+        log.warning("tokenize state not usable, tokenizing from the start: %s", error)
+        return None
+    reason = _mismatch(layout, body, tokens_hash, inputs)
+    if reason:
+        log.warning("tokenize state not usable, tokenizing from the start: %s", reason)
+        return None
+    state = TokenizeState(tokens_hash, inputs, body["stream"], body["next_file"], body["block_index"])
+    state.splits = {split: SplitProgress([FileInfo.from_dict(f) for f in p["files"]], p["count"])
+                    for split, p in body["splits"].items()}
+    table = pq.read_table(io.BytesIO(layout.fs.cat_file(f"{directory}/{body['pending_file']}")))
+    for split, tokens in zip(table.column("split").to_pylist(), table.column("tokens").to_pylist()):
+        if split == CARRY:
+            state.carry = tokens
+        else:
+            state.splits[split].pending.append(np.asarray(tokens, dtype=np.int64))
+    return state
+
+
+def clear_state(layout: RunLayout) -> None:
+    """Remove the saved state (after the tokens are committed)."""
+    directory = layout.tokenize_state_dir()
+    if layout.fs.exists(directory):
+        layout.fs.rm(directory, recursive=True)
+
+
+def _pending_bytes(state: TokenizeState) -> bytes:
+    rows: list[tuple[str, Any]] = [(split, block.tolist()) for split, p in state.splits.items() for block in p.pending]
+    rows.append((CARRY, list(state.carry)))
+    table = pa.table({"split": [r[0] for r in rows], "tokens": pa.array([r[1] for r in rows], pa.list_(pa.int64()))})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _mismatch(layout: RunLayout, body: dict[str, Any], tokens_hash: str, inputs: dict[str, list[str]]) -> str:
+    """Why the saved state cannot be continued ('' when it can)."""
+    if body.get("tokens_hash") != tokens_hash:
+        return "it was saved for another tokenization (data, model or shard settings changed)"
+    if body.get("inputs") != inputs:
+        return "the input files are not the ones it was saved for"
+    for split, progress in body["splits"].items():
+        for record in progress["files"]:
+            info = FileInfo.from_dict(record)
+            path = layout.shard_file(split, None, _index_of(info))
+            try:
+                intact = layout.fs.size(path) == info.bytes and file_sha256(layout.fs, path) == info.sha256
+            except FileNotFoundError:
+                intact = False
+            if not intact:
+                return f"token file {split}/{info.name} is missing or changed"
+    return ""
+
+
+def _index_of(info: FileInfo) -> int:
+    index = part_index(info.name)
+    if index is None:
+        raise StorageError(f"tokenize state names {info.name!r}, not a shard file")
+    return index

@@ -116,7 +116,7 @@ def test_status_shows_a_running_iterations_progress(tmp_path, capsys, inputs):
     assert code == 0 and "7/40" in out and "2.5000" in out
 
 
-def test_status_shows_a_running_snapshot_jobs_files(tmp_path, capsys, inputs):
+def test_status_shows_running_jobs_files(tmp_path, capsys, inputs):
     from segprop_ray.storage.manifest import ManifestStore
 
     model, train, evaluation = inputs
@@ -127,10 +127,14 @@ def test_status_shows_a_running_snapshot_jobs_files(tmp_path, capsys, inputs):
         step = m.step("snapshot:2")
         step.status, step.started = "running", "2026-11-28T10:00:00Z"
         step.outputs = {"files_done": {"train": 3, "eval": 0}, "files_total": {"train": 9, "eval": 1}}
+        step = m.step("tokenize")
+        step.status, step.started = "running", "2026-11-28T09:00:00Z"
+        step.outputs = {"files_done": {"train": 2}, "files_total": {"train": 4}}
 
     ManifestStore(setup.layout).update(setup.manifest, running)
     code, out, _ = run_cli(capsys, "status", run_dir)
     assert code == 0 and "running: snapshot:2 since 2026-11-28T10:00:00Z: eval 0/1 files, train 3/9 files" in out
+    assert "tokenize since 2026-11-28T09:00:00Z: train 2/4 input files" in out
 
 
 def test_resumed_driver_rehashes_shards_it_did_not_write(tmp_path, inputs):

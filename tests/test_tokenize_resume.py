@@ -118,3 +118,14 @@ def test_clear_state_removes_the_position(tmp_path, monkeypatch):
     clear_state(layout)
     assert load_state(layout, HASH, {"train": TRAIN}) is None
     assert not (tmp_path / "tokens" / "_resume").exists()
+
+
+def test_input_files_consumed_are_reported_per_stream(tmp_path):
+    data = DataConfig(train=TRAIN, eval=EVAL, seq_len=SEQ_LEN)
+    inputs, heard = {"train": TRAIN, "eval": EVAL}, []
+    Tokenization(RunLayout.open(str(tmp_path)), data, SPEC, TokenizeState(HASH, inputs), save_every_s=3600,
+                 on_input_file=lambda done, total: heard.append((done, total))).run(Source(DOCS))
+    total = {"train": 6, "eval": 3}
+    assert heard == [({"train": i, "eval": 0}, total) for i in range(1, 6)] + [({"train": 6, "eval": i}, total)
+                                                                              for i in (1, 2)]
+    assert not (tmp_path / "tokens" / "_resume").exists()  # nothing saved within the hour

@@ -16,7 +16,7 @@ from segprop_ray.core.exits import RunExit
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.pipeline.evaluations import Evaluations
 from segprop_ray.pipeline.prepare import RunSetup, prepare_run
-from segprop_ray.pipeline.progress import PROGRESS_EVERY_S, ProgressBoard
+from segprop_ray.pipeline.progress import ProgressBoard, Throttle
 from segprop_ray.pipeline.runtime import connect
 from segprop_ray.pipeline.snapshot_job import run_snapshot_job
 from segprop_ray.pipeline.tokenize_job import tokenize_and_pack
@@ -108,7 +108,8 @@ class Driver:
             return
         self.echo("tokenizing and packing the data (Ray Data)")
         started = self._start_step("tokenize")
-        splits = tokenize_and_pack(self._context(depth=-1), setup.spec, setup.tokens_hash)
+        splits = tokenize_and_pack(self._context(depth=-1), setup.spec, setup.tokens_hash,
+                                   self._files_progress("tokenize"))
         for split, written in splits.items():
             commit_depth(setup.layout, split, None, written.files, setup.tokens_hash, setup.spec)
             self.checked.add((split, None, setup.tokens_hash))
@@ -174,19 +175,26 @@ class Driver:
         self._finish_step(f"snapshot:{depth}", started, {**outputs, "kept_files": {s: len(files.kept[s]) for s in SPLITS}})
 
     def _snapshot_progress(self, depth: int) -> Callable[[str, Any], None]:
-        """A per-file callback that writes ``files_done``/``files_total`` of S[depth] to the manifest every 10 s."""
+        """A per-file callback of S[depth]'s job: files written per split, in the manifest every 10 s."""
         total = {split: self.setup.spec.num_files(self.manifest.tokens[split]["num_blocks"]) for split in SPLITS}
-        done = {split: 0 for split in SPLITS}
-        last = [time.monotonic()]
+        done, report = {split: 0 for split in SPLITS}, self._files_progress(f"snapshot:{depth}")
 
         def on_file(split: str, _info: Any) -> None:
             done[split] += 1
-            if time.monotonic() - last[0] >= PROGRESS_EVERY_S:
-                last[0] = time.monotonic()
-                self._save(lambda m: m.step(f"snapshot:{depth}").outputs.update(
-                    files_done=dict(done), files_total=dict(total)))
+            report(done, total)
 
         return on_file
+
+    def _files_progress(self, step: str) -> Callable[[dict[str, int], dict[str, int]], None]:
+        """A callback ``report(done, total)`` writing ``files_done``/``files_total`` of a running ``step`` to the
+        manifest, at most every 10 s (what ``segprop status`` shows)."""
+        throttle = Throttle()
+
+        def report(done: dict[str, int], total: dict[str, int]) -> None:
+            if throttle.ready():
+                self._save(lambda m: m.step(step).outputs.update(files_done=dict(done), files_total=dict(total)))
+
+        return report
 
     def _committed(self, split: str, depth: int | None) -> bool:
         tokens = self.manifest.tokens.get(split, {})

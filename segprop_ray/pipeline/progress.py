@@ -19,6 +19,21 @@ PROGRESS_EVERY_S = 10.0
 """How often a running job's progress is written to the manifest (what ``segprop status`` shows)."""
 
 
+class Throttle:
+    """Says yes at most once every ``every_s`` seconds (the first yes comes a full period after it is made)."""
+
+    def __init__(self, every_s: float = PROGRESS_EVERY_S):
+        self.every_s, self._last = every_s, time.monotonic()
+
+    def ready(self) -> bool:
+        """Whether a period has passed since the last yes (and if so, start the next period)."""
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return False
+        self._last = now
+        return True
+
+
 @ray.remote(num_cpus=0)
 class ProgressBoard:
     """The latest progress record of each job, by name."""
@@ -57,15 +72,14 @@ def run_with_bar(work: Callable[[], Any], board: Any, job: str, label: str, poll
 
     thread = threading.Thread(target=target, name=f"segprop-{job}", daemon=True)
     thread.start()
-    last_sent = time.monotonic()
+    throttle = Throttle(every_s)
     with tqdm(desc=label, unit="step", dynamic_ncols=True, leave=True) as bar:
         while thread.is_alive():
             thread.join(poll_s)
             record = ray.get(board.get.remote(job))
             _draw(bar, record)
-            if on_progress is not None and record and time.monotonic() - last_sent >= every_s:
+            if on_progress is not None and record and throttle.ready():
                 on_progress(record)
-                last_sent = time.monotonic()
         _draw(bar, ray.get(board.get.remote(job)))
     if "error" in outcome:
         raise outcome["error"]

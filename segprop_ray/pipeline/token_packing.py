@@ -37,6 +37,9 @@ SAVE_EVERY_S = 30.0
 Documents = Callable[[list[str], int], Iterator[tuple[int, list[int]]]]
 """``documents(files, start)``: the token lists of ``files[start:]`` in order, each with its file's index."""
 
+InputFileCallback = Callable[[dict[str, int], dict[str, int]], None]
+"""``on_input_file(done, total)``: input files consumed and input files, per stream (``train``, ``eval``)."""
+
 
 class TokenShardSink:
     """One split's output: takes blocks until its limit and writes a token shard file every ``rows_per_file``."""
@@ -71,8 +74,8 @@ class Tokenization:
     """Feeds each input stream's documents through the packer into the split sinks, saving its position."""
 
     def __init__(self, layout: RunLayout, data: DataConfig, spec: ShardSpec, state: TokenizeState,
-                 save_every_s: float | None = None):
-        self.layout, self.data, self.state = layout, data, state
+                 save_every_s: float | None = None, on_input_file: InputFileCallback | None = None):
+        self.layout, self.data, self.state, self.on_input_file = layout, data, state, on_input_file
         self.save_every_s = SAVE_EVERY_S if save_every_s is None else save_every_s
         limits = {"train": data.max_train_blocks, "eval": data.max_eval_blocks}
         self.sinks = {split: TokenShardSink(layout, split, spec, limits[split],
@@ -120,6 +123,10 @@ class Tokenization:
         return all(sink.full for sink in self.sinks.values())
 
     def _between_files(self, stream: str) -> None:
+        if self.on_input_file is not None:
+            streams = list(self.state.inputs)
+            done = {s: len(self.state.inputs[s]) if streams.index(s) < streams.index(stream) else 0 for s in streams}
+            self.on_input_file({**done, stream: self.state.next_file}, {s: len(f) for s, f in self.state.inputs.items()})
         if time.monotonic() - self._saved_at >= self.save_every_s:
             self._saves += 1
             save_state(self.layout, self.state, self._saves)

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from segprop_ray.pipeline.context import JobContext
-from segprop_ray.pipeline.token_packing import Tokenization
+from segprop_ray.pipeline.token_packing import InputFileCallback, Tokenization
 from segprop_ray.storage.fs import resolve_pyarrow_filesystem, split_protocol
 from segprop_ray.storage.inputs import expand_inputs, input_format
 from segprop_ray.storage.models import resolve_model_dir
@@ -88,10 +88,12 @@ def file_documents(ctx: JobContext, files: list[str], start: int) -> Iterator[tu
             yield index_of.get(str(path), start), ids.tolist()  # an unknown path only stops saving the position
 
 
-def tokenize_and_pack(ctx: JobContext, spec: ShardSpec, tokens_hash: str) -> dict[str, SplitProgress]:
+def tokenize_and_pack(ctx: JobContext, spec: ShardSpec, tokens_hash: str,
+                      on_input_file: InputFileCallback | None = None) -> dict[str, SplitProgress]:
     """Write the token shards of both splits, continuing a killed job's saved position if there is one.
 
     Returns each split's files and block count; the caller commits them and clears the saved position.
+    ``on_input_file(done, total)`` hears of each input file consumed (counts per input stream).
     """
     data, layout = ctx.cfg.data, ctx.layout
     inputs = {"train": expand_inputs(data.train, ctx.cfg.storage_options)}
@@ -101,5 +103,6 @@ def tokenize_and_pack(ctx: JobContext, spec: ShardSpec, tokens_hash: str) -> dic
     if state is not None:
         log.warning("tokenize: continuing at %s input file %d/%d (%s)", state.stream, state.next_file + 1,
                     len(inputs[state.stream]), ", ".join(f"{s} {p.count} blocks" for s, p in state.splits.items()))
-    tokenization = Tokenization(layout, data, spec, state or TokenizeState(tokens_hash, inputs))
+    tokenization = Tokenization(layout, data, spec, state or TokenizeState(tokens_hash, inputs),
+                                on_input_file=on_input_file)
     return tokenization.run(lambda files, start: file_documents(ctx, files, start))

@@ -27,8 +27,9 @@ def running_steps(manifest: Manifest) -> list[str]:
             continue
         outputs = step.outputs or {}
         done, total = outputs.get("files_done"), outputs.get("files_total")
+        unit = "input files" if name == "tokenize" else "files"
         progress = "" if not (done and total) else ": " + ", ".join(
-            f"{split} {done.get(split, 0)}/{count} files" for split, count in total.items())
+            f"{split} {done.get(split, 0)}/{count} {unit}" for split, count in total.items())
         lines.append(f"{name} since {step.started or '?'}{progress}")
     return lines
 

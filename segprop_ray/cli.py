@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any, Callable
 
+from segprop_ray.pipeline.failures import one_line_reason
+
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
@@ -26,31 +28,23 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SEGPROP_DEBUG"):
             raise
         kind = "error" if is_bad_input(error) else "failed"
-        print(f"segprop: {kind}: {one_line_reason(error)}", file=sys.stderr)
+        print(f"segprop: {kind}: {one_line_reason(error, with_type=kind == 'failed')}", file=sys.stderr)
         return EXIT_BAD_INPUT if kind == "error" else EXIT_FAILED
 
 
 def is_bad_input(error: BaseException) -> bool:
     """Whether ``error`` is the user's input (config, paths, model) rather than a failure while running."""
-    from segprop_ray.config import ConfigError
-    from segprop_ray.core.layout import UnsupportedArchitecture
-    from segprop_ray.storage.errors import StorageError
-
-    return isinstance(error, (ConfigError, UnsupportedArchitecture, StorageError, FileNotFoundError)) or (
-        type(error) is ValueError)
-
-
-def one_line_reason(error: BaseException) -> str:
-    """The innermost meaningful message of ``error`` on one line (Ray wraps worker errors in several layers)."""
-    seen = error
-    while getattr(seen, "__cause__", None) is not None:
-        seen = seen.__cause__
-    text = str(seen).strip() or type(seen).__name__
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    tail = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "Traceback"))), lines[0] if lines else text)
-    return tail if len(tail) < 400 else tail[:397] + "..."
+    kinds: list[type] = [FileNotFoundError]
+    for module, name in _BAD_INPUT_CLASSES:  # an error of a class can only exist once its module is loaded:
+        loaded = sys.modules.get(module)      # looking there keeps torch and pyarrow out of a config error
+        if loaded is not None:
+            kinds.append(getattr(loaded, name))
+    return isinstance(error, tuple(kinds)) or type(error) is ValueError
 
 
+_BAD_INPUT_CLASSES = (("segprop_ray.config.loading", "ConfigError"),
+                      ("segprop_ray.core.layout", "UnsupportedArchitecture"),
+                      ("segprop_ray.storage.errors", "StorageError"))
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="segprop", description="Segmented Propagation fine-tuning on Ray.")
@@ -61,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", action="store_true", help="start over in a run_dir that holds another run")
     status = _command(sub, "status", "show a run's per-layer table", _status)
     status.add_argument("run_dir")
+    _add_storage_options(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--watch", type=float, default=0, metavar="SECONDS",
                         help="redraw every SECONDS until the run is done or failed")
@@ -68,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--depth", default="final", help="a committed depth, 'best' (lowest eval loss) or 'final'")
     export.add_argument("--out", required=True, help="output directory (local path or URI)")
+    _add_storage_options(export)
     report = _command(sub, "report", "write the per-depth report (Markdown, JSON, CSV, PNG plots)", _report)
     report.add_argument("run_dir")
     report.add_argument("--compare", action="append", default=[], metavar="RUN_DIR",
                         help="another run (e.g. its lw or e2e counterpart) to draw beside it (repeatable)")
     report.add_argument("--out", default=None, help="output directory (default: the run's report/ directory)")
+    _add_storage_options(report)
     submit = _command(sub, "submit", "submit `segprop run` to a Ray cluster through the Jobs API", _submit)
     submit.add_argument("config")
     submit.add_argument("--address", required=True, help="dashboard address, e.g. http://HEAD:8265")
@@ -98,11 +95,48 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
                         help="override a config field, e.g. --set training.learning_rate=1e-4 (repeatable)")
 
 
+def _add_storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-option", dest="storage_options", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec storage option for the run's store (and --out, if any), e.g. "
+                             "endpoint_url=http://minio:9000 (repeatable; VALUE is read as YAML, a.b=c nests)")
+
+
+def parse_storage_options(items: list[str]) -> dict[str, Any]:
+    """``--storage-option KEY=VALUE`` items as a storage_options mapping (VALUE read as YAML, ``a.b`` keys nest)."""
+    import yaml
+
+    from segprop_ray.config import ConfigError
+
+    options: dict[str, Any] = {}
+    for text in items:
+        key, sep, raw = text.partition("=")
+        path = [part.strip() for part in key.split(".")]
+        if not sep or not all(path):
+            raise ConfigError(f"--storage-option {text!r}: expected KEY=VALUE, e.g. endpoint_url=http://minio:9000")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:  # the value may be a secret: never shown
+            raise ConfigError(f"--storage-option {key.strip()}: the value is not valid YAML (quote it)") from None
+        _set_nested(options, path, value, key.strip())
+    return options
+
+
+def _set_nested(options: dict[str, Any], path: list[str], value: Any, key: str) -> None:
+    from segprop_ray.config import ConfigError
+
+    for part in path[:-1]:
+        options = options.setdefault(part, {})
+        if not isinstance(options, dict):
+            raise ConfigError(f"--storage-option {key}: {part!r} is already a value, not a mapping")
+    options[path[-1]] = value
+
+
 def _run(args: argparse.Namespace) -> int:
     from segprop_ray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # bad config fails in a fraction of a second, before Ray and torch
     from segprop_ray.pipeline.driver import Driver
 
-    cfg = load_config(args.config, args.overrides)
     Driver(cfg, restart=args.restart).run()
     return _status_of(cfg.run_dir, cfg.storage_options)
 
@@ -117,11 +151,12 @@ def _status_of(run_dir: str, storage_options: dict[str, Any] | None = None) -> i
 
 
 def _status(args: argparse.Namespace) -> int:
+    options = parse_storage_options(args.storage_options)  # before the heavy imports: a typo fails at once
     from segprop_ray.reporting.export import open_run
     from segprop_ray.reporting.status import render_status, status_json
 
     while True:
-        _, manifest = open_run(args.run_dir)
+        _, manifest = open_run(args.run_dir, options)
         if args.json:
             print(status_json(manifest))
         else:
@@ -132,17 +167,20 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    options = parse_storage_options(args.storage_options)
+    from segprop_ray.reporting.export import parse_depth
     from segprop_ray.reporting.model_card import export_with_card
 
-    depth, out = export_with_card(args.run_dir, args.out, args.depth)
+    depth, out = export_with_card(args.run_dir, args.out, parse_depth(args.depth), options)
     print(f"exported exit {depth} to {out}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
+    options = parse_storage_options(args.storage_options)
     from segprop_ray.reporting.report import write_report
 
-    written = write_report(args.run_dir, args.out, args.compare)
+    written = write_report(args.run_dir, args.out, args.compare, options)
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0

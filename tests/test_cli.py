@@ -38,7 +38,9 @@ def one_line_error(err: str) -> str:
     ("segprop.last_layers=-1", "segprop.last_layers: Input should be greater than or equal to 0"),
     ("segprop.unknown=1", "unknown key 'segprop.unknown'"),
     ("model=/no/such/model", "model directory not found: /no/such/model"),
-    ("data.train=/no/such/file.jsonl", "data input '/no/such/file.jsonl' matches no file"),
+    ("data.train=/no/such/file.jsonl", "data.train '/no/such/file.jsonl' matches no file"),
+    ("evaluation.mc_path=/no/such/mc.jsonl", "evaluation.mc_path '/no/such/mc.jsonl' matches no file"),
+    ("data.text_field=body", "has no 'body' field (it has: text); set data.text_field"),
 ])
 def test_bad_input_fails_fast_with_one_line(tmp_path, capsys, inputs, override, message):
     model, train, evaluation = inputs
@@ -69,7 +71,7 @@ def test_other_config_on_existing_run_is_refused_unless_restart(tmp_path, inputs
     with pytest.raises(RunConflict, match=r"config differs in: training\.learning_rate\); pass --restart"):
         Driver(changed).prepare()
     assert marker.exists()  # nothing written is lost by a refusal
-    same_where = validate_config({**raw, "resources": {"num_cpus": 1}})
+    same_where = validate_config({**raw, "resources": {"num_cpus": 3}})
     Driver(same_where).prepare()  # where/how fast it runs is not what it computes: continues the run
     smaller_chunks = validate_config({**raw, "training": {**raw["training"], "loss_chunk_tokens": 64}})
     Driver(smaller_chunks).prepare()  # e.g. after an out-of-memory error: continues the run
@@ -101,7 +103,6 @@ def test_console_script_is_installed():
 
 
 def test_status_shows_a_running_iterations_progress(tmp_path, capsys, inputs):
-    from segprop_ray.pipeline.driver import _progress
     from segprop_ray.storage.manifest import LayerRecord, ManifestStore
 
     model, train, evaluation = inputs
@@ -111,7 +112,7 @@ def test_status_shows_a_running_iterations_progress(tmp_path, capsys, inputs):
     store = ManifestStore(setup.layout)
     manifest = setup.manifest
     manifest.layers["1"] = LayerRecord(depth=1, stage="stage2", status="running")
-    store.update(manifest, lambda m: _progress(m, 1, {"step": 7, "total": 40, "train_loss": 2.5}))
+    store.update(manifest, lambda m: m.record_progress(1, {"step": 7, "total": 40, "train_loss": 2.5}))
     code, out, _ = run_cli(capsys, "status", run_dir)
     assert code == 0 and "7/40" in out and "2.5000" in out
 
@@ -166,3 +167,90 @@ def _committed_after_restart(cfg, split: str) -> bool:
     driver.prepare()
     driver.echo = lambda text: None
     return driver._committed(split, None)
+
+
+RAY_DATA_ADVICE = ("Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\n"
+                   "To change retry attempts, backoff, or which errors are retried, configure "
+                   "`ray.data.DataContext.get_current()` if you believe this to be transient.")
+
+
+def _ray_data_failure() -> Exception:
+    """What ``ray.get`` raises for a Ray Data UDF's KeyError: the remote ``__cause__`` is lost in pickling,
+    only the traceback text keeps it, and the wrapper's text ends with Ray's retry advice."""
+    import traceback
+
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    try:
+        try:
+            {}["text"]
+        except KeyError as inner:
+            raise UserCodeException("UDF failed to process a data block.") from inner
+    except UserCodeException:
+        remote_traceback = traceback.format_exc() + RAY_DATA_ADVICE
+    cause = UserCodeException(f"UDF failed to process a data block.\n{RAY_DATA_ADVICE}")
+    error = RayTaskError("MapWorker.submit", remote_traceback, cause, proctitle="ray::MapWorker", pid=1, ip="127.0.0.1")
+    return error.as_instanceof_cause()
+
+
+def _train_failure() -> Exception:
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    return WorkerGroupError(f"[Rank 0]\nTraceback ...\nKeyError: 'text'\n{RAY_DATA_ADVICE}",
+                            {1: RuntimeError("rank 1 stopped"), 0: KeyError(f"text\n{RAY_DATA_ADVICE}")})
+
+
+def _chained_failure() -> Exception:
+    try:
+        raise OSError(f"disk full\n{RAY_DATA_ADVICE}")
+    except OSError as inner:
+        try:
+            raise RuntimeError(f"the job failed\n{RAY_DATA_ADVICE}") from inner
+        except RuntimeError as outer:
+            return outer
+
+
+@pytest.mark.parametrize("make_error,expected", [
+    (_ray_data_failure, "segprop: failed: KeyError: 'text'"),
+    (_train_failure, "segprop: failed: KeyError: 'text'"),
+    (_chained_failure, "segprop: failed: OSError: disk full"),
+])
+def test_failure_inside_ray_is_reported_by_its_cause(capsys, monkeypatch, make_error, expected):
+    import segprop_ray.cli as cli
+
+    error = make_error()
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_status", fail)
+    code, _, err = run_cli(capsys, "status", "/no/run")
+    assert code == 1 and one_line_error(err) == expected
+
+
+def test_export_depth_is_validated_before_the_run_is_read(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "nothing"), "--depth", "foo", "--out", str(tmp_path / "x"))
+    line = one_line_error(err)
+    assert code == 2 and "depth 'foo' is not valid" in line and "'best' or 'final'" in line
+
+
+def test_status_report_export_take_storage_options(tmp_path, capsys, monkeypatch, inputs, s3_bucket, s3_env):
+    """A run on an S3 endpoint given only through --storage-option (no AWS endpoint or keys in the environment)."""
+    import s3fs
+
+    model, train, evaluation = inputs
+    run_dir = f"s3://{s3_bucket}/run"
+    Driver(validate_config(pipeline_config(run_dir, str(model), str(train), str(evaluation)))).prepare()
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = ["--storage-option", f"endpoint_url={s3_env}", "--storage-option", "key=testing",
+               "--storage-option", "secret='testing'"]
+    code, out, _ = run_cli(capsys, "status", run_dir, "--json", *options)
+    assert code == 0 and json.loads(out)["state"] == "running"
+    code, out, _ = run_cli(capsys, "report", run_dir, "--out", str(tmp_path / "report"), *options)
+    assert code == 0 and (tmp_path / "report" / "report.md").is_file()
+    code, _, err = run_cli(capsys, "export", run_dir, "--depth", "1", "--out", str(tmp_path / "x"), *options)
+    assert code == 2 and "exit 1 is not committed" in one_line_error(err)  # the run was read
+    code, _, err = run_cli(capsys, "status", run_dir, "--storage-option", "endpoint_url")
+    assert code == 2 and "expected KEY=VALUE" in one_line_error(err)

@@ -1,5 +1,6 @@
 """Configs: stable names, overrides, and a one-line error for each impossible setting."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,33 @@ def test_readme_example_config_is_valid():
     example = yaml.safe_load(readme.split("```yaml\n", 1)[1].split("```", 1)[0])
     cfg = validate_config(example)
     assert cfg.training.loss_chunk_tokens == 0 and cfg.training_for("stage1").max_steps == 2000
+
+
+@pytest.mark.parametrize("exit_layer,eval_steps,message", [
+    ({"patience": 3}, 0, "exit.layer.patience needs training.eval_steps > 0"),
+    ({"target_loss": 2.0}, 0, "exit.layer.target_loss needs training.eval_steps > 0"),
+    ({"patience": 3}, 10, None),
+])
+def test_layer_exit_without_evaluations_is_refused(exit_layer, eval_steps, message):
+    raw = {"run_dir": "/tmp/r", "model": "m", "data": {"train": "t.jsonl"}, "exit": {"layer": exit_layer},
+           "training": {"eval_steps": eval_steps}}
+    if message is None:
+        validate_config(raw)
+    else:
+        with pytest.raises(ConfigError, match=message):
+            validate_config(raw)
+
+
+@pytest.mark.parametrize("resources,message", [
+    ({"num_cpus": 1}, "num_cpus = 1 is too few: the tokenize job"),
+    ({"num_cpus": 2, "segment": {"num_workers": 3}}, "num_cpus = 2 is too few: Stage 2 (segment workers"),
+    ({"num_cpus": 3, "stage1": {"num_workers": 2, "resources_per_worker": {"CPU": 2}}}, "Stage 1 (stage1 workers"),
+    ({"num_cpus": 4, "snapshot": {"num_actors": 2, "num_cpus": 2}}, None),
+])
+def test_local_ray_too_small_for_a_job_is_refused(resources, message):
+    raw = {"run_dir": "/tmp/r", "model": "m", "data": {"train": "t.jsonl"}, "resources": resources}
+    if message is None:
+        validate_config(raw)
+    else:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate_config(raw)

@@ -48,6 +48,9 @@ def test_pipeline_end_to_end_equals_inprocess_core(local_ray, tmp_path, request,
     assert manifest.final_depth == middle[-1] and manifest.decisions[-1]["reason"] == "last_layer"
     assert all(manifest.layer(d).files and manifest.layer(d).metrics["tokens"] > 0 for d in manifest.committed_depths())
     assert manifest.steps[f"export:{middle[-1]}"].status == "done"
+    from segprop_ray.storage.layout import RunLayout
+    layout = RunLayout.open(run_dir)
+    assert not [p for p in layout.fs.glob(layout.checkpoints_dir() + "/*") if "-depth" in p]  # dropped once committed
     for depth in manifest.committed_depths():  # every exit scored beside training: accuracy and nHSIC
         metrics = manifest.layer(depth).metrics
         assert metrics["evaluated"] and metrics["n"] == 24 and 0 <= metrics["accuracy"] <= 1
@@ -66,9 +69,8 @@ def test_pipeline_end_to_end_equals_inprocess_core(local_ray, tmp_path, request,
     generated = exported.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=4, do_sample=False, pad_token_id=1)
     assert generated.shape == (1, 7)
 
-    from segprop_ray.storage.layout import RunLayout
     blocks = {split: info["num_blocks"] for split, info in manifest.tokens.items()}
-    result, eval_ids = inprocess_reference(cfg, model, RunLayout.open(run_dir), blocks)
+    result, eval_ids = inprocess_reference(cfg, model, layout, blocks)
     reference = reference_model(result, model, depth, tmp_path / "reference")
     torch.testing.assert_close(logits(exported, eval_ids[:4]), logits(reference, eval_ids[:4]), rtol=0, atol=0)
     assert [manifest.layer(d).eval_loss for d in manifest.committed_depths()] == [it["eval_loss"] for it in result.iterations]
@@ -108,6 +110,11 @@ def test_failed_snapshot_job_keeps_finished_files(local_ray, tmp_path, monkeypat
 
     with pytest.raises(Exception, match="SEGPROP_TEST_FAIL_SNAPSHOT_AT"):
         Driver(cfg).run()  # tokenize, Stage 1, then S[0] fails on its last file
+    from segprop_ray.storage.manifest import ManifestStore
+    failed = ManifestStore(RunLayout.open(run_dir.as_uri())).read()
+    step = failed.steps[f"snapshot:{BASE_DEPTH}"]
+    assert failed.state == "failed" and step.status == "failed"  # not left "running" for status --watch
+    assert "SEGPROP_TEST_FAIL_SNAPSHOT_AT" in failed.error and "\n" not in failed.error and step.error == failed.error
     depth_dir = run_dir / "snapshots" / "train" / f"depth={BASE_DEPTH}"
     assert not (depth_dir / "_COMMITTED").exists()
     recorded = sorted(p.stem for p in (depth_dir / "_written").glob("*.json"))

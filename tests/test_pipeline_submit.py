@@ -1,5 +1,6 @@
 """``segprop submit`` through the Ray Jobs API of a token-authenticated local cluster, with learning rate 0:
-the job succeeds and the exported model is the input model, logit for logit."""
+the job succeeds and the exported model is the input model, logit for logit; a local run_dir is refused for a
+cluster on another machine."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from pipeline_setup import logits, make_inputs, pipeline_config, write_config
 from segprop_ray.cli import main
+from segprop_ray.pipeline.submit import is_local_address
 from segprop_ray.reporting.export import open_run
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_submit_lr0_run_exports_the_input_model(local_ray, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # the client must find the cluster's token by itself
     model, train, evaluation = make_inputs(tmp_path)
@@ -34,3 +35,24 @@ def test_submit_lr0_run_exports_the_input_model(local_ray, tmp_path, capsys, mon
     original = AutoModelForCausalLM.from_pretrained(model).eval()
     ids = torch.randint(0, original.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logits(exported, ids), logits(original, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("run_dir", ["local", "file"])
+def test_submit_refuses_a_local_run_dir_for_a_remote_cluster(tmp_path, capsys, run_dir):
+    path = tmp_path / "run"
+    run_dir = str(path) if run_dir == "local" else path.as_uri()
+    config = write_config(tmp_path / "config.yaml", pipeline_config(run_dir, "model", "train.jsonl", "eval.jsonl"))
+
+    code = main(["submit", str(config), "--address", "http://10.1.2.3:8265"])
+
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert f"run_dir {run_dir} is a local path" in lines[0] and "use shared storage (run_dir: s3://...)" in lines[0]
+
+
+@pytest.mark.parametrize("address,local", [
+    ("http://127.0.0.1:8265", True), ("localhost:8265", True), ("http://[::1]:8265", True),
+    ("http://head.example.com:8265", False), ("10.1.2.3:8265", False),
+])
+def test_local_addresses(address, local):
+    assert is_local_address(address) is local

@@ -140,3 +140,20 @@ def test_probe_thread_does_not_outlive_the_check(run_uri):
     before = {thread.name for thread in threading.enumerate()}
     check_writable(run_uri)
     assert "segprop-storage-probe" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_planning_a_run_reads_only_the_config_of_a_remote_model(s3_bucket, tmp_path):
+    from helpers import tiny_model_dir
+    from segprop_ray.storage.models import model_config_dir
+
+    fs, _ = resolve_filesystem(f"s3://{s3_bucket}")
+    model = tiny_model_dir(tmp_path, "llama", 2)
+    for file in model.iterdir():
+        fs.put_file(str(file), f"{s3_bucket}/models/tiny/{file.name}")
+    local = model_config_dir(f"s3://{s3_bucket}/models/tiny", cache_dir=tmp_path / "cache")
+    assert [p.name for p in local.iterdir()] == ["config.json"]  # no weights fetched to plan the run
+    assert local.joinpath("config.json").read_bytes() == (model / "config.json").read_bytes()
+
+    fs.pipe_file(f"{s3_bucket}/models/no-weights/config.json", b"{}")
+    with pytest.raises(StorageError, match=r"models/no-weights: no safetensors weights found"):
+        model_config_dir(f"s3://{s3_bucket}/models/no-weights", cache_dir=tmp_path / "cache")

@@ -31,21 +31,42 @@ def common_overrides(user_overrides: list[str]) -> list[str]:
     return DEFAULT_OVERRIDES + style + user_overrides
 
 
-def segprop_step_budget(config: Path, overrides: list[str]) -> int:
-    """Optimizer steps of the segprop run: Stage 1's, plus one iteration's per middle layer."""
+def parse_modes(text: str) -> list[str]:
+    """The comma-separated ``--modes`` value as a list; SystemExit with one line naming an unknown mode."""
+    modes = [mode.strip() for mode in text.split(",") if mode.strip()]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        problem = f"unknown mode {', '.join(unknown)}" if unknown else "no mode given"
+        raise SystemExit(f"run_compare.py: error: --modes {text!r}: {problem}; allowed: {', '.join(MODES)}")
+    return modes
+
+
+def segprop_budget(config: Path, overrides: list[str]) -> dict[str, float]:
+    """The training budget of the whole segprop run, as ``training.*`` settings for the e2e run."""
     from transformers import AutoConfig
 
     cfg = load_config(config, overrides)
-    num_layers = AutoConfig.from_pretrained(cfg.model).num_hidden_layers
+    return budget_for(cfg, AutoConfig.from_pretrained(cfg.model).num_hidden_layers)
+
+
+def budget_for(cfg, num_layers: int) -> dict[str, float]:
+    """Stage 1's budget plus one iteration's per middle layer: optimizer steps when both stages count steps,
+    else (``max_steps: -1``, both counting epochs) passes over the data; one-line SystemExit when they mix."""
     middle_layers = num_layers - (cfg.segprop.base_depth + 1) - cfg.segprop.last_layers
-    return cfg.training_for("stage1").max_steps + middle_layers * cfg.training.max_steps
+    stage1, stage2 = cfg.training_for("stage1"), cfg.training
+    if stage1.max_steps > 0 and stage2.max_steps > 0:
+        return {"max_steps": stage1.max_steps + middle_layers * stage2.max_steps}
+    if stage1.max_steps <= 0 and stage2.max_steps <= 0:
+        return {"max_steps": -1, "num_train_epochs": stage1.num_train_epochs + middle_layers * stage2.num_train_epochs}
+    raise SystemExit("run_compare.py: error: the e2e budget needs stage1.max_steps and training.max_steps both "
+                     f"positive or both -1 (epochs), got {stage1.max_steps} and {stage2.max_steps}")
 
 
-def mode_overrides(out: Path, mode: str, e2e_steps: int) -> list[str]:
+def mode_overrides(out: Path, mode: str, e2e_budget: dict[str, float] | None) -> list[str]:
     """``--set`` overrides that turn the demo config into the run of ``mode`` in its own run directory."""
     overrides = [f"run_dir={out / 'runs' / mode}", f"segprop.mode={mode}"]
-    if mode == "e2e":  # as many optimizer steps as the whole segprop run
-        overrides.append(f"training.max_steps={e2e_steps}")
+    if mode == "e2e":  # as many optimizer steps (or passes over the data) as the whole segprop run
+        overrides += [f"training.{key}={value}" for key, value in (e2e_budget or {}).items()]
     return overrides
 
 
@@ -55,7 +76,9 @@ def run_mode(config: Path, overrides: list[str]) -> None:
     for override in overrides:
         command += ["--set", override]
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    code = subprocess.run(command).returncode
+    if code:  # segprop has printed its one-line reason
+        raise SystemExit(f"run_compare.py: error: segprop run exited with {code}; run the script again to continue")
 
 
 def write_comparison(out: Path) -> str:
@@ -75,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="config override for all three runs (repeatable; run_dir and mode are set per run)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes to run (default: all three)")
     args = parser.parse_args(argv)
+    modes = parse_modes(args.modes)
     out = Path(args.out).resolve()
     config = prepare_demo(out)
     overrides = common_overrides(args.overrides)
-    e2e_steps = segprop_step_budget(config, overrides)
-    for mode in args.modes.split(","):
-        run_mode(config, overrides + mode_overrides(out, mode, e2e_steps))
+    e2e_budget = segprop_budget(config, overrides) if "e2e" in modes else None
+    for mode in modes:
+        run_mode(config, overrides + mode_overrides(out, mode, e2e_budget))
     print(f"report: {write_comparison(out)}")
     return 0
 

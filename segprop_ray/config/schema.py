@@ -137,6 +137,11 @@ class TrainResources(Strict):
     parameters kept: shards weights, gradients and AdamW state across workers; useful for Stage 1 and E2E on
     GPUs; on CPU it runs over gloo, which the tests use, but saves nothing worth the communication)."""
 
+    @property
+    def cpus_needed(self) -> float:
+        """CPUs the workers take at once (Ray Train gives each worker 1 CPU unless ``resources_per_worker`` says)."""
+        return self.num_workers * self.resources_per_worker.get("CPU", 1)
+
 
 class SnapshotResources(Strict):
     """Ray Data resources of the snapshot (frozen-layer forward) job."""
@@ -151,6 +156,16 @@ class SnapshotResources(Strict):
     """Extra custom Ray resources per actor."""
     label_selector: dict[str, str] = {}
     """Ray node labels the actors must run on."""
+
+    def ray_options(self) -> dict[str, Any]:
+        """Ray's options for one actor or task of this kind: CPUs, GPUs, and the custom resources and node
+        labels when set."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            options["resources"] = self.resources
+        if self.label_selector:
+            options["label_selector"] = self.label_selector
+        return options
 
 
 class ResourcesConfig(Strict):
@@ -173,6 +188,22 @@ class ResourcesConfig(Strict):
     """Stage 2 segment training workers."""
     max_failures: int = Field(3, ge=0)
     """Worker failures Ray Train retries per iteration (preemptions have their own unlimited budget)."""
+
+    @model_validator(mode="after")
+    def _local_ray_fits_each_job(self) -> "ResourcesConfig":
+        """A local Ray too small for one job's actors or workers at once would wait for CPUs forever."""
+        if self.num_cpus is None:
+            return self
+        needs = {
+            "the tokenize job (tokenize_actors x tokenize_cpus, + 1 reading)": self.tokenize_actors * self.tokenize_cpus + 1,
+            "the snapshot job (snapshot.num_actors x snapshot.num_cpus)": self.snapshot.num_actors * self.snapshot.num_cpus,
+            "Stage 1 (stage1 workers x their CPUs)": self.stage1.cpus_needed,
+            "Stage 2 (segment workers x their CPUs)": self.segment.cpus_needed,
+        }
+        job, need = max(needs.items(), key=lambda item: item[1])
+        if need > self.num_cpus:
+            raise ValueError(f"num_cpus = {self.num_cpus} is too few: {job} needs {need:g} at once")
+        return self
 
 
 class Config(Strict):
@@ -222,6 +253,15 @@ class Config(Strict):
     @model_validator(mode="after")
     def _stage1_overrides_valid(self) -> "Config":
         self.training_for("stage1")
+        return self
+
+    @model_validator(mode="after")
+    def _layer_exit_needs_evaluations(self) -> "Config":
+        layer = self.exit.layer
+        setting = "exit.layer.patience" if layer.patience else "exit.layer.target_loss" if layer.target_loss is not None else ""
+        if setting and min(self.training.eval_steps, self.training_for("stage1").eval_steps) == 0:
+            raise ValueError(f"{setting} needs training.eval_steps > 0: an iteration evaluated only at its end "
+                             "cannot stop early")
         return self
 
     def training_for(self, stage: Literal["stage1", "stage2", "e2e"]) -> TrainingConfig:

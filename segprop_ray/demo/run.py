@@ -75,9 +75,10 @@ def run_demo(out: str | Path, overrides: list[str]) -> int:
     cfg = load_config(config_path, overrides)
     manifest = Driver(cfg).run()
     render_status(manifest)
-    written = write_report(cfg.run_dir)
+    written = write_report(cfg.run_dir, storage_options=cfg.storage_options)
     print(f"run directory: {cfg.run_dir}")
     print(f"report: {written.get('report.md')}")
-    print(f"final model (Hugging Face format): {Path(cfg.run_dir) / 'export' / f'exit-{manifest.final_depth}'}")
+    exported = f"{cfg.run_dir.rstrip('/')}/export/exit-{manifest.final_depth}"  # a URI as given: Path() mangles s3://
+    print(f"final model (Hugging Face format): {exported}")
     print(f"status any time: segprop status {cfg.run_dir}")
     return 0

@@ -6,6 +6,7 @@ files the job may read); large things (weights, activations) travel through the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
@@ -21,6 +22,12 @@ from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.models import resolve_model_dir
 from segprop_ray.storage.shard_format import ShardSpec
 from segprop_ray.storage.weights_store import EMBED_FILE, WeightStore, exit_file, layer_file, snapshot_weights_hash
+
+
+def forwarded_env(name: str) -> dict[str, Any] | None:
+    """A runtime env passing the driver's variable ``name`` on to a job's workers when it is set (the testing
+    hooks: never set in normal runs), else None."""
+    return {"env_vars": {name: os.environ[name]}} if os.environ.get(name) else None
 
 
 @dataclass

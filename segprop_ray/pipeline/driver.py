@@ -15,6 +15,7 @@ from segprop_ray.config import Config
 from segprop_ray.core.exits import RunExit
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.pipeline.evaluations import Evaluations
+from segprop_ray.pipeline.failures import one_line_reason
 from segprop_ray.pipeline.prepare import RunSetup, prepare_run
 from segprop_ray.pipeline.progress import ProgressBoard, Throttle
 from segprop_ray.pipeline.runtime import connect
@@ -60,10 +61,11 @@ class Driver:
         connect(self.cfg)
         self.board = ProgressBoard.remote()
         self.evaluations = Evaluations(self)
+        self._save(lambda m: setattr(m, "state", "running"))  # also when continuing a failed run
         try:
             self._run_steps()
         except BaseException as error:
-            self._save(lambda m: setattr(m, "error", f"{type(error).__name__}: {error}"))
+            self._save(lambda m: m.mark_failed(one_line_reason(error, with_type=True)))
             raise
         return self.manifest
 
@@ -133,10 +135,19 @@ class Driver:
         self.echo(f"training {_label(stage, depth)} (Ray Train)")
         name = f"{self.manifest.run_id}-depth{depth}"
         result = run_trainer(ctx, name=name, stage=stage, board=self.board, label=_label(stage, depth),
-                             on_progress=lambda record: self._save(lambda m: _progress(m, depth, record)))
+                             on_progress=lambda record: self._save(lambda m: m.record_progress(depth, record)))
         self._finish_layer(depth, stage, started, result)
+        self._drop_checkpoints(name)
         self.echo(f"committed {_label(stage, depth)}: eval loss {result['eval_loss']:.4f} after {result['steps']} steps "
                   f"({result['decision']['reason']})")
+
+    def _drop_checkpoints(self, name: str) -> None:
+        """Remove a committed iteration's Ray Train checkpoints (weights and optimizer state): the layer files
+        are what later steps read, and a committed iteration is never trained again."""
+        layout = self.setup.layout
+        directory = layout.checkpoints_dir(name)
+        if layout.fs.exists(directory):
+            layout.fs.rm(directory, recursive=True)
 
     def _continue_after(self, depth: int) -> bool:
         """The global exit criterion after committing ``depth``: train the next layer or stop."""
@@ -269,14 +280,6 @@ def _snapshot_outputs(written: dict[str, list], wall_s: float) -> dict[str, Any]
     size = sum(info.bytes for infos in written.values() for info in infos)
     return {"files": {split: len(infos) for split, infos in written.items()}, "rows": rows, "bytes": size,
             "written_mb_per_s": round(size / max(wall_s, 1e-9) / 1e6, 2)}
-
-
-def _progress(manifest: Manifest, depth: int, record: dict[str, Any]) -> None:
-    """A running iteration's latest step and losses, for ``segprop status``."""
-    layer = manifest.layers[str(depth)]
-    layer.steps = int(record.get("step", layer.steps))
-    layer.metrics["total_steps"] = record.get("total")
-    layer.train_loss = record.get("train_loss", layer.train_loss)
 
 
 def _label(stage: str, depth: int) -> str:

@@ -96,11 +96,6 @@ def _baseline_loss(ctx: JobContext, marker: CommitMarker, model, device: torch.d
 
 def launch(ctx: JobContext) -> ray.ObjectRef:
     """Start :func:`exit_metrics` as a Ray task with the snapshot job's resources."""
-    res = ctx.cfg.resources.snapshot
-    options: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_retries": 2}
-    if res.resources:
-        options["resources"] = res.resources
-    if res.label_selector:
-        options["label_selector"] = res.label_selector
-    return ray.remote(exit_metrics).options(**options).remote(ctx.to_dict())
+    options = ctx.cfg.resources.snapshot.ray_options()
+    return ray.remote(exit_metrics).options(**options, max_retries=2).remote(ctx.to_dict())
 

@@ -13,10 +13,10 @@ from segprop_ray.config import Config, RunConflict, config_to_yaml
 from segprop_ray.core.parts import ModelParts
 from segprop_ray.core.plan import SegPropPlan
 from segprop_ray.storage.fs import check_writable
-from segprop_ray.storage.inputs import expand_inputs
+from segprop_ray.storage.inputs import check_text_field, expand_inputs, input_format
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.manifest import Manifest, ManifestStore, ModelInfo
-from segprop_ray.storage.models import resolve_model_dir
+from segprop_ray.storage.models import model_config_dir
 from segprop_ray.storage.shard_format import ShardSpec
 
 WHERE_NOT_WHAT = {"run_dir", "storage_options", "resources", "device", "evaluation"}
@@ -55,8 +55,7 @@ def inspect_model(cfg: Config) -> tuple[ModelInfo, ModelParts]:
     """The input model's facts (one-line errors for a missing or unsupported model)."""
     from transformers import AutoConfig
 
-    model_dir = resolve_model_dir(cfg.model, cfg.storage_options)
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = AutoConfig.from_pretrained(model_config_dir(cfg.model, cfg.storage_options))
     parts = ModelParts(hf_config)
     arch = (getattr(hf_config, "architectures", None) or [type(parts.skeleton).__name__])[0]
     info = ModelInfo(uri=cfg.model, architecture=arch, family=parts.layout.family, num_layers=parts.num_layers,
@@ -67,14 +66,12 @@ def inspect_model(cfg: Config) -> tuple[ModelInfo, ModelParts]:
 
 def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
     """Validate, then open or create the run in ``cfg.run_dir``."""
-    info, parts = inspect_model(cfg)
-    cfg.check_against_model(info.num_layers)
-    expand_inputs(cfg.data.train, cfg.storage_options)
-    for optional in (cfg.data.eval, cfg.evaluation.mc_path, cfg.evaluation.mc_dev_path):
-        if optional is not None:
-            expand_inputs(optional, cfg.storage_options)
+    check_inputs(cfg)
     check_writable(cfg.run_dir, cfg.storage_options)
     layout = RunLayout.open(cfg.run_dir, cfg.storage_options)
+    _check_conflict(cfg, layout, restart)
+    info, parts = inspect_model(cfg)  # the config only: weights are fetched where they are used
+    cfg.check_against_model(info.num_layers)
     snap = cfg.snapcheck
     spec = ShardSpec.for_snapcheck(cfg.data.seq_len, info.hidden_size, snap.dtype, snap.rows_per_group,
                                    snap.groups_per_file, snap.compression)
@@ -82,6 +79,27 @@ def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
     manifest = _open_manifest(cfg, layout, info, plan, spec, restart)
     tokens_hash = digest({"data": cfg.data.model_dump(mode="json"), "model": cfg.model, "spec": spec.to_dict()})
     return RunSetup(layout, manifest, plan, spec, tokens_hash, info)
+
+
+def check_inputs(cfg: Config) -> None:
+    """Every input file setting names at least one file, and the training data has its text field."""
+    files = expand_inputs(cfg.data.train, cfg.storage_options, "data.train")
+    check_text_field(files, input_format(files, cfg.data.format), cfg.data.text_field, cfg.storage_options)
+    for setting, value in (("data.eval", cfg.data.eval), ("evaluation.mc_path", cfg.evaluation.mc_path),
+                           ("evaluation.mc_dev_path", cfg.evaluation.mc_dev_path)):
+        if value is not None:
+            expand_inputs(value, cfg.storage_options, setting)
+
+
+def _check_conflict(cfg: Config, layout: RunLayout, restart: bool) -> None:
+    """Refuse a run directory that holds a run of another config, unless restarting."""
+    existing = ManifestStore(layout).read()
+    semantic = semantic_config(cfg)
+    if existing is not None and not restart and existing.config_hash != digest(semantic):
+        changed = _changed_keys(existing.config, semantic)
+        raise RunConflict(f"run directory {layout.describe()} holds another run (config differs in: "
+                          f"{', '.join(changed) or 'unknown keys'}); pass --restart to start over there, "
+                          f"or choose another run_dir")
 
 
 def _open_manifest(cfg: Config, layout: RunLayout, info: ModelInfo, plan: SegPropPlan, spec: ShardSpec,
@@ -92,12 +110,7 @@ def _open_manifest(cfg: Config, layout: RunLayout, info: ModelInfo, plan: SegPro
     config_hash = digest(semantic)
     if existing is not None and existing.config_hash == config_hash and not restart:
         return existing
-    if existing is not None and not restart:
-        changed = _changed_keys(existing.config, semantic)
-        raise RunConflict(f"run directory {layout.describe()} holds another run (config differs in: "
-                          f"{', '.join(changed) or 'unknown keys'}); pass --restart to start over there, "
-                          f"or choose another run_dir")
-    if existing is not None:
+    if existing is not None:  # restarting (another config was refused by _check_conflict)
         _wipe(layout)
     manifest = Manifest(run_id=f"{plan.mode}-{config_hash[:10]}", config_hash=config_hash, config=semantic,
                         mode=plan.mode, base_depth=plan.base_depth, last_layers=plan.last_layers, model=info,

@@ -23,7 +23,7 @@ import ray
 import torch
 
 from segprop_ray.core.iteration import build_segment, snapshot_forward
-from segprop_ray.pipeline.context import JobContext
+from segprop_ray.pipeline.context import JobContext, forwarded_env
 from segprop_ray.storage.layout import SPLITS
 from segprop_ray.storage.shards import FileInfo
 from segprop_ray.storage.snapcheck import transform_file
@@ -93,21 +93,14 @@ def run_snapshot_job(ctx: JobContext, hidden_size: int, recorded: dict[str, dict
     items = [{"split": split, "file_index": i, "record": _record_json(recorded.get(split, {}).get(i))}
              for split in SPLITS for i in range(spec.num_files(ctx.num_blocks[split]))]
     res = ctx.cfg.resources.snapshot
-    remote_args: dict[str, Any] = {}
-    if os.environ.get(FAULT_ENV):
-        remote_args["runtime_env"] = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
-    if res.resources:
-        remote_args["resources"] = res.resources
-    if res.label_selector:
-        remote_args["label_selector"] = res.label_selector
+    hooks = forwarded_env(FAULT_ENV)
     dataset = ray.data.from_items(items).map_batches(
         SnapshotActor,
         fn_constructor_kwargs={"job": ctx.to_dict()},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(res.num_actors, len(items))),
-        num_cpus=res.num_cpus,
-        num_gpus=res.num_gpus,
-        **remote_args,
+        **res.ray_options(),
+        **({"runtime_env": hooks} if hooks else {}),
     )
     files = SnapshotFiles()
     for row in dataset.iter_rows():

@@ -16,11 +16,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
-from segprop_ray.config import load_config
-from segprop_ray.pipeline.runtime import FORWARDED_ENV
+from segprop_ray.config import ConfigError, load_config
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+LOCAL_HOSTS = ("localhost", "::1", "0.0.0.0")
 
 
 def enable_token_auth_if_available() -> None:
@@ -39,12 +40,29 @@ def entrypoint(overrides: list[str], python: str | None = None) -> str:
     return shlex.join(command)
 
 
+def is_local_address(address: str) -> bool:
+    """Whether the dashboard ``address`` is on this machine (loopback: ``localhost``, ``127.x.x.x``, ``::1``)."""
+    host = urlparse(address if "://" in address else f"http://{address}").hostname or ""
+    return host.lower() in LOCAL_HOSTS or host.startswith("127.")
+
+
+def check_run_dir_reachable(run_dir: str, address: str) -> None:
+    """Refuse a local ``run_dir`` for a cluster elsewhere: it would be written to the head node's disk."""
+    protocol = run_dir.split("://", 1)[0].lower() if "://" in run_dir else "file"
+    if protocol in ("file", "local") and not is_local_address(address):
+        raise ConfigError(f"run_dir {run_dir} is a local path, but the cluster at {address} is not on this machine: "
+                          "its files would be lost with the cluster; use shared storage (run_dir: s3://...)")
+
+
 def submit_run(config: str, address: str, overrides: list[str], wait: bool = True, working_dir: str | None = None,
                python: str | None = None, poll_s: float = 2.0) -> int:
     """Submit the run; with ``wait``, stream its logs and return 0 on success, 1 on failure."""
+    cfg = load_config(config, overrides)  # bad input fails here, before Ray is imported or anything is sent
+    check_run_dir_reachable(cfg.run_dir, address)
     from ray.job_submission import JobSubmissionClient
 
-    cfg = load_config(config, overrides)  # bad input fails here, before anything is sent
+    from segprop_ray.pipeline.runtime import FORWARDED_ENV
+
     enable_token_auth_if_available()
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory() as staging:

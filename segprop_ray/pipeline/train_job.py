@@ -20,7 +20,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from segprop_ray.core.state_io import load_state, save_state
-from segprop_ray.pipeline.context import JobContext
+from segprop_ray.pipeline.context import JobContext, forwarded_env
 from segprop_ray.pipeline.progress import poster, run_with_bar
 from segprop_ray.pipeline.segment_run import SegmentRun
 
@@ -125,11 +125,6 @@ def _kill_switch(ctx: JobContext):
     return maybe_die
 
 
-def _test_hooks_env() -> dict[str, Any] | None:
-    """Forward the testing hook's variable to the workers when it is set (never in normal runs)."""
-    return {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}} if os.environ.get(FAULT_ENV) else None
-
-
 def run_trainer(ctx: JobContext, name: str, stage: str, board: Any = None, label: str = "",
                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run one iteration as a TorchTrainer named ``name`` (the same name resumes it); returns rank 0's result.
@@ -155,7 +150,7 @@ def run_trainer(ctx: JobContext, name: str, stage: str, board: Any = None, label
             failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env=_test_hooks_env(),
+            worker_runtime_env=forwarded_env(FAULT_ENV),
         ),
     )
     result = run_with_bar(trainer.fit, board, name, label, on_progress=on_progress) if board is not None else trainer.fit()

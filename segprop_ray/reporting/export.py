@@ -34,8 +34,24 @@ def best_depth(manifest: Manifest) -> int:
     return min(depths, key=lambda d: (manifest.layer(d).eval_loss, d))
 
 
+DEPTH_NAMES = ("best", "final")
+"""The named depths ``choose_depth`` takes besides a committed depth: lowest eval loss, the run's final exit."""
+
+
+def parse_depth(depth: str | int | None) -> str | int | None:
+    """``best``, ``final``, None or an integer depth (as text or int); a one-line ValueError for anything else."""
+    if depth is None or depth in DEPTH_NAMES or (isinstance(depth, int) and not isinstance(depth, bool)):
+        return depth
+    try:
+        return int(str(depth).strip())
+    except ValueError:
+        raise ValueError(f"depth {depth!r} is not valid: use a committed depth (an integer), "
+                         f"{' or '.join(repr(name) for name in DEPTH_NAMES)}") from None
+
+
 def choose_depth(manifest: Manifest, depth: str | int | None) -> int:
     """``best``, ``final`` (None) or a committed depth; one-line error for an uncommitted one."""
+    depth = parse_depth(depth)
     committed = manifest.committed_depths()
     if depth in (None, "final", "best") and not committed:
         raise StorageError("the run has no committed exit yet")

@@ -46,9 +46,10 @@ def _summary(manifest: Manifest, depth: int, layers: list[int]) -> str:
 def _method(manifest: Manifest) -> str:
     if manifest.mode == "e2e":
         return "end-to-end fine-tuning (e2e: every layer at once, the baseline SegProp is compared with)"
-    r = "" if manifest.mode == "lw" else f", last layers r = {manifest.last_layers}"
-    name = {"segprop": "Segmented Propagation (SegProp)", "lw": "layer-wise training (lw: r = 0, no last layers)"}
-    return f"{name.get(manifest.mode, manifest.mode)}, base depth p = {manifest.base_depth}{r}"
+    name = SHORT_NAMES.get(manifest.mode, manifest.mode)
+    r = " (lw: r = 0, no last layers)" if manifest.mode == "lw" else ""
+    last = "" if manifest.mode == "lw" else f", last layers r = {manifest.last_layers}"
+    return f"{name}{r}, base depth p = {manifest.base_depth}{last}"
 
 
 def _decision_text(manifest: Manifest, depth: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from segprop_ray.storage.errors import StorageError
@@ -10,13 +11,15 @@ from segprop_ray.storage.fs import resolve_filesystem, split_protocol
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
-def expand_inputs(spec: str | list[str], storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Files named by ``spec`` (paths, directories or globs), as URIs; one-line error if an item matches nothing."""
+def expand_inputs(spec: str | list[str], storage_options: dict[str, Any] | None = None,
+                  setting: str = "data input") -> list[str]:
+    """Files named by ``spec`` (paths, directories or globs), as URIs; a one-line error naming the config
+    ``setting`` if an item matches nothing."""
     files: list[str] = []
     for item in [spec] if isinstance(spec, str) else spec:
         found = _expand_one(item, storage_options or {})
         if not found:
-            raise StorageError(f"data input {item!r} matches no file")
+            raise StorageError(f"{setting} {item!r} matches no file")
         files += found
     return files
 
@@ -41,3 +44,35 @@ def input_format(files: list[str], configured: str) -> str:
     name = files[0].rsplit("/", 1)[-1]
     suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
     return FORMATS.get(suffix, "text")
+
+
+def check_text_field(files: list[str], fmt: str, text_field: str, storage_options: dict[str, Any] | None = None) -> None:
+    """One-line error if the first file's records have no ``text_field`` (JSONL: the first record's keys;
+    Parquet: the schema's columns; plain text has no fields). Reads one line or the Parquet footer only."""
+    if fmt not in ("jsonl", "parquet"):
+        return
+    fs, path = resolve_filesystem(files[0], storage_options)
+    fields = _parquet_columns(fs, path) if fmt == "parquet" else _first_record_keys(fs, path)
+    if fields is not None and text_field not in fields:
+        raise StorageError(f"data file {files[0]} has no {text_field!r} field (it has: {', '.join(fields[:8]) or 'none'}); "
+                           "set data.text_field")
+
+
+def _parquet_columns(fs: Any, path: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as handle:
+        return list(pq.read_schema(handle).names)
+
+
+def _first_record_keys(fs: Any, path: str) -> list[str] | None:
+    """Keys of the first non-empty line's JSON object (None when it is not one: the reader will say so)."""
+    with fs.open(path, "rb") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    return None
+                return list(record) if isinstance(record, dict) else None
+    return None

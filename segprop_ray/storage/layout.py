@@ -10,7 +10,7 @@
   snapshots/<split>/depth=<q>/_written/part-NNNNN.json          per-file records of a depth being written
   layers/layer-<q>.safetensors                    committed weights, original parameter names
   exits/exit-<q>/                                 LL weights trained in iteration q
-  checkpoints/<name>/                             Ray Train checkpoints of one iteration
+  checkpoints/<name>/                             Ray Train checkpoints of one iteration (until it is committed)
   export/<name>/                                  exported HF model directories
   report/                                         tables and plots
 ```

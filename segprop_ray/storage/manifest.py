@@ -118,6 +118,23 @@ class Manifest(_Record):
         """The record of step ``name``, created pending if new."""
         return self.steps.setdefault(name, StepRecord())
 
+    def record_progress(self, depth: int, record: dict[str, Any]) -> None:
+        """A running iteration's latest posted ``step``, step budget (``total``) and ``train_loss``."""
+        layer = self.layers[str(depth)]
+        layer.steps = int(record.get("step", layer.steps))
+        layer.metrics["total_steps"] = record.get("total")
+        layer.train_loss = record.get("train_loss", layer.train_loss)
+
+    def mark_failed(self, reason: str) -> None:
+        """The run, and the step or iteration that was running, failed with ``reason`` (running again continues)."""
+        self.state, self.error = "failed", reason
+        for step in self.steps.values():
+            if step.status == "running":
+                step.status, step.error = "failed", reason
+        for layer in self.layers.values():
+            if layer.status == "running":
+                layer.status = "failed"
+
 
 class ManifestStore:
     """Reads and atomically writes ``manifest.json`` of a run directory."""

@@ -1,6 +1,6 @@
 """One Ray version everywhere, and an image build file that lints clean.
 
-The Ray version is defined in one place, the ``ray[train,data]==`` pin in pyproject.toml. The
+The Ray version is defined in one place, the ``ray[default,train,data]==`` pin in pyproject.toml. The
 image's base tag (docker/Dockerfile), the chart (appVersion, rayVersion, image tag), the plain
 manifest and the VM cluster config (deploy/) must all say the same, and so must every other
 mention of a Ray version in docker/, helm/ and deploy/.
@@ -55,11 +55,11 @@ def ray_pins(requirements: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ray_version() -> str:
-    """The pin of ray[train,data] in pyproject.toml: the one definition of the Ray version."""
+    """The pin of ray[default,train,data] in pyproject.toml: the one definition of the Ray version."""
     project = pyproject()["project"]
     core = [r for r in project["dependencies"] if re.match(r"ray\[[a-z,]*\btrain\b[a-z,]*\]\s*==", r)
             and "data" in r.split("]")[0]]
-    assert len(core) == 1, "pyproject.toml must pin ray[train,data]==X.Y.Z exactly once"
+    assert len(core) == 1, "pyproject.toml must pin ray[default,train,data]==X.Y.Z exactly once"
     (version,) = ray_pins(core)
     return version
 

@@ -129,3 +129,12 @@ def test_input_files_consumed_are_reported_per_stream(tmp_path):
     assert heard == [({"train": i, "eval": 0}, total) for i in range(1, 6)] + [({"train": 6, "eval": i}, total)
                                                                               for i in (1, 2)]
     assert not (tmp_path / "tokens" / "_resume").exists()  # nothing saved within the hour
+
+
+def test_saved_position_without_its_pending_blocks_is_dropped(tmp_path, monkeypatch, caplog):
+    layout = killed_run(tmp_path, monkeypatch)
+    for pending in (tmp_path / "tokens" / "_resume").glob("pending-*.parquet"):
+        pending.write_bytes(b"not parquet")
+    caplog.set_level(logging.WARNING)
+    assert load_state(layout, HASH, {"train": TRAIN}) is None
+    assert "unreadable" in caplog.text

@@ -98,7 +98,12 @@ def load_state(layout: RunLayout, tokens_hash: str, inputs: dict[str, list[str]]
     state = TokenizeState(tokens_hash, inputs, body["stream"], body["next_file"], body["block_index"])
     state.splits = {split: SplitProgress([FileInfo.from_dict(f) for f in p["files"]], p["count"])
                     for split, p in body["splits"].items()}
-    table = pq.read_table(io.BytesIO(layout.fs.cat_file(f"{directory}/{body['pending_file']}")))
+    try:
+        table = pq.read_table(io.BytesIO(layout.fs.cat_file(f"{directory}/{body['pending_file']}")))
+    except (OSError, pa.ArrowException) as error:  # FileNotFoundError is an OSError
+        log.warning("tokenize state not usable, tokenizing from the start: %s unreadable (%s)",
+                    body["pending_file"], error)
+        return None
     for split, tokens in zip(table.column("split").to_pylist(), table.column("tokens").to_pylist()):
         if split == CARRY:
             state.carry = tokens

@@ -108,6 +108,11 @@ def table_rows(block: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
 
 
+def table_headings(block: str) -> list[str]:
+    line = next(line for line in block.splitlines() if line.startswith("|"))
+    return [cell.strip() for cell in line.strip("|").split(" | ")]
+
+
 def assert_real_png(data: bytes) -> None:
     assert data[:8] == PNG_MAGIC and len(data) > 10_000
     image = matplotlib.image.imread(io.BytesIO(data), format="png")
@@ -238,7 +243,10 @@ def test_stage_totals_sum_layers_and_snapshot_jobs(tmp_path):
     stage2 = rows["stage2"]
     assert stage2["items"] == 3 and stage2["tokens"] == 16000 and stage2["wall_s"] == 15 * 3 + 3 + 4 + 5
     train_s = (13 - 2) + (14 - 2) + (15 - 2)
-    assert stage2["tokens_per_s"] == round(16000 / train_s, 1)
+    assert stage2["tokens_per_s"] == stage2["training_tokens_per_s"] == round(16000 / train_s, 1)
+    assert stage2["tokens_per_wall_s"] == round(16000 / stage2["wall_s"], 1)  # over the driver's wall time
+    assert rows["tokenize"]["tokens_per_wall_s"] == rows["tokenize"]["tokens_per_s"]
+    assert rows["tokenize"]["training_tokens_per_s"] is None
     assert stage2["data_wait_share"] == round(0.24 / train_s, 4) and stage2["peak_memory_bytes"] == 605 << 20
     snapshot = rows["snapshot"]
     assert snapshot["items"] == 2 and snapshot["wall_s"] == 50.0 and snapshot["tokens"] == 2 * 2980 * 64
@@ -248,8 +256,10 @@ def test_stage_totals_sum_layers_and_snapshot_jobs(tmp_path):
     files = write_report(str(tmp_path / "run"), out=str(tmp_path / "report"))
     markdown = Path(files["report.md"]).read_text()
     table = table_rows(section(markdown, "Time per stage"))
+    column = table_headings(section(markdown, "Time per stage")).index
     assert [row[0] for row in table] == ["tokenize", "stage1", "snapshot", "stage2", "export"]
-    assert table[3][4] == f"{16000 / train_s:,.1f}" and table[2][8] == "0.2"
+    assert table[3][column("training tokens/s")] == f"{16000 / train_s:,.1f}" and table[2][column("write MB/s")] == "0.2"
+    assert table[3][column("tokens/s")] == f"{16000 / stage2['wall_s']:,.1f}" and table[3][column("wall s")] == "57.0"
     assert json.loads(Path(files["report.json"]).read_text())["stages"][3]["tokens"] == 16000
     assert_real_png(Path(files["time_per_stage.png"]).read_bytes())
 
@@ -259,3 +269,30 @@ def test_stage_totals_sum_layers_and_snapshot_jobs(tmp_path):
     render_status(manifest, console)
     assert "time per stage: tokenize 12 s, stage1 17 s, snapshot 50 s (2), stage2 57 s (3), export 3.0 s" in console.export_text()
     assert "![Time per stage](time_per_stage.png)" in markdown
+
+
+def test_per_depth_wall_time_is_the_drivers_and_train_time_the_loops(tmp_path):
+    """"wall s" is the driver's time for the iteration (the loop's where an old manifest lacks it), "train s" the loop's."""
+    from rich.console import Console
+    from segprop_ray.reporting.status import render_status, status_json
+
+    manifest = segprop_manifest()
+    for depth in (2, 3, 4):  # depth 5 stands for a manifest from before driver_wall_s was recorded
+        manifest.layer(depth).metrics["driver_wall_s"] = 50.0 + depth
+    files = write_report(write_run(str(tmp_path / "run"), manifest), out=str(tmp_path / "report"))
+    block = section(Path(files["report.md"]).read_text(), "Results per depth")
+    column = table_headings(block).index
+    cells = [(row[column("wall s")], row[column("train s")]) for row in table_rows(block)]
+    assert cells == [("52.0", "42.0"), ("53.0", "43.0"), ("54.0", "44.0"), ("45.0", "45.0")]
+    layers = json.loads(Path(files["report.json"]).read_text())["layers"]
+    assert [(row["wall_s"], row["driver_wall_s"]) for row in layers] == [(42.0, 52.0), (43.0, 53.0), (44.0, 54.0),
+                                                                        (45.0, None)]
+    assert [row["driver_wall_s"] for row in json.loads(status_json(manifest))["layers"]] == [52.0, 53.0, 54.0, None]
+
+    console = Console(record=True, width=250)
+    render_status(manifest, console)
+    table = [[cell.strip() for cell in line.strip("┃│").split(line[0])] for line in console.export_text().splitlines()
+             if line[:1] in ("┃", "│")]
+    status_column = table[0].index
+    assert [(row[status_column("wall s")], row[status_column("train s")]) for row in table[1:]] == cells
+    assert [row[status_column("train tok/s")] for row in table[1:]] == [f"{40 * 16 * 64 / (40 + d):.0f}" for d in (2, 3, 4, 5)]

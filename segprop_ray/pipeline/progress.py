@@ -73,24 +73,38 @@ def run_with_bar(work: Callable[[], Any], board: Any, job: str, label: str, poll
     thread = threading.Thread(target=target, name=f"segprop-{job}", daemon=True)
     thread.start()
     throttle = Throttle(every_s)
-    with tqdm(desc=label, unit="step", dynamic_ncols=True, leave=True) as bar:
+    shown: tuple | None = None
+    # Every forward step is drawn (miniters=1, mininterval=0), so tqdm's rate follows the steps.
+    with tqdm(desc=label, unit="step", dynamic_ncols=True, leave=True, miniters=1, mininterval=0) as bar:
         while thread.is_alive():
             thread.join(poll_s)
             record = ray.get(board.get.remote(job))
-            _draw(bar, record)
+            shown = _draw(bar, record, shown)
             if on_progress is not None and record and throttle.ready():
                 on_progress(record)
-        _draw(bar, ray.get(board.get.remote(job)))
+        _draw(bar, ray.get(board.get.remote(job)), shown)
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
 
 
-def _draw(bar: tqdm, record: dict[str, Any] | None) -> None:
+def _draw(bar: tqdm, record: dict[str, Any] | None, shown: tuple | None = None) -> tuple | None:
+    """Show ``record`` on ``bar`` if its total, step or losses differ from ``shown``; returns what the bar shows.
+
+    An unchanged record is not drawn again, so once the last step is shown the bar keeps its line (and
+    its rate) while the trainer saves and shuts down. A step forward goes through ``tqdm.update``, which
+    moves tqdm's smoothed rate; a step back (a retry from a checkpoint) or a new loss is drawn as is.
+    """
     if not record:
-        return
-    bar.total = record.get("total")
-    bar.n = int(record.get("step", 0))
-    shown = {k: f"{record[k]:.4f}" for k in ("train_loss", "eval_loss") if record.get(k) is not None}
-    bar.set_postfix(shown, refresh=False)
-    bar.refresh()
+        return shown
+    losses = {k: f"{record[k]:.4f}" for k in ("train_loss", "eval_loss") if record.get(k) is not None}
+    state = (record.get("total"), int(record.get("step", 0)), tuple(losses.items()))
+    if state == shown:
+        return shown
+    bar.total = state[0]
+    bar.set_postfix(losses, refresh=False)
+    moved = state[1] - bar.n
+    if moved <= 0 or not bar.update(moved):
+        bar.n = bar.last_print_n = state[1]
+        bar.refresh()
+    return state

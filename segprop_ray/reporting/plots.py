@@ -15,6 +15,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from segprop_ray.reporting.report_text import iteration_wall_s
+
 DPI = 110
 GIB = float(1 << 30)
 PLOT_FILES = {
@@ -174,17 +176,24 @@ def _cumulative_wall(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_efficiency(data: dict[str, Any], path: Path) -> bool:
-    """Score next to throughput, time and memory per depth (and time spent so far), for each run."""
+    """Score next to throughput, time and memory per depth (and time spent so far), for each run.
+
+    The iteration's wall time is the driver's (Ray Train start-up included, see
+    :func:`~segprop_ray.reporting.report_text.iteration_wall_s`); tokens/s, the read-wait share and the
+    cumulative time are over the training loop's time.
+    """
     runs = run_series(data)
     if not any(_has(runs, key) for key in ("tokens_per_s", "wall_s", "peak_memory_bytes")):
         return False
     score = "accuracy" if _has(runs, "accuracy") else "eval_loss"
     for run in runs:
-        run["rows"] = [{**row, **cum} for row, cum in _join_cumulative(run["rows"])]
-    panels = [(score, 1.0, score.replace("_", " ")), ("tokens_per_s", 1.0, "tokens / s"),
-              ("wall_s", 1.0, "wall time of the iteration (s)"), ("peak_memory_bytes", GIB, "peak memory (GiB)"),
-              ("data_wait_share", 1.0, "share of time waiting for data"),
-              ("cumulative_wall_s", 1.0, "training time up to this depth (s)")]
+        run["rows"] = [{**row, **cum, "iteration_wall_s": iteration_wall_s(row)}
+                       for row, cum in _join_cumulative(run["rows"])]
+    panels = [(score, 1.0, score.replace("_", " ")), ("tokens_per_s", 1.0, "training tokens / s"),
+              ("iteration_wall_s", 1.0, "wall time of the iteration, driver (s)"),
+              ("peak_memory_bytes", GIB, "peak memory (GiB)"),
+              ("data_wait_share", 1.0, "share of training time waiting for data"),
+              ("cumulative_wall_s", 1.0, "training-loop time up to this depth (s)")]
     figure = Figure(figsize=(16, 8.5), dpi=DPI)
     for ax, (key, scale, title) in zip(figure.subplots(2, 3).flat, panels):
         if not draw_metric(ax, runs, key, scale, _original(data, key) if key == score else None):
@@ -195,7 +204,11 @@ def plot_efficiency(data: dict[str, Any], path: Path) -> bool:
 
 
 def plot_time_per_stage(data: dict[str, Any], path: Path) -> bool:
-    """Where the run's time went: wall time per stage (bars), with its throughput written beside each bar."""
+    """Where the run's time went: wall time per stage (bars), with its throughput written beside each bar.
+
+    Beside a bar: tokens over the wall time, and for a training stage its training tokens/s (over the
+    training loops' time, see :mod:`segprop_ray.reporting.stages`).
+    """
     stages = [row for row in data.get("stages", []) if row.get("wall_s")]
     if not stages:
         return False
@@ -205,14 +218,21 @@ def plot_time_per_stage(data: dict[str, Any], path: Path) -> bool:
     walls = [row["wall_s"] for row in stages][::-1]
     bars = ax.barh(names, walls, color=[f"C{i}" for i in range(len(stages))][::-1])
     for bar, row in zip(bars, stages[::-1]):
-        speed = f"  {row['tokens_per_s']:,.0f} tokens/s" if row.get("tokens_per_s") else ""
-        ax.annotate(f"{row['wall_s']:,.1f} s{speed}", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+        ax.annotate(f"{row['wall_s']:,.1f} s{_stage_speed(row)}", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
                     xytext=(4, 0), textcoords="offset points", va="center", fontsize=9)
-    ax.set_xlim(0, max(walls) * 1.45)
+    ax.set_xlim(0, max(walls) * 1.9)
     total = sum(walls)
     _finish(ax, f"{data['run']['label']}: wall time per stage (total {total:,.0f} s; in brackets: layers, depths or jobs)",
             "stage", xlabel="wall time (s)")
     return _save(figure, path)
+
+
+def _stage_speed(row: dict[str, Any]) -> str:
+    """The rates written beside a stage's bar: tokens over its wall time, and its training tokens/s."""
+    speeds = [f"  {row[key]:,.0f} {unit}" for key, unit in (("tokens_per_wall_s", "tokens/s"),
+                                                             ("training_tokens_per_s", "training tokens/s"))
+              if row.get(key)]
+    return "".join(speeds)
 
 
 def _join_cumulative(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:

@@ -20,11 +20,16 @@ from segprop_ray.storage.fs import publish_dir, redact_uri
 from segprop_ray.storage.manifest import LayerRecord, Manifest
 
 ROW_COLUMNS = ["depth", "stage", "status", "steps", "train_loss", "eval_loss", "perplexity", "accuracy",
-               "accuracy_norm", "nhsic_input", "nhsic_label", "tokens", "tokens_per_s", "wall_s",
+               "accuracy_norm", "nhsic_input", "nhsic_label", "tokens", "tokens_per_s", "wall_s", "driver_wall_s",
                "peak_memory_bytes", "data_wait_share", "iteration_exit", "global_exit", "evaluation_error"]
-"""Columns of the per-depth table (report.csv, the ``layers`` of report.json, report.md)."""
+"""Columns of the per-depth table (report.csv, the ``layers`` of report.json, report.md).
+
+``wall_s`` is the training loop's time on rank 0 (its evaluations included; "train s" in the tables),
+``driver_wall_s`` the driver's time for the whole iteration, Ray Train start-up included ("wall s"; None
+in manifests from before it was recorded, where the tables show ``wall_s`` instead). ``tokens_per_s`` and
+``data_wait_share`` are over training time: the loop's time less its evaluations."""
 METRIC_COLUMNS = ["accuracy", "accuracy_norm", "nhsic_input", "nhsic_label", "tokens", "tokens_per_s", "wall_s",
-                  "peak_memory_bytes", "data_wait_share", "evaluation_error"]
+                  "driver_wall_s", "peak_memory_bytes", "data_wait_share", "evaluation_error"]
 """Columns read from ``LayerRecord.metrics`` (None where the metric was not recorded)."""
 SCORE_KEYS = ("eval_loss", "perplexity", "accuracy")
 

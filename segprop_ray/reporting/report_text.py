@@ -7,10 +7,27 @@ import io
 from typing import Any, Sequence
 
 TABLE_COLUMNS = [("depth", "depth"), ("stage", "stage"), ("train_loss", "train loss"), ("eval_loss", "eval loss"),
-                 ("perplexity", "perplexity"), ("accuracy", "accuracy"), ("tokens", "tokens"), ("wall_s", "wall s"),
-                 ("peak_memory_bytes", "peak memory"), ("iteration_exit", "iteration exit"),
-                 ("global_exit", "global exit")]
-"""(row key, heading) of the per-depth table people read; the CSV and JSON have every column."""
+                 ("perplexity", "perplexity"), ("accuracy", "accuracy"), ("tokens", "tokens"),
+                 ("iteration_wall_s", "wall s"), ("wall_s", "train s"), ("peak_memory_bytes", "peak memory"),
+                 ("iteration_exit", "iteration exit"), ("global_exit", "global exit")]
+"""(row key, heading) of the per-depth table people read; the CSV and JSON have every column.
+
+``iteration_wall_s`` is not a row key: it is :func:`iteration_wall_s` of the row."""
+
+
+def iteration_wall_s(row: dict[str, Any]) -> float | None:
+    """An iteration's wall time as the driver measured it (``driver_wall_s``: Ray Train start-up included).
+
+    Manifests written before the driver recorded it only have the training loop's time (``wall_s``),
+    which stands in for it.
+    """
+    driver = row.get("driver_wall_s")
+    return driver if driver is not None else row.get("wall_s")
+
+
+def depth_cell(row: dict[str, Any], key: str) -> str:
+    """A cell of the per-depth table, by :data:`TABLE_COLUMNS` key."""
+    return fmt(key, iteration_wall_s(row) if key == "iteration_wall_s" else row.get(key))
 
 
 def fmt(key: str, value: Any) -> str:
@@ -25,7 +42,8 @@ def fmt(key: str, value: Any) -> str:
         return f"{100 * value:.1f}%"
     if key in ("tokens", "steps", "depth", "items"):
         return f"{int(value):,}"
-    if key in ("wall_s", "tokens_per_s", "written_mb_per_s"):
+    if key in ("wall_s", "iteration_wall_s", "driver_wall_s", "tokens_per_s", "tokens_per_wall_s",
+               "training_tokens_per_s", "written_mb_per_s"):
         return f"{value:,.1f}"
     return f"{value:.4f}"
 
@@ -66,9 +84,11 @@ def _header(data: dict[str, Any]) -> str:
 
 
 def _depth_section(data: dict[str, Any]) -> str:
-    rows = [[fmt(key, row.get(key)) for key, _ in TABLE_COLUMNS] for row in data["layers"]]
+    rows = [[depth_cell(row, key) for key, _ in TABLE_COLUMNS] for row in data["layers"]]
     note = ("Exit depth q is the model made of decoder layers 0..q followed by LL (the last r layers, the final "
-            "norm and the LM head). report.csv and report.json have every column, nHSIC and throughput included.")
+            "norm and the LM head). wall s is the driver's time for the iteration, Ray Train start-up included "
+            "(`driver_wall_s`); train s is the training loop's, its evaluations included (`wall_s`). "
+            "report.csv and report.json have every column, nHSIC and throughput included.")
     errors = [f"- exit {row['depth']}: evaluation failed: {row['evaluation_error']}" for row in data["layers"]
               if row.get("evaluation_error")]
     text = "## Results per depth\n\n" + markdown_table([title for _, title in TABLE_COLUMNS], rows) + "\n\n" + note
@@ -76,8 +96,9 @@ def _depth_section(data: dict[str, Any]) -> str:
 
 
 STAGE_HEADINGS = {"stage": "stage", "items": "layers / depths", "wall_s": "wall s", "tokens": "tokens",
-                  "tokens_per_s": "tokens/s", "data_wait_share": "read wait", "peak_memory_bytes": "peak memory",
-                  "bytes_written": "written", "written_mb_per_s": "write MB/s"}
+                  "tokens_per_wall_s": "tokens/s", "training_tokens_per_s": "training tokens/s",
+                  "data_wait_share": "read wait", "peak_memory_bytes": "peak memory", "bytes_written": "written",
+                  "written_mb_per_s": "write MB/s"}
 """Headings of the per-stage table, by ``stages.STAGE_COLUMNS`` key."""
 
 
@@ -85,9 +106,10 @@ def _stage_section(data: dict[str, Any]) -> str:
     if not data.get("stages"):
         return ""
     rows = [[fmt(key, row.get(key)) for key in STAGE_HEADINGS] for row in data["stages"]]
-    note = ("Training stages sum their layers: tokens and tokens/s are the whole worker group's, over training "
-            "time (evaluation left out), as is the read wait; wall s is the driver's time per layer, Ray start-up "
-            "included; peak memory is the highest layer's on one worker.")
+    note = ("Training stages sum their layers: wall s is the driver's time per layer, Ray Train start-up "
+            "included, and tokens/s is tokens over it; training tokens/s and the read wait are over the training "
+            "loops' time alone (evaluation left out). Tokens are the whole worker group's; peak memory is the "
+            "highest layer's on one worker.")
     return "## Time per stage\n\n" + markdown_table(list(STAGE_HEADINGS.values()), rows) + "\n\n" + note
 
 

@@ -9,12 +9,17 @@ from rich.console import Console
 from rich.table import Table
 
 from segprop_ray.reporting.report import depth_rows
+from segprop_ray.reporting.report_text import iteration_wall_s
 from segprop_ray.reporting.stages import stage_rows
 from segprop_ray.storage.manifest import Manifest
 
 
 def layer_rows(manifest: Manifest) -> list[dict[str, Any]]:
-    """One row per iteration (depth), in order: the report's per-depth row plus a running iteration's step budget."""
+    """One row per iteration (depth), in order: the report's per-depth row plus a running iteration's step budget.
+
+    As in report.json, ``wall_s`` is the training loop's time and ``driver_wall_s`` the driver's time for
+    the iteration (Ray Train start-up included); ``tokens_per_s`` is over training time.
+    """
     return [{**row, "total_steps": manifest.layers[str(row["depth"])].metrics.get("total_steps")}
             for row in depth_rows(manifest)]
 
@@ -52,14 +57,15 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
                   f"r={manifest.last_layers}  blocks: {blocks}")
     table = Table(show_lines=False)
     for title in ("depth", "stage", "status", "steps", "train loss", "eval loss", "ppl", "acc", "exit (iter / global)",
-                  "wall s", "tok/s", "read wait"):
+                  "wall s", "train s", "train tok/s", "read wait"):
         table.add_column(title, justify="right" if title not in ("stage", "status", "exit (iter / global)") else "left")
     for row in layer_rows(manifest):
         steps = f"{row['steps']}/{row['total_steps']}" if row["status"] == "running" and row["total_steps"] else str(row["steps"])
         table.add_row(str(row["depth"]), row["stage"], row["status"], steps, _num(row["train_loss"]),
                       _num(row["eval_loss"]), _num(row["perplexity"], 2), _pct(row["accuracy"]),
                       f"{row['iteration_exit'] or '-'} / {row['global_exit'] or '-'}",
-                      _num(row["wall_s"], 1), _num(row["tokens_per_s"], 0), _pct(row["data_wait_share"]))
+                      _num(iteration_wall_s(row), 1), _num(row["wall_s"], 1), _num(row["tokens_per_s"], 0),
+                      _pct(row["data_wait_share"]))
     console.print(table)
     for line in running_steps(manifest):
         console.print(f"running: {line}")

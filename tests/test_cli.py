@@ -254,3 +254,23 @@ def test_status_report_export_take_storage_options(tmp_path, capsys, monkeypatch
     assert code == 2 and "exit 1 is not committed" in one_line_error(err)  # the run was read
     code, _, err = run_cli(capsys, "status", run_dir, "--storage-option", "endpoint_url")
     assert code == 2 and "expected KEY=VALUE" in one_line_error(err)
+
+
+def test_status_hints_at_a_quiet_running_run(tmp_path, capsys, inputs):
+    """A driver killed with SIGKILL leaves its run "running": after 10 quiet minutes status says what to do."""
+    import datetime
+
+    from segprop_ray.storage.manifest import MANIFEST_FORMAT
+
+    model, train, evaluation = inputs
+    run_dir = str(tmp_path / "run")
+    setup = Driver(validate_config(pipeline_config(run_dir, str(model), str(train), str(evaluation)))).prepare()
+    code, out, _ = run_cli(capsys, "status", run_dir)
+    assert code == 0 and "state: running " in out and "no update" not in out  # just written
+
+    body = setup.manifest.model_dump(mode="json")
+    body["updated"] = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=30)).isoformat()
+    MANIFEST_FORMAT.write(setup.layout.fs, setup.layout.manifest, body)
+    code, out, _ = run_cli(capsys, "status", run_dir)
+    assert code == 0 and "state: running " in out
+    assert "\nno update for 30 min: if no driver is running any more, run the same command again to continue" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -41,8 +42,9 @@ def running_steps(manifest: Manifest) -> list[str]:
 
 def status_json(manifest: Manifest) -> str:
     """The status as JSON: run facts plus the per-layer rows."""
-    return json.dumps({"run_id": manifest.run_id, "state": manifest.state, "mode": manifest.mode,
-                       "model": manifest.model.uri, "final_depth": manifest.final_depth, "error": manifest.error,
+    return json.dumps({"run_id": manifest.run_id, "state": manifest.state, "updated": manifest.updated,
+                       "mode": manifest.mode, "model": manifest.model.uri, "final_depth": manifest.final_depth,
+                       "error": manifest.error,
                        "tokens": manifest.tokens, "layers": layer_rows(manifest), "stages": stage_rows(manifest),
                        "decisions": manifest.decisions,
                        "steps": {k: v.model_dump() for k, v in manifest.steps.items()}}, indent=2)
@@ -55,6 +57,9 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
     console.print(f"[bold]{manifest.run_id}[/bold]  state: {manifest.state}  mode: {manifest.mode}  "
                   f"model: {manifest.model.uri} ({manifest.model.num_layers} layers)  p={manifest.base_depth} "
                   f"r={manifest.last_layers}  blocks: {blocks}")
+    quiet = _staleness(manifest)
+    if quiet:
+        console.print(f"[yellow]{quiet}[/yellow]")
     table = Table(show_lines=False)
     for title in ("depth", "stage", "status", "steps", "train loss", "eval loss", "ppl", "acc", "exit (iter / global)",
                   "wall s", "train s", "train tok/s", "read wait"):
@@ -80,6 +85,21 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
         console.print(f"final model: exit {manifest.final_depth}")
     if manifest.error:
         console.print(f"[red]last error:[/red] {manifest.error}")
+
+
+QUIET_AFTER_S = 600.0
+"""A running manifest not written for this long gets a hint that its driver may be gone."""
+
+
+def _staleness(manifest: Manifest) -> str:
+    """For a running run whose manifest has been quiet for a while: how long, and what to do if no driver runs."""
+    if manifest.state != "running" or not manifest.updated:
+        return ""
+    quiet = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(manifest.updated)
+    if quiet.total_seconds() < QUIET_AFTER_S:
+        return ""
+    return (f"no update for {quiet.total_seconds() / 60:,.0f} min: if no driver is running any more, "
+            "run the same command again to continue")
 
 
 def _seconds(value: float) -> str:

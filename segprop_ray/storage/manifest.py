@@ -98,6 +98,9 @@ class Manifest(_Record):
     """The input model's own scores on the evaluation data (eval_loss, perplexity, accuracy)."""
     final_depth: int | None = None
     error: str | None = None
+    updated: str | None = None
+    """When the manifest was last written (a running driver writes it at least every step, and every 10 s
+    while an iteration trains)."""
 
     def layer(self, depth: int) -> LayerRecord | None:
         """The record of ``depth``, if any."""
@@ -155,7 +158,8 @@ class ManifestStore:
         return Manifest.model_validate(body)
 
     def write(self, manifest: Manifest) -> None:
-        """Replace the manifest atomically."""
+        """Replace the manifest atomically (stamping :attr:`Manifest.updated`)."""
+        manifest.updated = now()
         MANIFEST_FORMAT.write(self.layout.fs, self.layout.manifest, manifest.model_dump(mode="json"))
 
     def update(self, manifest: Manifest, change: Callable[[Manifest], None]) -> Manifest:

@@ -274,3 +274,14 @@ def test_status_hints_at_a_quiet_running_run(tmp_path, capsys, inputs):
     code, out, _ = run_cli(capsys, "status", run_dir)
     assert code == 0 and "state: running " in out
     assert "\nno update for 30 min: if no driver is running any more, run the same command again to continue" in out
+
+
+def test_eval_data_without_the_text_field_is_named_before_tokenizing(tmp_path, capsys, inputs):
+    model, train, _ = inputs
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text('{"body": "held-out text"}\n')
+    config = write_config(tmp_path / "c.yaml", pipeline_config(str(tmp_path / "run"), str(model), str(train),
+                                                               str(evaluation)))
+    code, _, err = run_cli(capsys, "run", str(config))
+    assert code == 2 and f"data file {evaluation} has no 'text' field (it has: body)" in one_line_error(err)
+    assert not (tmp_path / "run" / "manifest.json").exists()

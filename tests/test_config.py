@@ -106,6 +106,9 @@ def test_readme_example_config_is_valid():
 def test_layer_exit_without_evaluations_is_refused(exit_layer, eval_steps, message):
     raw = {"run_dir": "/tmp/r", "model": "m", "data": {"train": "t.jsonl"}, "exit": {"layer": exit_layer},
            "training": {"eval_steps": eval_steps}}
+    partly = {**raw, "training": {"eval_steps": 10}, "stage1": {"eval_steps": 0}}  # Stage 2 can still stop early
+    validate_config(partly)
+    validate_config({**partly, "segprop": {"mode": "e2e"}})  # e2e trains no Stage 1
     if message is None:
         validate_config(raw)
     else:
@@ -118,8 +121,12 @@ def test_layer_exit_without_evaluations_is_refused(exit_layer, eval_steps, messa
     ({"num_cpus": 2, "segment": {"num_workers": 3}}, "num_cpus = 2 is too few: Stage 2 (segment workers"),
     ({"num_cpus": 3, "stage1": {"num_workers": 2, "resources_per_worker": {"CPU": 2}}}, "Stage 1 (stage1 workers"),
     ({"num_cpus": 4, "snapshot": {"num_actors": 2, "num_cpus": 2}}, None),
+    ({"num_cpus": 2, "stage1": {"num_workers": 4, "use_gpu": True}}, None),  # GPU workers take no CPU
+    ({"num_cpus": 2, "segment": {"num_workers": 4, "resources_per_worker": {"spot": 1}}}, None),  # nor custom ones
+    ({"num_cpus": 1, "address": "ray://head:10001"}, None),  # num_cpus only sizes a local Ray
 ])
-def test_local_ray_too_small_for_a_job_is_refused(resources, message):
+def test_local_ray_too_small_for_a_job_is_refused(resources, message, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     raw = {"run_dir": "/tmp/r", "model": "m", "data": {"train": "t.jsonl"}, "resources": resources}
     if message is None:
         validate_config(raw)

@@ -151,9 +151,45 @@ def test_planning_a_run_reads_only_the_config_of_a_remote_model(s3_bucket, tmp_p
     for file in model.iterdir():
         fs.put_file(str(file), f"{s3_bucket}/models/tiny/{file.name}")
     local = model_config_dir(f"s3://{s3_bucket}/models/tiny", cache_dir=tmp_path / "cache")
-    assert [p.name for p in local.iterdir()] == ["config.json"]  # no weights fetched to plan the run
+    assert [p.name for p in local.iterdir() if not p.name.startswith(".")] == ["config.json"]  # no weights to plan
     assert local.joinpath("config.json").read_bytes() == (model / "config.json").read_bytes()
 
     fs.pipe_file(f"{s3_bucket}/models/no-weights/config.json", b"{}")
     with pytest.raises(StorageError, match=r"models/no-weights: no safetensors weights found"):
         model_config_dir(f"s3://{s3_bucket}/models/no-weights", cache_dir=tmp_path / "cache")
+
+
+def test_concurrent_fetches_of_a_remote_model_publish_one_whole_copy(s3_bucket, tmp_path):
+    """Several actors on one node fetch the same model at once: each reader gets complete files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers import tiny_model_dir
+    from segprop_ray.storage.models import TOKENIZER_FILE_PATTERNS, resolve_model_dir
+
+    fs, _ = resolve_filesystem(f"s3://{s3_bucket}")
+    model = tiny_model_dir(tmp_path, "llama", 2)
+    for file in model.iterdir():
+        fs.put_file(str(file), f"{s3_bucket}/models/tiny/{file.name}")
+    uri, cache = f"s3://{s3_bucket}/models/tiny", tmp_path / "cache"
+    with ThreadPoolExecutor(4) as pool:
+        dirs = list(pool.map(lambda _: resolve_model_dir(uri, cache_dir=cache), range(4)))
+    assert len(set(dirs)) == 1 and not [p for p in cache.iterdir() if p.name.startswith(".")]  # no staging left
+    assert {p.name: p.read_bytes() for p in dirs[0].iterdir() if p.suffix} == \
+        {p.name: p.read_bytes() for p in model.iterdir()}
+    tokenizer_only = resolve_model_dir(uri, cache_dir=cache, patterns=TOKENIZER_FILE_PATTERNS)
+    assert tokenizer_only != dirs[0] and not list(tokenizer_only.glob("*.safetensors"))
+
+
+def test_inputs_expand_directories_and_globs_in_order_and_refuse_a_file_named_twice(tmp_path):
+    from segprop_ray.storage.inputs import expand_inputs
+
+    for name in ("b.jsonl", "a.jsonl", "_SUCCESS", ".hidden"):
+        (tmp_path / "data" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "data" / name).write_text("{}\n")
+    data = tmp_path / "data"
+    assert expand_inputs(str(data)) == [str(data / "a.jsonl"), str(data / "b.jsonl")]  # sorted, markers skipped
+    assert expand_inputs(str(data / "*.jsonl")) == [str(data / "a.jsonl"), str(data / "b.jsonl")]
+    with pytest.raises(StorageError, match=r"data.train names .*a.jsonl more than once \(via '.*a.jsonl'\)"):
+        expand_inputs([str(data), str(data / "a.jsonl")], setting="data.train")
+    with pytest.raises(StorageError, match=r"evaluation.mc_path '.*nothing\*' matches no file"):
+        expand_inputs(str(data / "nothing*"), setting="evaluation.mc_path")

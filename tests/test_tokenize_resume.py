@@ -138,3 +138,31 @@ def test_saved_position_without_its_pending_blocks_is_dropped(tmp_path, monkeypa
     caplog.set_level(logging.WARNING)
     assert load_state(layout, HASH, {"train": TRAIN}) is None
     assert "unreadable" in caplog.text
+
+
+def test_job_killed_between_its_pending_file_and_state_json_leaves_a_consistent_position(tmp_path, monkeypatch):
+    """Job 1 saves once and dies; job 2 dies after writing its pending blocks but before state.json names them.
+    Job 3 must continue from job 1's position with job 1's pending blocks, and write what one job writes."""
+    from segprop_ray.storage import tokenize_state
+
+    data = DataConfig(train=TRAIN, seq_len=SEQ_LEN, eval_fraction=0.25)
+    tokenize(tmp_path / "whole", data, Source(DOCS))
+    monkeypatch.setenv(FAIL_ENV, "train:1")
+    with pytest.raises(RuntimeError):
+        tokenize(tmp_path / "killed", data, Source(DOCS))
+    monkeypatch.delenv(FAIL_ENV)
+
+    class KilledBeforeTheState:  # reads state.json as usual; dies where it would write it
+        read = tokenize_state.STATE_FORMAT.read
+
+        def write(self, *args):
+            raise RuntimeError("killed before state.json")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenize_state, "STATE_FORMAT", KilledBeforeTheState())
+        with pytest.raises(RuntimeError, match="killed before state.json"):
+            tokenize(tmp_path / "killed", data, Source(DOCS))
+    source = Source(DOCS)
+    tokenize(tmp_path / "killed", data, source)
+    assert source.calls == [(TRAIN[0], 1)]
+    assert token_files(tmp_path / "killed") == token_files(tmp_path / "whole")

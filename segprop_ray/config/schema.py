@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -139,8 +140,13 @@ class TrainResources(Strict):
 
     @property
     def cpus_needed(self) -> float:
-        """CPUs the workers take at once (Ray Train gives each worker 1 CPU unless ``resources_per_worker`` says)."""
-        return self.num_workers * self.resources_per_worker.get("CPU", 1)
+        """CPUs the workers take at once, by Ray Train's rule: ``resources_per_worker``'s CPU entry (0 if it has
+        none) when given, else 1 per worker, or 0 with ``use_gpu``."""
+        if self.resources_per_worker:
+            per_worker = self.resources_per_worker.get("CPU", 0)
+        else:
+            per_worker = 0 if self.use_gpu else 1
+        return self.num_workers * per_worker
 
 
 class SnapshotResources(Strict):
@@ -188,22 +194,6 @@ class ResourcesConfig(Strict):
     """Stage 2 segment training workers."""
     max_failures: int = Field(3, ge=0)
     """Worker failures Ray Train retries per iteration (preemptions have their own unlimited budget)."""
-
-    @model_validator(mode="after")
-    def _local_ray_fits_each_job(self) -> "ResourcesConfig":
-        """A local Ray too small for one job's actors or workers at once would wait for CPUs forever."""
-        if self.num_cpus is None:
-            return self
-        needs = {
-            "the tokenize job (tokenize_actors x tokenize_cpus, + 1 reading)": self.tokenize_actors * self.tokenize_cpus + 1,
-            "the snapshot job (snapshot.num_actors x snapshot.num_cpus)": self.snapshot.num_actors * self.snapshot.num_cpus,
-            "Stage 1 (stage1 workers x their CPUs)": self.stage1.cpus_needed,
-            "Stage 2 (segment workers x their CPUs)": self.segment.cpus_needed,
-        }
-        job, need = max(needs.items(), key=lambda item: item[1])
-        if need > self.num_cpus:
-            raise ValueError(f"num_cpus = {self.num_cpus} is too few: {job} needs {need:g} at once")
-        return self
 
 
 class Config(Strict):
@@ -259,9 +249,28 @@ class Config(Strict):
     def _layer_exit_needs_evaluations(self) -> "Config":
         layer = self.exit.layer
         setting = "exit.layer.patience" if layer.patience else "exit.layer.target_loss" if layer.target_loss is not None else ""
-        if setting and min(self.training.eval_steps, self.training_for("stage1").eval_steps) == 0:
+        stages = ["e2e"] if self.segprop.mode == "e2e" else ["stage1", "stage2"]
+        if setting and all(self.training_for(stage).eval_steps == 0 for stage in stages):
             raise ValueError(f"{setting} needs training.eval_steps > 0: an iteration evaluated only at its end "
                              "cannot stop early")
+        return self
+
+    @model_validator(mode="after")
+    def _local_ray_fits_each_job(self) -> "Config":
+        """A local Ray too small for one job's actors or workers at once would wait for CPUs forever."""
+        res = self.resources
+        if res.num_cpus is None or res.address or os.environ.get("RAY_ADDRESS"):
+            return self  # num_cpus only sizes a local Ray started by the command
+        needs = {
+            "the tokenize job (tokenize_actors x tokenize_cpus, + 1 reading)": res.tokenize_actors * res.tokenize_cpus + 1,
+            "the snapshot job (snapshot.num_actors x snapshot.num_cpus)": res.snapshot.num_actors * res.snapshot.num_cpus,
+            "Stage 1 (stage1 workers x their CPUs)": res.stage1.cpus_needed,
+        }
+        if self.segprop.mode != "e2e":
+            needs["Stage 2 (segment workers x their CPUs)"] = res.segment.cpus_needed
+        job, need = max(needs.items(), key=lambda item: item[1])
+        if need > res.num_cpus:
+            raise ValueError(f"resources.num_cpus = {res.num_cpus} is too few: {job} needs {need:g} at once")
         return self
 
     def training_for(self, stage: Literal["stage1", "stage2", "e2e"]) -> TrainingConfig:

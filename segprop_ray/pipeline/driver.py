@@ -125,15 +125,15 @@ class Driver:
     # -- training -------------------------------------------------------------------------------
     def train_depth(self, depth: int) -> None:
         """Train and commit ``depth`` (Stage 1 at the base depth), unless already committed."""
-        record = self.manifest.layer(depth)
+        record, name = self.manifest.layer(depth), f"{self.manifest.run_id}-depth{depth}"
         if record is not None and record.status == "done":
+            self._drop_checkpoints(name)  # left behind if a driver died right after the commit
             return
         stage = self.setup.plan.stage_of(depth)
         source = None if stage != "stage2" else depth - 1
         ctx = self._context(depth, input_hash=self._hash_of(source))
         started = self._start_layer(depth, stage)
         self.echo(f"training {_label(stage, depth)} (Ray Train)")
-        name = f"{self.manifest.run_id}-depth{depth}"
         result = run_trainer(ctx, name=name, stage=stage, board=self.board, label=_label(stage, depth),
                              on_progress=lambda record: self._save(lambda m: m.record_progress(depth, record)))
         self._finish_layer(depth, stage, started, result)

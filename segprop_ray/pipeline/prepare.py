@@ -83,9 +83,11 @@ def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
 
 def check_inputs(cfg: Config) -> None:
     """Every input file setting names at least one file, and the training data has its text field."""
-    files = expand_inputs(cfg.data.train, cfg.storage_options, "data.train")
-    check_text_field(files, input_format(files, cfg.data.format), cfg.data.text_field, cfg.storage_options)
-    for setting, value in (("data.eval", cfg.data.eval), ("evaluation.mc_path", cfg.evaluation.mc_path),
+    for setting, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if value is not None:
+            files = expand_inputs(value, cfg.storage_options, setting)
+            check_text_field(files, input_format(files, cfg.data.format), cfg.data.text_field, cfg.storage_options)
+    for setting, value in (("evaluation.mc_path", cfg.evaluation.mc_path),
                            ("evaluation.mc_dev_path", cfg.evaluation.mc_dev_path)):
         if value is not None:
             expand_inputs(value, cfg.storage_options, setting)

@@ -81,7 +81,7 @@ class Tokenization:
         self.sinks = {split: TokenShardSink(layout, split, spec, limits[split],
                                             state.splits.setdefault(split, SplitProgress()))
                       for split in ("train", "eval")}
-        self._saves, self._saved_at = 0, time.monotonic()
+        self._saved_at = time.monotonic()
 
     def run(self, documents: Documents) -> dict[str, SplitProgress]:
         """Read what is left of every stream, write the last files; returns each split's files and block count."""
@@ -128,8 +128,7 @@ class Tokenization:
             done = {s: len(self.state.inputs[s]) if streams.index(s) < streams.index(stream) else 0 for s in streams}
             self.on_input_file({**done, stream: self.state.next_file}, {s: len(f) for s, f in self.state.inputs.items()})
         if time.monotonic() - self._saved_at >= self.save_every_s:
-            self._saves += 1
-            save_state(self.layout, self.state, self._saves)
+            save_state(self.layout, self.state)
             self._saved_at = time.monotonic()
             log.info("tokenize: %s input file %d/%d reached, position saved", stream, self.state.next_file,
                      len(self.state.inputs[stream]))

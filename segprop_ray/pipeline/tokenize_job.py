@@ -17,9 +17,10 @@ import ray
 
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.pipeline.token_packing import InputFileCallback, Tokenization
+from segprop_ray.storage.errors import StorageError
 from segprop_ray.storage.fs import resolve_pyarrow_filesystem, split_protocol
 from segprop_ray.storage.inputs import expand_inputs, input_format
-from segprop_ray.storage.models import resolve_model_dir
+from segprop_ray.storage.models import TOKENIZER_FILE_PATTERNS, resolve_model_dir
 from segprop_ray.storage.shard_format import ShardSpec
 from segprop_ray.storage.tokenize_state import SplitProgress, TokenizeState, load_state
 
@@ -32,7 +33,8 @@ class TokenizeActor:
     def __init__(self, model: str, storage_options: dict[str, Any], text_field: str):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model, storage_options))
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model, storage_options,
+                                                                          patterns=TOKENIZER_FILE_PATTERNS))
         self.text_field = text_field
         self.eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
 
@@ -83,9 +85,15 @@ def file_documents(ctx: JobContext, files: list[str], start: int) -> Iterator[tu
         num_cpus=cfg.resources.tokenize_cpus,
     )
     index_of = {path: index for index, path in enumerate(reader_paths(files))}
+    current = start
     for batch in dataset.iter_batches(batch_size=256, batch_format="numpy"):
         for path, ids in zip(batch["path"], batch["ids"]):
-            yield index_of.get(str(path), start), ids.tolist()  # an unknown path only stops saving the position
+            index = index_of.get(str(path), -1)
+            if index < current:  # the saved position would be wrong: stop rather than write other blocks
+                raise StorageError(f"tokenize: Ray Data read {path} out of input order (not one of the inputs "
+                                   f"from {files[start]} on, or after a later one)")
+            current = index
+            yield index, ids.tolist()
 
 
 def tokenize_and_pack(ctx: JobContext, spec: ShardSpec, tokens_hash: str,

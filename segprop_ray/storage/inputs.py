@@ -20,6 +20,9 @@ def expand_inputs(spec: str | list[str], storage_options: dict[str, Any] | None 
         found = _expand_one(item, storage_options or {})
         if not found:
             raise StorageError(f"{setting} {item!r} matches no file")
+        twice = sorted(set(files) & set(found))
+        if twice:
+            raise StorageError(f"{setting} names {twice[0]} more than once (via {item!r}): list each file once")
         files += found
     return files
 

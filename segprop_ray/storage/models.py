@@ -8,6 +8,9 @@ own cache). Only config, tokenizer and safetensors files are fetched; pickled we
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +18,20 @@ from segprop_ray.storage.errors import StorageError, one_line
 from segprop_ray.storage.fs import cache_root, redact_uri, resolve_filesystem, split_protocol
 
 MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
+"""What a model directory is made of here: config, tokenizer and safetensors weights."""
+TOKENIZER_FILE_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja")
+"""What loading the tokenizer (and config) needs: no weights."""
+CONFIG_FILE_PATTERNS = ("config.json",)
 
 
-def resolve_model_dir(model: str, storage_options: dict[str, Any] | None = None, cache_dir: str | Path | None = None) -> Path:
-    """A local directory holding ``model``'s config, tokenizer and safetensors weights."""
+def resolve_model_dir(model: str, storage_options: dict[str, Any] | None = None, cache_dir: str | Path | None = None,
+                      patterns: tuple[str, ...] = MODEL_FILE_PATTERNS) -> Path:
+    """A local directory holding ``model``'s files matching ``patterns`` (default: config, tokenizer, weights).
+
+    Remote files are fetched once per node and pattern set; concurrent callers (several actors on one
+    node) each fetch into a private directory and the first to finish publishes it by a rename, so no
+    reader ever sees a partly written file.
+    """
     protocol, path = split_protocol(model)
     if protocol == "file":
         local = Path(path)
@@ -26,37 +39,22 @@ def resolve_model_dir(model: str, storage_options: dict[str, Any] | None = None,
             return _checked(local, model)
         if model.startswith((".", "/", "~")) or "://" in model or model.count("/") > 1:
             raise StorageError(f"model directory not found: {model}")
-        return _from_hub(model)
-    return _checked(_from_fsspec(model, storage_options, cache_dir), model)
+        return _from_hub(model, patterns)
+    return _checked(_from_fsspec(model, storage_options, cache_dir, patterns), model)
 
 
 def model_config_dir(model: str, storage_options: dict[str, Any] | None = None,
                      cache_dir: str | Path | None = None) -> Path:
     """A local directory holding ``model``'s ``config.json`` (enough to plan a run), without fetching weights.
 
-    A remote directory must also list safetensors weights; a hub id's weights are checked when fetched.
+    A remote directory must also list safetensors weights; a hub model's are first fetched by the workers.
     """
-    protocol, path = split_protocol(model)
-    if protocol == "file":
-        local = Path(path)
-        if local.is_dir() or model.startswith((".", "/", "~")) or "://" in model or model.count("/") > 1:
-            return resolve_model_dir(model, storage_options)  # local: nothing to fetch
-        return _from_hub(model, patterns=("config.json",))
-    target = Path(cache_dir or cache_root() / "models") / (hashlib.sha256(model.encode()).hexdigest()[:16] + "-config")
-    try:
-        fs, root = resolve_filesystem(model, storage_options)
-        names = fs.ls(root, detail=False)
-        if not any(name.endswith(".safetensors") for name in names):
+    protocol, _ = split_protocol(model)
+    if protocol != "file":
+        fs, root = _remote(model, storage_options)
+        if not any(name.endswith(".safetensors") for name in _listing(fs, root, model)):
             raise StorageError(f"model {redact_uri(model)}: no safetensors weights found")
-        if not any(name.rsplit("/", 1)[-1] == "config.json" for name in names):
-            raise StorageError(f"model {redact_uri(model)} has no config.json: not a Hugging Face model directory")
-        target.mkdir(parents=True, exist_ok=True)
-        fs.get_file(f"{root.rstrip('/')}/config.json", str(target / "config.json"))
-    except StorageError:
-        raise
-    except Exception as error:  # noqa: BLE001 - one line naming the model
-        raise StorageError(f"model {redact_uri(model)} could not be read: {one_line(error)}") from None
-    return target
+    return resolve_model_dir(model, storage_options, cache_dir, CONFIG_FILE_PATTERNS)
 
 
 def _checked(local: Path, model: str) -> Path:
@@ -65,26 +63,52 @@ def _checked(local: Path, model: str) -> Path:
     return local
 
 
-def _from_fsspec(model: str, storage_options: dict[str, Any] | None, cache_dir: str | Path | None) -> Path:
-    cache = Path(cache_dir or cache_root() / "models")
-    target = cache / hashlib.sha256(model.encode()).hexdigest()[:16]
-    done = target / ".complete"
-    if done.is_file():
-        return target
+def _remote(model: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
     try:
-        fs, root = resolve_filesystem(model, storage_options)
-        names = [p for p in fs.ls(root, detail=False) if any(Path(p).match(pat) for pat in MODEL_FILE_PATTERNS)]
-        if not names:
-            raise StorageError(f"model {redact_uri(model)}: no model files found")
-        target.mkdir(parents=True, exist_ok=True)
-        for remote in names:
-            fs.get_file(remote, str(target / Path(remote).name))
-    except StorageError:
-        raise
+        return resolve_filesystem(model, storage_options)
     except Exception as error:  # noqa: BLE001 - one line naming the model
         raise StorageError(f"model {redact_uri(model)} could not be read: {one_line(error)}") from None
-    done.write_text(model)
+
+
+def _listing(fs: Any, root: str, model: str) -> list[str]:
+    try:
+        return fs.ls(root, detail=False)
+    except Exception as error:  # noqa: BLE001 - one line naming the model
+        raise StorageError(f"model {redact_uri(model)} could not be read: {one_line(error)}") from None
+
+
+def _from_fsspec(model: str, storage_options: dict[str, Any] | None, cache_dir: str | Path | None,
+                 patterns: tuple[str, ...]) -> Path:
+    key = hashlib.sha256(repr((model, patterns)).encode()).hexdigest()[:16]
+    target = Path(cache_dir or cache_root() / "models") / key
+    if (target / ".complete").is_file():
+        return target
+    fs, root = _remote(model, storage_options)
+    names = [p for p in _listing(fs, root, model) if any(Path(p).match(pat) for pat in patterns)]
+    if not names:
+        raise StorageError(f"model {redact_uri(model)}: no model files found")
+    staging = target.parent / f".{key}.{uuid.uuid4().hex}"
+    try:
+        staging.mkdir(parents=True)
+        for remote in names:
+            fs.get_file(remote, str(staging / Path(remote).name))
+        (staging / ".complete").write_text(model)
+        _publish(staging, target)
+    except Exception as error:  # noqa: BLE001 - one line naming the model
+        raise StorageError(f"model {redact_uri(model)} could not be read: {one_line(error)}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename the finished ``staging`` directory to ``target``, unless another process already published it."""
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not (target / ".complete").is_file():  # a stale, unfinished target of an older version: replace it
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(staging, target)
 
 
 def _from_hub(repo_id: str, patterns: tuple[str, ...] = MODEL_FILE_PATTERNS) -> Path:

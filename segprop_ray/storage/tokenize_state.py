@@ -6,7 +6,7 @@ input files the job may save its state under ``tokens/_resume/``:
 - ``state.json``: which input stream (``train`` or ``eval``) and file come next, the input file lists
   the state belongs to, the tokenization hash, the number of blocks cut so far and, per split, the
   token shard files already written (their :class:`FileInfo`) and the block count;
-- ``pending-<seq>.parquet``: the blocks each split holds that are not yet in a file, and the packer's
+- ``pending-<uuid>.parquet``: the blocks each split holds that are not yet in a file, and the packer's
   carry (the tokens after the last full block), one ``list<int64>`` row each.
 
 ``state.json`` is written atomically after its ``pending`` file, so it never names a missing or
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,10 +66,11 @@ class TokenizeState:
     splits: dict[str, SplitProgress] = field(default_factory=dict)
 
 
-def save_state(layout: RunLayout, state: TokenizeState, sequence: int) -> None:
-    """Save ``state`` (its ``sequence``-th save in this job): pending blocks first, then ``state.json``."""
+def save_state(layout: RunLayout, state: TokenizeState) -> None:
+    """Save ``state``: its pending blocks to a new file first (never the one ``state.json`` names, which a kill
+    mid-write would tear), then ``state.json`` naming it, then the older pending files go."""
     directory = layout.tokenize_state_dir()
-    pending_name = f"pending-{sequence:06d}.parquet"
+    pending_name = f"pending-{uuid.uuid4().hex}.parquet"
     layout.fs.makedirs(directory, exist_ok=True)
     layout.fs.pipe_file(f"{directory}/{pending_name}", _pending_bytes(state))
     body = {"tokens_hash": state.tokens_hash, "inputs": state.inputs, "stream": state.stream,

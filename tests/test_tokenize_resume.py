@@ -166,3 +166,17 @@ def test_job_killed_between_its_pending_file_and_state_json_leaves_a_consistent_
     tokenize(tmp_path / "killed", data, source)
     assert source.calls == [(TRAIN[0], 1)]
     assert token_files(tmp_path / "killed") == token_files(tmp_path / "whole")
+
+
+def test_saved_position_is_dropped_when_an_input_file_was_edited(tmp_path, monkeypatch, caplog):
+    data, inputs = DataConfig(train=TRAIN, seq_len=SEQ_LEN), {"train": TRAIN}
+    sizes = {"train": [1000 + i for i in range(len(TRAIN))]}
+    layout = RunLayout.open(str(tmp_path))
+    monkeypatch.setenv(FAIL_ENV, "train:3")
+    with pytest.raises(RuntimeError):
+        Tokenization(layout, data, SPEC, TokenizeState(HASH, inputs, sizes), save_every_s=0).run(Source(DOCS))
+    assert load_state(layout, HASH, inputs, sizes).next_file == 3
+    caplog.set_level(logging.WARNING)
+    edited = {"train": [7, *sizes["train"][1:]]}  # a file already read was rewritten
+    assert load_state(layout, HASH, inputs, edited) is None
+    assert "an input file changed size since the job started" in caplog.text

@@ -19,7 +19,7 @@ from segprop_ray.pipeline.context import JobContext
 from segprop_ray.pipeline.token_packing import InputFileCallback, Tokenization
 from segprop_ray.storage.errors import StorageError
 from segprop_ray.storage.fs import resolve_pyarrow_filesystem, split_protocol
-from segprop_ray.storage.inputs import expand_inputs, input_format
+from segprop_ray.storage.inputs import expand_inputs, input_format, input_sizes
 from segprop_ray.storage.models import TOKENIZER_FILE_PATTERNS, resolve_model_dir
 from segprop_ray.storage.shard_format import ShardSpec
 from segprop_ray.storage.tokenize_state import SplitProgress, TokenizeState, load_state
@@ -107,10 +107,11 @@ def tokenize_and_pack(ctx: JobContext, spec: ShardSpec, tokens_hash: str,
     inputs = {"train": expand_inputs(data.train, ctx.cfg.storage_options)}
     if data.eval is not None:
         inputs["eval"] = expand_inputs(data.eval, ctx.cfg.storage_options)
-    state = load_state(layout, tokens_hash, inputs)
+    sizes = {stream: input_sizes(files, ctx.cfg.storage_options) for stream, files in inputs.items()}
+    state = load_state(layout, tokens_hash, inputs, sizes)
     if state is not None:
         log.warning("tokenize: continuing at %s input file %d/%d (%s)", state.stream, state.next_file + 1,
                     len(inputs[state.stream]), ", ".join(f"{s} {p.count} blocks" for s, p in state.splits.items()))
-    tokenization = Tokenization(layout, data, spec, state or TokenizeState(tokens_hash, inputs),
+    tokenization = Tokenization(layout, data, spec, state or TokenizeState(tokens_hash, inputs, sizes),
                                 on_input_file=on_input_file)
     return tokenization.run(lambda files, start: file_documents(ctx, files, start))

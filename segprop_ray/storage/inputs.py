@@ -40,6 +40,15 @@ def _expand_one(item: str, storage_options: dict[str, Any]) -> list[str]:
     return [f if protocol == "file" else f"{protocol}://{f}" for f in files]
 
 
+def input_sizes(files: list[str], storage_options: dict[str, Any] | None = None) -> list[int]:
+    """The byte size of each input file (what tells an input edited in place from the one a job started on)."""
+    sizes = []
+    for file in files:
+        fs, path = resolve_filesystem(file, storage_options)
+        sizes.append(int(fs.size(path)))
+    return sizes
+
+
 def input_format(files: list[str], configured: str) -> str:
     """The input format: as configured, else from the first file's extension (jsonl, parquet, else text)."""
     if configured != "auto":

@@ -55,6 +55,8 @@ class TokenizeState:
     tokens_hash: str
     inputs: dict[str, list[str]]
     """Input file URIs of each stream (``train``, and ``eval`` when the eval data is separate)."""
+    input_sizes: dict[str, list[int]] = field(default_factory=dict)
+    """Byte size of each input file when the job started (a file edited since makes the state unusable)."""
     stream: str = "train"
     """The stream being read."""
     next_file: int = 0
@@ -73,7 +75,8 @@ def save_state(layout: RunLayout, state: TokenizeState) -> None:
     pending_name = f"pending-{uuid.uuid4().hex}.parquet"
     layout.fs.makedirs(directory, exist_ok=True)
     layout.fs.pipe_file(f"{directory}/{pending_name}", _pending_bytes(state))
-    body = {"tokens_hash": state.tokens_hash, "inputs": state.inputs, "stream": state.stream,
+    body = {"tokens_hash": state.tokens_hash, "inputs": state.inputs, "input_sizes": state.input_sizes,
+            "stream": state.stream,
             "next_file": state.next_file, "block_index": state.block_index, "pending_file": pending_name,
             "splits": {split: {"count": p.count, "files": [info.to_dict() for info in p.files]}
                        for split, p in state.splits.items()}}
@@ -83,8 +86,10 @@ def save_state(layout: RunLayout, state: TokenizeState) -> None:
             layout.fs.rm(stale)
 
 
-def load_state(layout: RunLayout, tokens_hash: str, inputs: dict[str, list[str]]) -> TokenizeState | None:
-    """The saved state if it belongs to this tokenization and these inputs and its files are intact, else None."""
+def load_state(layout: RunLayout, tokens_hash: str, inputs: dict[str, list[str]],
+               input_sizes: dict[str, list[int]] | None = None) -> TokenizeState | None:
+    """The saved state if it belongs to this tokenization and these inputs (names, and sizes when given) and
+    its files are intact, else None."""
     directory = layout.tokenize_state_dir()
     try:
         body = STATE_FORMAT.read(layout.fs, f"{directory}/state.json")
@@ -93,11 +98,12 @@ def load_state(layout: RunLayout, tokens_hash: str, inputs: dict[str, list[str]]
     except StorageError as error:
         log.warning("tokenize state not usable, tokenizing from the start: %s", error)
         return None
-    reason = _mismatch(layout, body, tokens_hash, inputs)
+    reason = _mismatch(layout, body, tokens_hash, inputs, input_sizes)
     if reason:
         log.warning("tokenize state not usable, tokenizing from the start: %s", reason)
         return None
-    state = TokenizeState(tokens_hash, inputs, body["stream"], body["next_file"], body["block_index"])
+    state = TokenizeState(tokens_hash, inputs, body.get("input_sizes", {}), body["stream"], body["next_file"],
+                          body["block_index"])
     state.splits = {split: SplitProgress([FileInfo.from_dict(f) for f in p["files"]], p["count"])
                     for split, p in body["splits"].items()}
     try:
@@ -130,12 +136,15 @@ def _pending_bytes(state: TokenizeState) -> bytes:
     return sink.getvalue()
 
 
-def _mismatch(layout: RunLayout, body: dict[str, Any], tokens_hash: str, inputs: dict[str, list[str]]) -> str:
+def _mismatch(layout: RunLayout, body: dict[str, Any], tokens_hash: str, inputs: dict[str, list[str]],
+              input_sizes: dict[str, list[int]] | None) -> str:
     """Why the saved state cannot be continued ('' when it can)."""
     if body.get("tokens_hash") != tokens_hash:
         return "it was saved for another tokenization (data, model or shard settings changed)"
     if body.get("inputs") != inputs:
         return "the input files are not the ones it was saved for"
+    if input_sizes is not None and body.get("input_sizes") != input_sizes:
+        return "an input file changed size since the job started"
     for split, progress in body["splits"].items():
         for record in progress["files"]:
             info = FileInfo.from_dict(record)

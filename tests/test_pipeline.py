@@ -98,8 +98,9 @@ def test_worker_killed_mid_iteration_resumes_from_checkpoint(local_ray, tmp_path
 
 
 def test_failed_snapshot_job_keeps_finished_files(local_ray, tmp_path, monkeypatch):
-    """S[0]'s job dies on its last file; the next attempt writes only what was not finished, and the depth it
-    commits is byte for byte the depth a job from scratch writes."""
+    """S[0]'s job dies on its first eval file; the next attempt keeps every file recorded as finished (all of
+    train; eval files the actor finished before the failure stopped the job, if any), writes only the others,
+    and the depth it commits is byte for byte the depth a job from scratch writes."""
     from segprop_ray.storage.layout import RunLayout
     from segprop_ray.storage.snapcheck import delete_depth
 
@@ -115,11 +116,13 @@ def test_failed_snapshot_job_keeps_finished_files(local_ray, tmp_path, monkeypat
     step = failed.steps[f"snapshot:{BASE_DEPTH}"]
     assert failed.state == "failed" and step.status == "failed"  # not left "running" for status --watch
     assert "SEGPROP_TEST_FAIL_SNAPSHOT_AT" in failed.error and "\n" not in failed.error and step.error == failed.error
-    depth_dir = run_dir / "snapshots" / "train" / f"depth={BASE_DEPTH}"
-    assert not (depth_dir / "_COMMITTED").exists()
-    recorded = sorted(p.stem for p in (depth_dir / "_written").glob("*.json"))
-    assert recorded, "no train file finished before the failure"
-    before = {name: (depth_dir / f"{name}.parquet").stat().st_mtime_ns for name in recorded}
+    dirs = {split: run_dir / "snapshots" / split / f"depth={BASE_DEPTH}" for split in ("train", "eval")}
+    assert not any((d / "_COMMITTED").exists() for d in dirs.values())
+    recorded = {split: sorted(p.stem for p in (d / "_written").glob("*.json")) for split, d in dirs.items()}
+    assert recorded["train"] == sorted(p.stem for p in dirs["train"].glob("part-*.parquet"))  # train came first
+    assert recorded["train"] and "part-00000" not in recorded["eval"]
+    before = {(split, name): (dirs[split] / f"{name}.parquet").stat().st_mtime_ns
+              for split, names in recorded.items() for name in names}
 
     monkeypatch.delenv("SEGPROP_TEST_FAIL_SNAPSHOT_AT")
     driver = Driver(cfg)
@@ -127,9 +130,9 @@ def test_failed_snapshot_job_keeps_finished_files(local_ray, tmp_path, monkeypat
     driver.ensure_snapshot(BASE_DEPTH)
 
     outputs = driver.manifest.steps[f"snapshot:{BASE_DEPTH}"].outputs
-    assert outputs["kept_files"]["train"] == len(recorded) and outputs["kept_files"]["eval"] == 0
-    assert {name: (depth_dir / f"{name}.parquet").stat().st_mtime_ns for name in recorded} == before
-    assert not (depth_dir / "_written").exists()
+    assert outputs["kept_files"] == {split: len(names) for split, names in recorded.items()}
+    assert {key: (dirs[key[0]] / f"{key[1]}.parquet").stat().st_mtime_ns for key in before} == before
+    assert not any((d / "_written").exists() for d in dirs.values())
     resumed = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.glob("snapshots/*/depth=*/part-*"))}
 
     layout = RunLayout.open(run_dir.as_uri())
@@ -140,7 +143,7 @@ def test_failed_snapshot_job_keeps_finished_files(local_ray, tmp_path, monkeypat
     fresh.ensure_snapshot(BASE_DEPTH)
     assert fresh.manifest.steps[f"snapshot:{BASE_DEPTH}"].outputs["kept_files"] == {"train": 0, "eval": 0}
     scratch = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.glob("snapshots/*/depth=*/part-*"))}
-    assert resumed.keys() == scratch.keys() and len(resumed) > len(recorded)
+    assert resumed.keys() == scratch.keys() and len(resumed) > len(before)
     assert all(resumed[name] == scratch[name] for name in scratch)
 
 

@@ -28,6 +28,12 @@ def start_local_ray(s3: S3TestServer) -> LocalRay:
     # poll faster so tests that checkpoint every few steps do not spend minutes waiting.
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
     port = free_port()
-    context = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                       logging_level="WARNING", log_to_driver=False)
+    # Ray's processes find this cluster's State API by this variable, not by searching for GCS processes
+    # (which fails while a test's own driver runs a second local Ray); the tests' environment does not keep it.
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        context = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                           logging_level="WARNING", log_to_driver=False)
+    finally:
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     return LocalRay(f"http://{context.dashboard_url}", s3)

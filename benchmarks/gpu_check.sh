@@ -74,8 +74,8 @@ SHAPES=("$@")
 [ ${#SHAPES[@]} -eq 0 ] && SHAPES=(llama1b mistral7b_12l)
 for shape in "${SHAPES[@]}"; do
   case $shape in
-    llama1b)       limit=210; extra=() ;;
-    mistral7b_12l) limit=250; extra=(--no-ref-depth-scaling) ;;
+    llama1b)       limit=${LLAMA1B_LIMIT:-260}; extra=() ;;
+    mistral7b_12l) limit=230; extra=(--no-ref-depth-scaling) ;;
     mistral7b)     limit=500; extra=(--no-ref-depth-scaling) ;;
     *)             limit=300; extra=() ;;
   esac

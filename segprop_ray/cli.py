@@ -45,6 +45,9 @@ def is_bad_input(error: BaseException) -> bool:
 _BAD_INPUT_CLASSES = (("segprop_ray.config.loading", "ConfigError"),
                       ("segprop_ray.core.layout", "UnsupportedArchitecture"),
                       ("segprop_ray.storage.errors", "StorageError"))
+"""Error classes that mean bad input, by module (checked only if the module is loaded)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="segprop", description="Segmented Propagation fine-tuning on Ray.")
@@ -102,33 +105,11 @@ def _add_storage_options(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_storage_options(items: list[str]) -> dict[str, Any]:
-    """``--storage-option KEY=VALUE`` items as a storage_options mapping (VALUE read as YAML, ``a.b`` keys nest)."""
-    import yaml
+    """``--storage-option KEY=VALUE`` items as a storage_options mapping (VALUE read as YAML, ``a.b`` keys nest;
+    values never appear in errors)."""
+    from segprop_ray.config.loading import apply_overrides
 
-    from segprop_ray.config import ConfigError
-
-    options: dict[str, Any] = {}
-    for text in items:
-        key, sep, raw = text.partition("=")
-        path = [part.strip() for part in key.split(".")]
-        if not sep or not all(path):
-            raise ConfigError(f"--storage-option {text!r}: expected KEY=VALUE, e.g. endpoint_url=http://minio:9000")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:  # the value may be a secret: never shown
-            raise ConfigError(f"--storage-option {key.strip()}: the value is not valid YAML (quote it)") from None
-        _set_nested(options, path, value, key.strip())
-    return options
-
-
-def _set_nested(options: dict[str, Any], path: list[str], value: Any, key: str) -> None:
-    from segprop_ray.config import ConfigError
-
-    for part in path[:-1]:
-        options = options.setdefault(part, {})
-        if not isinstance(options, dict):
-            raise ConfigError(f"--storage-option {key}: {part!r} is already a value, not a mapping")
-    options[path[-1]] = value
+    return apply_overrides({}, items, flag="--storage-option", example="endpoint_url=http://minio:9000", secret=True)
 
 
 def _run(args: argparse.Namespace) -> int:

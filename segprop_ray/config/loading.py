@@ -19,28 +19,35 @@ class RunConflict(ConfigError):
     """The config does not match the run already in its run directory."""
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``a.b=c`` into (``["a", "b"]``, ``c`` parsed as a YAML scalar or list)."""
+def parse_override(text: str, flag: str = "--set", example: str = "training.learning_rate=1e-4",
+                   secret: bool = False) -> tuple[list[str], Any]:
+    """Split ``a.b=c`` into (``["a", "b"]``, ``c`` parsed as a YAML scalar or list). Errors name ``flag`` and,
+    unless the value is ``secret``, quote the whole item."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. training.learning_rate=1e-4")
+    shown = key.strip() if secret else repr(text)
+    if not sep or not key.strip() or not all(part.strip() for part in key.split(".")):
+        raise ConfigError(f"{flag} {shown}: expected KEY=VALUE, e.g. {example}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({_first_line(err)})") from None
-    return key.strip().split("."), value
+        detail = "quote it" if secret else _first_line(err)  # a parser message may quote the value
+        raise ConfigError(f"{flag} {shown}: value is not valid YAML ({detail})") from None
+    return [part.strip() for part in key.strip().split(".")], value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with each ``a.b=c`` override set (sections created as needed)."""
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str], flag: str = "--set",
+                    example: str = "training.learning_rate=1e-4", secret: bool = False) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``a.b=c`` override set (sections created as needed); ``flag``,
+    ``example`` and ``secret`` shape the one-line errors (see :func:`parse_override`)."""
     result = _deep_copy(raw)
     for text in overrides:
-        path, value = parse_override(text)
+        path, value = parse_override(text, flag, example, secret)
         node = result
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {part!r} is a value, not a section")
+                shown = ".".join(path) if secret else repr(text)
+                raise ConfigError(f"{flag} {shown}: {part!r} is a value, not a section")
             node = child
         node[path[-1]] = value
     return result

@@ -54,8 +54,9 @@ def recorded_files(layout: RunLayout, split: str, depth: int, weights_hash: str)
     return kept
 
 
-def is_intact(layout: RunLayout, split: str, depth: int, info: FileInfo) -> bool:
-    """Whether the depth's file ``info.name`` has the recorded sha256 (reads the whole file)."""
+def is_intact(layout: RunLayout, split: str, depth: int | None, info: FileInfo) -> bool:
+    """Whether the depth's file ``info.name`` (a token file with ``depth=None``) has the recorded sha256 (reads
+    the whole file)."""
     index = part_index(info.name)
     try:
         return index is not None and file_sha256(layout.fs, layout.shard_file(split, depth, index)) == info.sha256

@@ -10,9 +10,9 @@ input files the job may save its state under ``tokens/_resume/``:
   carry (the tokens after the last full block), one ``list<int64>`` row each.
 
 ``state.json`` is written atomically after its ``pending`` file, so it never names a missing or
-partial one. A later job uses the state only if it has the same tokenization hash and input file
-lists and every recorded shard file still has its size and sha256; otherwise it starts over (reason
-logged). The directory is removed once the tokens are committed.
+partial one. A later job uses the state only if it has the same tokenization hash, input file lists
+and input file sizes and every recorded shard file still has its sha256; otherwise it starts over
+(reason logged). The directory is removed once the tokens are committed.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import pyarrow.parquet as pq
 
 from segprop_ray.storage.documents import DocumentFormat
 from segprop_ray.storage.errors import DocumentNotFound, StorageError
-from segprop_ray.storage.fs import file_sha256
-from segprop_ray.storage.layout import RunLayout, part_index
+from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.shards import FileInfo
+from segprop_ray.storage.snapshot_resume import is_intact
 
 log = logging.getLogger(__name__)
 
@@ -146,20 +146,7 @@ def _mismatch(layout: RunLayout, body: dict[str, Any], tokens_hash: str, inputs:
     if input_sizes is not None and body.get("input_sizes") != input_sizes:
         return "an input file changed size since the job started"
     for split, progress in body["splits"].items():
-        for record in progress["files"]:
-            info = FileInfo.from_dict(record)
-            path = layout.shard_file(split, None, _index_of(info))
-            try:
-                intact = layout.fs.size(path) == info.bytes and file_sha256(layout.fs, path) == info.sha256
-            except FileNotFoundError:
-                intact = False
-            if not intact:
+        for info in map(FileInfo.from_dict, progress["files"]):
+            if not is_intact(layout, split, None, info):
                 return f"token file {split}/{info.name} is missing or changed"
     return ""
-
-
-def _index_of(info: FileInfo) -> int:
-    index = part_index(info.name)
-    if index is None:
-        raise StorageError(f"tokenize state names {info.name!r}, not a shard file")
-    return index

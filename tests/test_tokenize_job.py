@@ -37,7 +37,8 @@ def write_inputs(directory, fmt: str) -> str:
 @pytest.mark.parametrize("fmt,storage", [("jsonl", "file"), ("parquet", "file"), ("text", "file"),
                                          ("parquet", "s3"), ("text", "s3")])  # jsonl on s3: test_pipeline
 def test_documents_are_tokenized_in_order_from_every_format(local_ray, tmp_path, request, fmt, storage):
-    from segprop_ray.pipeline.tokenize_job import document_tokens
+    from segprop_ray.pipeline.tokenize_job import file_documents
+    from segprop_ray.storage.inputs import expand_inputs
 
     path = write_inputs(tmp_path, fmt)
     if storage == "s3":
@@ -48,7 +49,7 @@ def test_documents_are_tokenized_in_order_from_every_format(local_ray, tmp_path,
     model = tiny_model_dir(tmp_path, "llama", 4)
     cfg = validate_config(pipeline_config(str(tmp_path / "run"), str(model), path, path))
     ctx = JobContext(cfg.model_dump(mode="json"), -1, 4, {})
-    assert list(document_tokens(ctx, path)) == expected_tokens()
+    assert [tokens for _, tokens in file_documents(ctx, expand_inputs(path), 0)] == expected_tokens()
 
 
 def test_packing_cuts_the_concatenated_stream():

@@ -63,13 +63,6 @@ def read_texts(files: list[str], fmt: str, text_field: str, storage_options: dic
     return ray.data.read_text(paths, filesystem=fs, include_paths=True).rename_columns({"text": text_field})
 
 
-def document_tokens(ctx: JobContext, spec: str | list[str]) -> Iterator[list[int]]:
-    """Token lists of the documents of ``spec`` (paths, directories, globs), in input order."""
-    files = expand_inputs(spec, ctx.cfg.storage_options)
-    for _, tokens in file_documents(ctx, files, 0):
-        yield tokens
-
-
 def file_documents(ctx: JobContext, files: list[str], start: int) -> Iterator[tuple[int, list[int]]]:
     """Token lists of the documents of ``files[start:]``, tokenized on a Ray Data actor pool, in input order,
     each with the index in ``files`` of the file it came from."""

@@ -30,10 +30,14 @@ def start_local_ray(s3: S3TestServer) -> LocalRay:
     port = free_port()
     # Ray's processes find this cluster's State API by this variable, not by searching for GCS processes
     # (which fails while a test's own driver runs a second local Ray); the tests' environment does not keep it.
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
         context = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                            logging_level="WARNING", log_to_driver=False)
     finally:
-        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        if before is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = before
     return LocalRay(f"http://{context.dashboard_url}", s3)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = ["e2e", "seg_snap", "seg_recompute", "lw_snap", "snap_write", "read_shards", "seg_snap@p1",
            "seg_recompute@p1"]
@@ -29,6 +31,7 @@ sys.meta_path.insert(0, NoRay())
 """
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
     hook = tmp_path / "hook"
     hook.mkdir()

@@ -1,8 +1,7 @@
-"""FSDP as Ray Train's ``prepare_model`` applies it (one FullyShardedDataParallel unit, flat parameters), here on
-CPU with gloo and two processes: the loop trains like one process on both ranks' batches (gradient clipping
-included), and a loop restored from a mid-run ``state_dict`` ends where the uninterrupted one does.
-
-Ray Train itself only offers FSDP on GPUs (the config refuses it otherwise); this checks the core's part.
+"""FSDP as the train job applies it (one FullyShardedDataParallel unit, original parameters kept), here on CPU
+with gloo and two processes, without Ray: the loop trains like one process on both ranks' batches (gradient
+clipping included), and a loop restored from a mid-run ``state_dict`` ends where the uninterrupted one does.
+The Ray Train path is tests/test_pipeline.py's data-parallel test.
 """
 
 from __future__ import annotations

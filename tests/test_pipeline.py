@@ -110,7 +110,7 @@ def test_failed_snapshot_job_keeps_finished_files(local_ray, tmp_path, monkeypat
     monkeypatch.setenv("SEGPROP_TEST_FAIL_SNAPSHOT_AT", f"{BASE_DEPTH}:eval:0")
 
     with pytest.raises(Exception, match="SEGPROP_TEST_FAIL_SNAPSHOT_AT"):
-        Driver(cfg).run()  # tokenize, Stage 1, then S[0] fails on its last file
+        Driver(cfg).run()  # tokenize, Stage 1, then S[0] fails on its first eval file
     from segprop_ray.storage.manifest import ManifestStore
     failed = ManifestStore(RunLayout.open(run_dir.as_uri())).read()
     step = failed.steps[f"snapshot:{BASE_DEPTH}"]
@@ -150,7 +150,8 @@ def test_failed_snapshot_job_keeps_finished_files(local_ray, tmp_path, monkeypat
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_data_parallel_workers_train_as_one_batch_of_both(local_ray, tmp_path, strategy):
     """Stage 1 on 2 data-parallel workers (DDP or FSDP, gloo) equals one process training on both ranks' batches
-    at once. Gradient clipping is on: under FSDP it must use the norm of the whole gradient, not of a shard."""
+    at once. Gradient clipping is on: under FSDP it must use the norm of the whole gradient, not of a shard.
+    The DDP case runs the whole pipeline, so a Stage 2 layer also trains on 2 workers from sharded snapshots."""
     from segprop_ray.core.data_order import BlockOrder
     from segprop_ray.core.exits import IterationExit
     from segprop_ray.core.iteration import RunWeights, build_segment, split_trained
@@ -165,13 +166,20 @@ def test_two_data_parallel_workers_train_as_one_batch_of_both(local_ray, tmp_pat
 
     model, train, evaluation = make_inputs(tmp_path)
     run_dir = tmp_path / "run"
+    workers = {"num_workers": 2, "strategy": strategy}
+    resources = {"stage1": workers, "segment": workers} if strategy == "ddp" else {"stage1": workers}
     cfg = validate_config(pipeline_config(str(run_dir), str(model), str(train), str(evaluation),
-                                          training={"max_steps": 4, "max_grad_norm": 0.05},
-                                          resources={"stage1": {"num_workers": 2, "strategy": strategy}}))
+                                          training={"max_steps": 4, "max_grad_norm": 0.05}, resources=resources))
     driver = Driver(cfg)
-    driver.prepare()
-    driver.tokenize()
-    driver.train_depth(BASE_DEPTH)  # Stage 1 only
+    if strategy == "ddp":  # the whole run: Stage 2 also trains on 2 workers, each reading its part of the shards
+        driver.run()
+        middle = driver.manifest.layer(BASE_DEPTH + 1)
+        assert middle.status == "done" and middle.metrics["world_size"] == 2
+        assert middle.metrics["data_parallel"] == "DistributedDataParallel"
+    else:  # Stage 1 only
+        driver.prepare()
+        driver.tokenize()
+        driver.train_depth(BASE_DEPTH)
     manifest = driver.manifest
     metrics = manifest.layer(BASE_DEPTH).metrics
     assert metrics["world_size"] == 2
@@ -234,7 +242,7 @@ def test_driver_killed_while_tokenizing_continues_at_the_saved_input_file(local_
         driver = Driver(configs[name])
         driver.prepare()
         driver.tokenize()
-    assert starts[0] == str(parts[2]) and starts[2] == str(parts[0])  # resumed job: train files 2-3, then eval
+    assert starts == [str(parts[2]), str(evaluation), str(parts[0]), str(evaluation)]  # resumed: train 2-3, eval; whole
     assert not (tmp_path / "killed" / "tokens" / "_resume").exists()
     written = {name: {p.relative_to(tmp_path / name): p.read_bytes() for p in sorted((tmp_path / name).glob("tokens/*/*"))}
                for name in ("killed", "whole")}

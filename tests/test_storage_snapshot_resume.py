@@ -35,6 +35,11 @@ def test_recorded_intact_files_are_kept(run_layout, written):
 
 
 def test_other_weights_or_split_keep_nothing(run_layout, written):
+    fs = run_layout.fs
+    record = fs.cat_file(run_layout.written_record("train", DEPTH, 0))
+    for split, depth in (("eval", DEPTH), ("train", DEPTH + 1)):  # a train depth-DEPTH record copied elsewhere
+        fs.pipe_file(run_layout.written_record(split, depth, 0), record)
+        fs.pipe_file(run_layout.shard_file(split, depth, 0), fs.cat_file(run_layout.shard_file("train", DEPTH, 0)))
     assert finished_files(run_layout, "train", DEPTH, "other") == {}
     assert finished_files(run_layout, "eval", DEPTH, "w") == {}
     assert finished_files(run_layout, "train", DEPTH + 1, "w") == {}
@@ -62,8 +67,10 @@ def test_unfinished_file_without_record_is_not_kept(run_layout, written):
 
 def test_record_under_another_name_is_ignored(run_layout, written):
     fs = run_layout.fs
-    fs.pipe_file(run_layout.written_record("train", DEPTH, 7), fs.cat_file(run_layout.written_record("train", DEPTH, 0)))
-    assert set(finished_files(run_layout, "train", DEPTH, "w")) == {0, 1, 2}
+    first = run_layout.written_record("train", DEPTH, 0)
+    fs.pipe_file(run_layout.written_record("train", DEPTH, 7), fs.cat_file(first))  # file 0's record, named 7
+    fs.rm_file(first)
+    assert set(finished_files(run_layout, "train", DEPTH, "w")) == {1, 2}
 
 
 def test_clear_removes_the_records_only(run_layout, written):

@@ -25,14 +25,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_probes import max_net_allocated  # noqa: E402
+from bench_probes import max_net_allocated, peak_since_reset, reset_peak, sync  # noqa: E402
+from bench_setup import SHAPE_DEFAULTS, shape_dict  # noqa: E402
 from segprop_ray.core.head_loss import chunk_tokens_for, linear_cross_entropy  # noqa: E402
+from segprop_ray.core.optim import autocast_context  # noqa: E402
 
-SHAPES = {  # tokens per micro-batch (B x (T-1) rounded), hidden, vocabulary
-    "cpu_small": (1024, 256, 8192),
-    "llama1b": (8192, 2048, 128256),
-    "mistral7b": (8192, 4096, 32000),
-}
+
+def head_shape(name: str) -> tuple[int, int, int]:
+    """Tokens of one micro-batch (batch x seq of the training-step benchmark), hidden size and vocabulary."""
+    step, model = SHAPE_DEFAULTS[name], shape_dict(name)
+    return step["batch"] * step["seq"], model["hidden_size"], model["vocab_size"]
 
 
 def plain(hidden, weight, targets):
@@ -44,7 +46,7 @@ def chunked(chunk: int) -> Callable:
 
 
 def one_pass(fn: Callable, hidden, weight, targets, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    with autocast_context(device, True):
         loss = fn(hidden, weight, targets)
     loss.backward()
     grads = [hidden.grad, weight.grad]
@@ -55,27 +57,27 @@ def one_pass(fn: Callable, hidden, weight, targets, device) -> tuple[torch.Tenso
 def peak_above_start(fn: Callable, device: torch.device) -> int:
     """Bytes allocated at the peak of ``fn()`` beyond what was allocated when it started."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        sync(device)
         start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - start
+        sync(device)
+        return peak_since_reset(device) - start
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return max_net_allocated(prof)
 
 
-def measure(name: str, fn: Callable, tensors, device, reference, repeats: int) -> dict[str, Any]:
+def measure(name: str, fn: Callable, tensors, device, reference, repeats: int) -> tuple[dict[str, Any], tuple]:
+    """One variant's record (median time, peak, differences from ``reference``) and its (loss, grads)."""
     hidden, weight, targets = tensors
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     one_pass(fn, hidden, weight, targets, device)  # warm-up
     times = []
     for _ in range(repeats):
-        sync()
+        sync(device)
         start = time.perf_counter()
         loss, grads = one_pass(fn, hidden, weight, targets, device)
-        sync()
+        sync(device)
         times.append(time.perf_counter() - start)
     peak = peak_above_start(lambda: one_pass(fn, hidden, weight, targets, device), device)
     record = {"variant": name, "median_s": round(statistics.median(times), 5), "peak_bytes": peak}
@@ -89,23 +91,22 @@ def measure(name: str, fn: Callable, tensors, device, reference, repeats: int) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--shape", default=None, help=f"one of {sorted(SHAPES)} (default: cpu_small / llama1b)")
+    parser.add_argument("--shape", default=None, help=f"one of {sorted(SHAPE_DEFAULTS)} (default: cpu_small / llama1b)")
     parser.add_argument("--chunks", default="256,1024,0,4096", help="chunk sizes in tokens (0: the default)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shape = args.shape or ("llama1b" if device.type == "cuda" else "cpu_small")
-    tokens, hidden_size, vocab = SHAPES[shape]
+    tokens, hidden_size, vocab = head_shape(shape)
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(tokens, hidden_size, device=device, generator=gen).requires_grad_()  # (N, H) fp32
     weight = (torch.randn(vocab, hidden_size, device=device, generator=gen) * hidden_size ** -0.5).requires_grad_()
     targets = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
     tensors = (hidden, weight, targets)
 
-    records, reference = [], None
     record, reference = measure("plain", plain, tensors, device, None, args.repeats)
-    records.append(record)
+    records = [record]
     for chunk in (int(c) for c in args.chunks.split(",")):
         size = chunk or chunk_tokens_for(vocab)
         label = f"chunked {size}" + (" (default)" if not chunk else "")

@@ -118,7 +118,8 @@ def goals(plan: BenchPlan, chosen: dict, depth: list[dict[str, Any]], device: st
                 "met": None if wait is None else wait < GOAL_WAIT})
     if seg is not None:
         peak, budget = goal_peak_of(seg, device), seg["budget_bytes"]
-        measure = "CUDA max allocated" if device == "cuda" else "CPU tensor peak of one step (profiler)"
+        measure = ("CUDA max allocated" if device == "cuda" else "CPU tensor peak of one step (profiler)"
+                   if seg.get("tensor_peak_bytes") else "CPU RSS high-water (no profiled step recorded)")
         out.append({"goal": "seg_snap peak <= trained params + AdamW state + one micro-batch's activations",
                     "value": _ratio(peak, budget), "peak_bytes": peak, "peak_measure": measure,
                     "budget_bytes": budget, "weights_grads_adam_bytes": ADAMW_BYTES * seg["trainable_params"],

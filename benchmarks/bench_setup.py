@@ -53,6 +53,11 @@ def reference_module():
     return ref
 
 
+def micro_batches(warmup: int, steps: int, device: str) -> int:
+    """Steps a variant trains: the warm-up, the timed ones and, on CPU, the profiled one after them."""
+    return warmup + steps + (1 if device == "cpu" else 0)
+
+
 def shape_dict(name: str) -> dict[str, int]:
     """The config fields of shape ``name`` (the reference's own table first)."""
     shapes = {**EXTRA_SHAPES, **reference_module().SHAPES}
@@ -135,7 +140,7 @@ class BenchPlan:
     @property
     def profiled_step(self) -> int | None:
         """On CPU, one untimed step after the timed ones, run under the tensor-memory probe."""
-        return self.warmup + self.steps + 1 if self.device == "cpu" else None
+        return micro_batches(self.warmup, self.steps, self.device) if self.device == "cpu" else None
 
     def job_config(self, mode: str, prefix: int) -> dict[str, Any]:
         """The run config a pipeline job of this shape would get (``JobContext.config``)."""
@@ -170,7 +175,7 @@ def make_plan(args: Any, work_dir: Path) -> BenchPlan:
     # the project's default row group (~64 MiB of activations), but at most two micro-batches, so that
     # even small shapes read several row groups and the reader's wait shows in the timed steps
     group = min(default_group_size(args.seq, hidden, 2), 2 * args.batch)
-    micro = args.warmup + args.steps + (1 if args.device == "cpu" else 0)  # + the profiled step on CPU
+    micro = micro_batches(args.warmup, args.steps, args.device)
     train_blocks = -(-args.batch * micro // group) * group
     return BenchPlan(device=args.device, shape=args.shape, seq=args.seq, batch=args.batch, steps=args.steps,
                      warmup=args.warmup, prefix=prefix, r=args.r, num_layers=n, hidden_size=hidden,

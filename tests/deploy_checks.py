@@ -47,6 +47,16 @@ def spot_values() -> dict[str, Any]:
     return yaml.safe_load(SPOT_VALUES.read_text())
 
 
+@functools.lru_cache(maxsize=1)
+def _spot_render() -> dict[str, str]:
+    return render_chart(spot_values())
+
+
+def spot_manifests() -> list[dict[str, Any]]:
+    """The chart rendered with the spot GPU values, rendered once per test session (a fresh copy per call)."""
+    return manifests(_spot_render())
+
+
 def the_job(docs: list[dict[str, Any]]) -> dict[str, Any]:
     """The one RayJob among rendered objects."""
     (job,) = of_kind(docs, "RayJob")

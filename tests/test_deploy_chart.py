@@ -26,8 +26,6 @@ helm_chart = pytest.importorskip("helm_python.chart", reason="helm-python-sdk re
 from helm_python import HelmRenderError, HelmValuesError  # noqa: E402
 
 VALUES_YAML = dc.CHART_DIR / "values.yaml"
-SCHEMA = json.loads((dc.CHART_DIR / "values.schema.json").read_text())
-DEPLOY = dc.REPO / "deploy"
 FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYFAKESECRETKEY"
 
 
@@ -43,7 +41,7 @@ def rendered(request) -> tuple[str, dict[str, Any] | None, list[dict[str, Any]]]
 
 @pytest.fixture(scope="module")
 def spot_docs() -> list[dict[str, Any]]:
-    return dc.manifests(dc.render_chart(dc.spot_values()))
+    return dc.spot_manifests()
 
 
 the_job, run_config = dc.the_job, dc.run_config

@@ -31,7 +31,7 @@ the_job = dc.the_job
 
 @pytest.fixture(scope="module")
 def spot_docs() -> list[dict[str, Any]]:
-    return dc.manifests(dc.render_chart(dc.spot_values()))
+    return dc.spot_manifests()
 
 
 # --- documentation of the values -----------------------------------------------------------

@@ -40,3 +40,29 @@ def make_config(model_dir: Path | str, **sections: Any) -> Config:
     for name, value in sections.items():
         raw[name] = {**raw.get(name, {}), **value} if isinstance(value, dict) else value
     return validate_config(raw)
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``segprop ARGS`` in this process: (exit code, stdout, stderr)."""
+    from segprop_ray.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err: str) -> str:
+    """The one non-empty line of ``err`` (fails the test if there are more)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def upload(local_dir: Path, uri: str) -> str:
+    """Copy the files of ``local_dir`` to the directory ``uri`` (any fsspec URI); returns ``uri``."""
+    from segprop_ray.storage.fs import resolve_filesystem
+
+    fs, path = resolve_filesystem(uri)
+    for file in local_dir.iterdir():
+        fs.put_file(str(file), f"{path}/{file.name}")
+    return uri

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from helpers import one_line_error, run_cli
 from pipeline_setup import make_inputs, pipeline_config, write_config
-from segprop_ray.cli import main
 from segprop_ray.config import validate_config
 from segprop_ray.pipeline.driver import Driver
 from segprop_ray.pipeline.prepare import RunConflict
@@ -19,18 +19,6 @@ from segprop_ray.pipeline.prepare import RunConflict
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     return make_inputs(tmp_path_factory.mktemp("inputs"))
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("override,message", [

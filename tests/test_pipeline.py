@@ -9,21 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from helpers import upload
 from pipeline_setup import (BASE_DEPTH, NUM_LAYERS, LAST_LAYERS, inprocess_reference, logits, make_inputs,
                             pipeline_config, reference_model)
 from segprop_ray.config import validate_config
 from segprop_ray.demo.corpus import generate_mc_items, write_mc_jsonl
 from segprop_ray.pipeline.driver import Driver
-from segprop_ray.storage.fs import resolve_filesystem
 
 pytestmark = pytest.mark.slow
-
-
-def upload(local_dir, uri: str) -> str:
-    fs, path = resolve_filesystem(uri)
-    for file in local_dir.iterdir():
-        fs.put_file(str(file), f"{path}/{file.name}")
-    return uri
 
 
 @pytest.mark.parametrize("storage", ["file", "s3"])

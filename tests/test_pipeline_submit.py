@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from helpers import one_line_error, run_cli
 from pipeline_setup import logits, make_inputs, pipeline_config, write_config
 from segprop_ray.cli import main
 from segprop_ray.pipeline.submit import is_local_address
@@ -43,11 +44,11 @@ def test_submit_refuses_a_local_run_dir_for_a_remote_cluster(tmp_path, capsys, r
     run_dir = str(path) if run_dir == "local" else path.as_uri()
     config = write_config(tmp_path / "config.yaml", pipeline_config(run_dir, "model", "train.jsonl", "eval.jsonl"))
 
-    code = main(["submit", str(config), "--address", "http://10.1.2.3:8265"])
+    code, _, err = run_cli(capsys, "submit", str(config), "--address", "http://10.1.2.3:8265")
 
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1, lines
-    assert f"run_dir {run_dir} is a local path" in lines[0] and "use shared storage (run_dir: s3://...)" in lines[0]
+    line = one_line_error(err)
+    assert code == 2
+    assert f"run_dir {run_dir} is a local path" in line and "use shared storage (run_dir: s3://...)" in line
 
 
 @pytest.mark.parametrize("address,local", [

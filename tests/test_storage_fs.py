@@ -143,13 +143,12 @@ def test_probe_thread_does_not_outlive_the_check(run_uri):
 
 
 def test_planning_a_run_reads_only_the_config_of_a_remote_model(s3_bucket, tmp_path):
-    from helpers import tiny_model_dir
+    from helpers import tiny_model_dir, upload
     from segprop_ray.storage.models import model_config_dir
 
     fs, _ = resolve_filesystem(f"s3://{s3_bucket}")
     model = tiny_model_dir(tmp_path, "llama", 2)
-    for file in model.iterdir():
-        fs.put_file(str(file), f"{s3_bucket}/models/tiny/{file.name}")
+    upload(model, f"s3://{s3_bucket}/models/tiny")
     local = model_config_dir(f"s3://{s3_bucket}/models/tiny", cache_dir=tmp_path / "cache")
     assert [p.name for p in local.iterdir() if not p.name.startswith(".")] == ["config.json"]  # no weights to plan
     assert local.joinpath("config.json").read_bytes() == (model / "config.json").read_bytes()
@@ -163,13 +162,11 @@ def test_concurrent_fetches_of_a_remote_model_publish_one_whole_copy(s3_bucket, 
     """Several actors on one node fetch the same model at once: each reader gets complete files."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from helpers import tiny_model_dir
+    from helpers import tiny_model_dir, upload
     from segprop_ray.storage.models import TOKENIZER_FILE_PATTERNS, resolve_model_dir
 
-    fs, _ = resolve_filesystem(f"s3://{s3_bucket}")
     model = tiny_model_dir(tmp_path, "llama", 2)
-    for file in model.iterdir():
-        fs.put_file(str(file), f"{s3_bucket}/models/tiny/{file.name}")
+    upload(model, f"s3://{s3_bucket}/models/tiny")
     uri, cache = f"s3://{s3_bucket}/models/tiny", tmp_path / "cache"
     with ThreadPoolExecutor(4) as pool:
         dirs = list(pool.map(lambda _: resolve_model_dir(uri, cache_dir=cache), range(4)))

@@ -104,7 +104,7 @@ def test_readme_example_config_is_valid():
     ({"patience": 3}, 10, None),
 ])
 def test_layer_exit_without_evaluations_is_refused(exit_layer, eval_steps, message):
-    raw = {"run_dir": "/tmp/r", "model": "m", "data": {"train": "t.jsonl"}, "exit": {"layer": exit_layer},
+    raw = {**MINIMAL, "exit": {"layer": exit_layer},
            "training": {"eval_steps": eval_steps}}
     partly = {**raw, "training": {"eval_steps": 10}, "stage1": {"eval_steps": 0}}  # Stage 2 can still stop early
     validate_config(partly)
@@ -127,7 +127,7 @@ def test_layer_exit_without_evaluations_is_refused(exit_layer, eval_steps, messa
 ])
 def test_local_ray_too_small_for_a_job_is_refused(resources, message, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    raw = {"run_dir": "/tmp/r", "model": "m", "data": {"train": "t.jsonl"}, "resources": resources}
+    raw = {**MINIMAL, "resources": resources}
     if message is None:
         validate_config(raw)
     else:

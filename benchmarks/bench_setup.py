@@ -264,9 +264,9 @@ def write_snapshots(plan: BenchPlan, device) -> None:
                                  trainable=False)
 
         @torch.no_grad()
-        def apply(input_ids, hidden, producer=producer):
-            hidden = None if hidden is None else hidden.to(device)
-            return producer(input_ids.to(device), hidden).to(torch.bfloat16).cpu()  # (n, T, H)
+        def apply(rows, producer=producer):
+            hidden = rows["hidden"].to(device) if "hidden" in rows else None
+            return producer(rows["input_ids"].to(device), hidden).to(torch.bfloat16).cpu()  # (n, T, H)
 
         for split, count in (("train", plan.train_blocks), ("eval", plan.eval_blocks)):
             infos = [transform_file(layout, split, i, source_depth=previous, depth=depth, fn=apply, spec=spec)

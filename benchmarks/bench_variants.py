@@ -177,7 +177,7 @@ def train_timed(plan: BenchPlan, loop: Any, model: nn.Module, device: torch.devi
 def h2d_probe(plan: BenchPlan, device: torch.device, repeats: int = 5) -> dict[str, float]:
     """ms to move one micro-batch of bf16 activations to the GPU as ``model_inputs`` does (pageable memory,
     widened to fp32 there) and from pinned memory: the copy the step pays outside ``data_wait``."""
-    from segprop_ray.core.training import model_inputs
+    from segprop_ray.core.step_inputs import model_inputs
 
     hidden = torch.empty(plan.batch, plan.seq, plan.hidden_size, dtype=torch.bfloat16)
     batch = {"input_ids": torch.zeros(plan.batch, plan.seq, dtype=torch.int64), "hidden": hidden}
@@ -210,10 +210,10 @@ def run_snap_write(plan: BenchPlan, prefix: int, device: torch.device) -> dict[s
     build_s = time.perf_counter() - start
     spent = {"fn_s": 0.0}
 
-    def apply(input_ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:  # = SnapshotActor.apply
+    def apply(rows: dict[str, torch.Tensor]) -> torch.Tensor:  # = SnapshotActor.apply
         begin = time.perf_counter()
         cfg = ctx.cfg
-        result = snapshot_forward(producer, input_ids, hidden, cfg.snapcheck.dtype, cfg.training.bf16, device)
+        result = snapshot_forward(producer, rows, cfg.snapcheck.dtype, cfg.training.bf16, device)
         spent["fn_s"] += time.perf_counter() - begin
         return result
 

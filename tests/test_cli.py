@@ -28,7 +28,7 @@ def inputs(tmp_path_factory):
     ("model=/no/such/model", "model directory not found: /no/such/model"),
     ("data.train=/no/such/file.jsonl", "data.train '/no/such/file.jsonl' matches no file"),
     ("evaluation.mc_path=/no/such/mc.jsonl", "evaluation.mc_path '/no/such/mc.jsonl' matches no file"),
-    ("data.text_field=body", "has no 'body' field (it has: text); set data.text_field"),
+    ("data.text_field=body", "train.jsonl line 1: no 'body' field (it has: text); set data.text_field"),
 ])
 def test_bad_input_fails_fast_with_one_line(tmp_path, capsys, inputs, override, message):
     model, train, evaluation = inputs
@@ -271,5 +271,5 @@ def test_eval_data_without_the_text_field_is_named_before_tokenizing(tmp_path, c
     config = write_config(tmp_path / "c.yaml", pipeline_config(str(tmp_path / "run"), str(model), str(train),
                                                                str(evaluation)))
     code, _, err = run_cli(capsys, "run", str(config))
-    assert code == 2 and f"data file {evaluation} has no 'text' field (it has: body)" in one_line_error(err)
+    assert code == 2 and f"{evaluation} line 1: no 'text' field (it has: body); set data.text_field" in one_line_error(err)
     assert not (tmp_path / "run" / "manifest.json").exists()

@@ -150,9 +150,9 @@ def test_loss_chunk_setting_reaches_training_and_changes_only_rounding(tmp_path,
     sizes = []
     real = head_loss.linear_cross_entropy
 
-    def spy(hidden, weight, bias, targets, chunk_tokens=None):
+    def spy(hidden, weight, bias, targets, chunk_tokens=None, **kwargs):
         sizes.append(chunk_tokens)
-        return real(hidden, weight, bias, targets, chunk_tokens)
+        return real(hidden, weight, bias, targets, chunk_tokens, **kwargs)
 
     results = {}
     for chunk in (0, 3):

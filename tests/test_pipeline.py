@@ -224,13 +224,13 @@ def test_driver_killed_while_tokenizing_continues_at_the_saved_input_file(local_
     monkeypatch.delenv(token_packing.FAIL_ENV)
 
     from segprop_ray.pipeline import tokenize_job
-    read_texts, starts = tokenize_job.read_texts, []
+    read_records, starts = tokenize_job.read_records, []
 
     def recording_read(files, *args):
         starts.append(files[0])
-        return read_texts(files, *args)
+        return read_records(files, *args)
 
-    monkeypatch.setattr(tokenize_job, "read_texts", recording_read)
+    monkeypatch.setattr(tokenize_job, "read_records", recording_read)
     for name in ("killed", "whole"):
         driver = Driver(configs[name])
         driver.prepare()

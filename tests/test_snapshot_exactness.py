@@ -36,8 +36,10 @@ def build_depths(layout, parts, source, ids, spec, dtype):
         module = producer(parts, source, list(range(BASE + 1)) if first else [depth], embed=first)
 
         @torch.no_grad()
-        def apply(input_ids, hidden, module=module):
-            return snapshot_cast(module(input_ids, None if hidden is None else hidden.float()), dtype)
+        def apply(rows, module=module):
+            hidden = rows.get("hidden")
+            return snapshot_cast(module(rows["input_ids"], None if hidden is None else hidden.float(),
+                                        rows["position_ids"]), dtype)
 
         infos = [transform_file(layout, "train", i, source_depth=None if first else depth - 1, depth=depth, fn=apply,
                                 spec=spec) for i in range(spec.num_files(len(ids)))]

@@ -21,15 +21,19 @@ SPEC = ShardSpec(seq_len=T, group_size=3, groups_per_file=2, hidden_size=H, dtyp
 IDS = torch.randint(0, 500, (N, T), generator=torch.Generator().manual_seed(3))  # (N, T) int64
 
 
-def hidden_of(ids: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_of(ids: torch.Tensor) -> torch.Tensor:
     return ids.float()[..., None] + torch.arange(H) / 8  # (n, T, H) fp32, exact in bf16
+
+
+def hidden_of_rows(rows: dict) -> torch.Tensor:
+    return hidden_of(rows["input_ids"])
 
 
 @pytest.fixture
 def committed(run_layout):
     """Tokens and depth 1 of the train split, committed; returns (layout, tokens marker, depth-1 marker)."""
     commit_depth(run_layout, "train", None, write_token_shards(run_layout, "train", IDS, SPEC), "t", SPEC)
-    infos = [transform_file(run_layout, "train", f, source_depth=None, depth=1, fn=hidden_of, spec=SPEC)
+    infos = [transform_file(run_layout, "train", f, source_depth=None, depth=1, fn=hidden_of_rows, spec=SPEC)
              for f in range(SPEC.num_files(N))]
     commit_depth(run_layout, "train", 1, infos, "w", SPEC)
     return run_layout, load_committed(run_layout, "train", None, "t"), load_committed(run_layout, "train", 1, "w")
@@ -79,7 +83,7 @@ def test_token_reader_and_sequential_evaluation(committed):
     assert [len(batch["block_id"]) for batch in batches] == [5, 5, 5, 5, 3] and "hidden" not in batches[0]
     assert torch.equal(torch.cat([batch["input_ids"] for batch in batches]), IDS)
     no_hidden = next(iter(sequential_reader(layout, marker, batch_size=2, with_hidden=False)))
-    assert set(no_hidden) == {"block_id", "input_ids"}
+    assert set(no_hidden) == {"block_id", "input_ids", "position_ids", "token_kind"}
 
 
 def test_wait_time_is_tracked(committed, monkeypatch):
@@ -141,7 +145,7 @@ def test_footers_are_read_once_per_file_content(committed, monkeypatch):
         list(epoch_reader(layout, marker, order, epoch))
     assert sorted(reads) == [info.name for info in marker.files]
 
-    double = lambda ids, hidden: 2 * hidden_of(ids)  # noqa: E731
+    double = lambda rows: 2 * hidden_of(rows["input_ids"])  # noqa: E731
     infos = [transform_file(layout, "train", f, source_depth=None, depth=1, fn=double, spec=SPEC)
              for f in range(SPEC.num_files(N))]
     commit_depth(layout, "train", 1, infos, "w2", SPEC)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from segprop_ray.storage.shard_format import ShardSpec
+from segprop_ray.core.blocks import TokenBlocks
+from segprop_ray.storage.shard_read import read_token_blocks
 from segprop_ray.storage.shards import (ShardWriter, describe_shard, read_footer, read_row_group,
                                         read_token_shards, write_token_shards)
 
@@ -76,7 +78,9 @@ def test_shard_describes_itself_to_a_plain_reader(run_layout, tmp_path):
     description = describe_shard(run_layout.uri(path))
     assert description["kind"] == "hidden" and description["depth"] == 5 and description["split"] == "train"
     assert description["columns"]["hidden"]["shape"] == [T, H] and description["dtype"] == "bfloat16"
-    assert description["rows_per_group"] == [3, 1] and description["format_version"] == 1
+    assert description["rows_per_group"] == [3, 1] and description["format_version"] == 2
+    assert description["columns"]["token_kind"] == {"dtype": "uint8", "shape": [T], "encoding": description[
+        "columns"]["token_kind"]["encoding"]} and description["columns"]["position_ids"]["dtype"] == "int32"
     local = tmp_path / "copy.parquet"
     local.write_bytes(run_layout.fs.cat_file(path))
     table = pq.read_table(local)  # plain pyarrow from here on
@@ -87,6 +91,9 @@ def test_shard_describes_itself_to_a_plain_reader(run_layout, tmp_path):
     row_group = pq.ParquetFile(local).metadata.row_group(0)
     assert row_group.num_rows == 3 and row_group.column(2).compression == "UNCOMPRESSED"
     assert table.schema.field("input_ids").metadata[b"dtype"] == b"int32"
+    kinds = np.frombuffer(table["token_kind"].combine_chunks().buffers()[1], "u1").reshape(-1, T)
+    positions = np.frombuffer(table["position_ids"].combine_chunks().buffers()[1], "<i4").reshape(-1, T)
+    assert (kinds == 2).all() and (positions == np.arange(T)).all()  # written as text blocks: one sequence, all targets
 
 
 def test_geometry_is_enforced_by_the_writer(run_layout):
@@ -119,7 +126,8 @@ def test_token_shards_round_trip(run_layout):
     footer = read_footer(run_layout.fs, run_layout.shard_file("eval", None, 2))
     assert footer.description["kind"] == "tokens" and footer.num_row_groups == 1
     rows = read_row_group(run_layout.fs, run_layout.shard_file("eval", None, 1), 1, SPEC)
-    assert set(rows) == {"block_id", "input_ids"} and rows["block_id"].tolist() == [9, 10, 11]
+    assert set(rows) == {"block_id", "input_ids", "position_ids", "token_kind"}
+    assert rows["block_id"].tolist() == [9, 10, 11]
 
 
 def test_block_id_arithmetic():
@@ -153,3 +161,14 @@ def test_a_failing_storage_write_surfaces_and_leaves_no_file(tmp_path, monkeypat
         write_hidden_file(layout, SPEC, special_bf16(6), token_ids(6))
     monkeypatch.undo()
     assert not layout.fs.exists(layout.shard_file("train", 3, 0))
+
+
+def test_packed_token_blocks_round_trip_with_positions_and_kinds(run_layout):
+    """Per-example columns (positions restarting at 0, token kinds) come back exactly as written."""
+    ids = token_ids(14)
+    positions = torch.cat([torch.arange(3), torch.arange(T - 3)]).expand(14, T).clone()  # two examples per block
+    kinds = torch.randint(0, 3, (14, T), generator=torch.Generator().manual_seed(3)).to(torch.uint8)
+    write_token_shards(run_layout, "train", TokenBlocks(ids, positions, kinds), SPEC)
+    back = read_token_blocks(run_layout, "train", SPEC, 14)
+    assert torch.equal(back.input_ids, ids) and torch.equal(back.position_ids, positions)
+    assert back.token_kind.dtype == torch.uint8 and torch.equal(back.token_kind, kinds)

@@ -19,17 +19,17 @@ SPEC = ShardSpec(seq_len=T, group_size=3, groups_per_file=2, hidden_size=H, dtyp
 EMBED = torch.randn(64, H, generator=torch.Generator().manual_seed(0))
 
 
-def embed(ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
-    assert hidden is None
-    return EMBED[ids % 64]  # (n, T, H) fp32
+def embed(rows: dict) -> torch.Tensor:
+    assert "hidden" not in rows
+    return EMBED[rows["input_ids"] % 64]  # (n, T, H) fp32
 
 
-def double(ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
-    return hidden.float() * 2  # (n, T, H) fp32
+def double(rows: dict) -> torch.Tensor:
+    return rows["hidden"].float() * 2  # (n, T, H) fp32
 
 
-def layer(ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
-    return torch.tanh(hidden.float() * 1.5 + 0.25)  # (n, T, H) fp32
+def layer(rows: dict) -> torch.Tensor:
+    return torch.tanh(rows["hidden"].float() * 1.5 + 0.25)  # (n, T, H) fp32
 
 
 def tokens(n: int = N) -> torch.Tensor:
@@ -56,7 +56,7 @@ def test_identity_and_double_transforms_match(run_layout):
     ids = tokens()
     commit_tokens(run_layout, ids)
     make_depth(run_layout, 2, embed, None)
-    make_depth(run_layout, 3, lambda i, h: h, 2)
+    make_depth(run_layout, 3, lambda rows: rows["hidden"], 2)
     make_depth(run_layout, 4, double, 3)
     first = read_all_hidden(run_layout, 2)
     assert torch.equal(first, EMBED[ids % 64].to(torch.bfloat16))
@@ -70,9 +70,9 @@ def test_streaming_chain_equals_applying_the_functions_in_memory(run_layout):
     make_depth(run_layout, 5, embed, None)
     make_depth(run_layout, 6, layer, 5)
     make_depth(run_layout, 7, layer, 6)
-    expected = embed(ids, None).to(torch.bfloat16)  # (N, T, H) bf16, what each depth stores
+    expected = embed({"input_ids": ids}).to(torch.bfloat16)  # (N, T, H) bf16, what each depth stores
     for depth in (6, 7):
-        expected = layer(ids, expected).to(torch.bfloat16)
+        expected = layer({"input_ids": ids, "hidden": expected}).to(torch.bfloat16)
         assert torch.equal(read_all_hidden(run_layout, depth).view(torch.int16), expected.view(torch.int16))
 
 
@@ -149,7 +149,7 @@ def test_regenerating_a_depth_drops_its_marker_first(run_layout):
     commit_tokens(run_layout, tokens())
     make_depth(run_layout, 2, embed, None)
 
-    def failing(ids, hidden):
+    def failing(rows):
         raise RuntimeError("worker died")
 
     with pytest.raises(RuntimeError, match="worker died"):
@@ -204,14 +204,14 @@ def test_next_row_group_is_read_while_the_current_one_is_computed(run_layout, mo
 
     overlapped = []
 
-    def slow_embed(ids, hidden):
+    def slow_embed(rows):
         if not overlapped:
             overlapped.append(second_read.wait(timeout=10))  # group 1's read starts before group 0 is done
-        return embed(ids, hidden)
+        return embed(rows)
 
     monkeypatch.setattr(snapcheck_module, "read_row_group", reading)
     info = transform_file(run_layout, "train", 0, source_depth=None, depth=2, fn=slow_embed, spec=SPEC)
     assert overlapped == [True] and info.rows == SPEC.rows_per_file
     for group in range(SPEC.groups_per_file):  # and every group was computed from its own rows
         rows = original(run_layout.fs, run_layout.shard_file("train", 2, 0), group, SPEC)
-        assert torch.equal(rows["hidden"], embed(rows["input_ids"], None).to(torch.bfloat16))
+        assert torch.equal(rows["hidden"], embed({"input_ids": rows["input_ids"]}).to(torch.bfloat16))

@@ -9,7 +9,7 @@ import pytest
 from helpers import tiny_model_dir
 from pipeline_setup import pipeline_config
 from segprop_ray.config import validate_config
-from segprop_ray.core.packing import BlockPacker, is_held_out
+from segprop_ray.core.packing import Example, StreamPacker, is_held_out
 from segprop_ray.demo.corpus import generate_corpus, write_jsonl
 from segprop_ray.demo.tiny_model import build_tokenizer
 from segprop_ray.pipeline.context import JobContext
@@ -49,13 +49,15 @@ def test_documents_are_tokenized_in_order_from_every_format(local_ray, tmp_path,
     model = tiny_model_dir(tmp_path, "llama", 4)
     cfg = validate_config(pipeline_config(str(tmp_path / "run"), str(model), path, path))
     ctx = JobContext(cfg.model_dump(mode="json"), -1, 4, {})
-    assert [tokens for _, tokens in file_documents(ctx, expand_inputs(path), 0)] == expected_tokens()
+    assert [example.ids for _, example in file_documents(ctx, expand_inputs(path), 0)] == expected_tokens()
 
 
 def test_packing_cuts_the_concatenated_stream():
-    packer = BlockPacker(seq_len=4)
-    blocks = [b.tolist() for b in packer.add([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]])]
+    packer = StreamPacker(seq_len=4, pad_id=0)
+    docs = [Example(ids, [2] * len(ids)) for ids in ([1, 2, 3], [4, 5], [6, 7, 8, 9, 10])]
+    blocks = [b.ids for b in packer.add(docs)]
     assert blocks == [[1, 2, 3, 4], [5, 6, 7, 8]]  # the tail [9, 10] waits for more (dropped at the end)
+    assert [c.ids for c in packer.carry] == [[9, 10]] and list(packer.finish()) == []
 
 
 def test_held_out_blocks_are_spread_and_stable():
@@ -82,4 +84,5 @@ def test_documents_carry_the_index_of_their_input_file(local_ray, tmp_path, requ
     ctx = JobContext(cfg.model_dump(mode="json"), -1, 4, {})
     tokens = expected_tokens()
     expected = [(i, tokens[j]) for i in (1, 2) for j in range(i, len(TEXTS), 3)]
-    assert list(file_documents(ctx, paths, 1)) == expected  # files[1:] only, each document with its file's index
+    got = [(index, example.ids) for index, example in file_documents(ctx, paths, 1)]
+    assert got == expected  # files[1:] only, each document with its file's index

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from segprop_ray.config.schema import DataConfig
+from segprop_ray.core.blocks import CONTEXT, TARGET
+from segprop_ray.core.packing import Example
 from segprop_ray.pipeline.token_packing import FAIL_ENV, Tokenization
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.shard_format import ShardSpec
@@ -27,17 +29,19 @@ def corpus(names: list[str], seed: int) -> dict[str, list[list[int]]]:
 
 
 class Source:
-    """A stand-in for the Ray Data reader: the documents of ``files[start:]`` with their file index; records calls."""
+    """A stand-in for the Ray Data reader: the examples of ``files[start:]`` with their file index; records calls.
+    Text documents are all targets; examples (``prompted``) have their first half as prompt."""
 
-    def __init__(self, docs: dict[str, list[list[int]]]):
-        self.docs, self.calls, self.read = docs, [], 0
+    def __init__(self, docs: dict[str, list[list[int]]], prompted: bool = False):
+        self.docs, self.calls, self.read, self.prompted = docs, [], 0, prompted
 
     def __call__(self, files: list[str], start: int):
         self.calls.append((files[0], start))
         for index in range(start, len(files)):
             for tokens in self.docs[files[index]]:
                 self.read += 1
-                yield index, tokens
+                context = len(tokens) // 2 + 1 if self.prompted else 0
+                yield index, Example(tokens, [CONTEXT] * context + [TARGET] * (len(tokens) - context))
 
 
 TRAIN = [f"train-{i}.jsonl" for i in range(6)]
@@ -45,36 +49,50 @@ EVAL = [f"eval-{i}.jsonl" for i in range(3)]
 DOCS = {**corpus(TRAIN, 1), **corpus(EVAL, 2)}
 
 
-def tokenize(root: Path, data: DataConfig, source: Source):
+def tokenize(root: Path, data: DataConfig, source: Source, stats: dict | None = None):
+    """Run (or continue) the tokenization of ``root``; ``stats`` receives the packers' counts per stream."""
     layout = RunLayout.open(str(root))
     inputs = {"train": TRAIN, **({"eval": EVAL} if data.eval is not None else {})}
     state = load_state(layout, HASH, inputs) or TokenizeState(HASH, inputs)
-    return Tokenization(layout, data, SPEC, state, save_every_s=0).run(source)
+    result = Tokenization(layout, data, SPEC, state, save_every_s=0, pad_id=1).run(source)
+    if stats is not None:
+        stats.update({stream: counts.to_dict() for stream, counts in state.stats.items()})
+    return result
 
 
 def token_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "tokens").glob("*/part-*.parquet"))}
 
 
+LAYOUTS = [("text", True), ("prompt_completion", True), ("prompt_completion", False)]
+"""(data.format, data.packing): the stream packer, whole examples packed, one example per block."""
+
+
+@pytest.mark.parametrize("fmt,packing", LAYOUTS)
 @pytest.mark.parametrize("eval_data,fail_at", [(None, "train:3"), ("eval", "train:4"), ("eval", "eval:2")])
 def test_killed_tokenize_job_continues_at_its_input_file_and_writes_the_same_bytes(tmp_path, monkeypatch,
-                                                                                   eval_data, fail_at):
-    data = DataConfig(train=TRAIN, eval=EVAL if eval_data else None, seq_len=SEQ_LEN, eval_fraction=0.25)
-    whole = tokenize(tmp_path / "whole", data, Source(DOCS))
+                                                                                   eval_data, fail_at, fmt, packing):
+    monkeypatch.setattr("segprop_ray.core.packing.PACK_WINDOW", 5)  # windows close mid-file and across files
+    data = DataConfig(train=TRAIN, eval=EVAL if eval_data else None, seq_len=SEQ_LEN, eval_fraction=0.25,
+                      format=fmt, packing=packing)
+    prompted, whole_stats, resumed_stats = fmt != "text", {}, {}
+    whole = tokenize(tmp_path / "whole", data, Source(DOCS, prompted), whole_stats)
 
     monkeypatch.setenv(FAIL_ENV, fail_at)
     with pytest.raises(RuntimeError, match=FAIL_ENV):
-        tokenize(tmp_path / "killed", data, Source(DOCS))
+        tokenize(tmp_path / "killed", data, Source(DOCS, prompted))
     assert token_files(tmp_path / "killed"), "files were written before the kill"
     monkeypatch.delenv(FAIL_ENV)
-    source = Source(DOCS)
-    resumed = tokenize(tmp_path / "killed", data, source)
+    source = Source(DOCS, prompted)
+    resumed = tokenize(tmp_path / "killed", data, source, resumed_stats)
 
     stream, index = fail_at.split(":")
     assert source.calls[0] == ((TRAIN if stream == "train" else EVAL)[0], int(index))  # no earlier file read again
     assert {s: (p.count, p.files) for s, p in resumed.items()} == {s: (p.count, p.files) for s, p in whole.items()}
     assert token_files(tmp_path / "killed") == token_files(tmp_path / "whole")
     assert whole["eval"].count > 0 and len(whole["train"].files) > 2
+    assert resumed_stats == whole_stats  # the truncation counts survive the restart
+    assert whole_stats["train"]["truncated"] > 0 if prompted else whole_stats["train"]["examples"] == 72
 
 
 def test_limits_stop_the_stream_and_survive_a_resume(tmp_path, monkeypatch):

@@ -7,30 +7,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from segprop_ray.config.data import DataConfig
 from segprop_ray.config.training import TRAINING_FIELDS, Strict, TrainingConfig
-
-
-class DataConfig(Strict):
-    """Where the text comes from and how it is cut into fixed-length blocks."""
-
-    train: str | list[str]
-    """Training text: files, directories or globs (local paths or any fsspec URI, e.g. ``s3://``)."""
-    eval: str | list[str] | None = None
-    """Held-out text; when unset, ``eval_fraction`` of the training blocks is held out instead."""
-    eval_fraction: float = Field(0.05, gt=0, lt=1)
-    """Share of training blocks held out for evaluation when ``eval`` is unset."""
-    seq_len: int = Field(512, ge=8)
-    """Tokens per packed block (documents are concatenated with EOS and cut to this length)."""
-    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
-    """Input format; ``auto`` picks by file extension (.jsonl/.json, .parquet, anything else is text)."""
-    text_field: str = "text"
-    """Column (Parquet) or key (JSONL) holding the text."""
-    max_train_blocks: int | None = Field(None, ge=1)
-    """Keep at most this many training blocks (None: all)."""
-    max_eval_blocks: int | None = Field(None, ge=1)
-    """Keep at most this many evaluation blocks (None: all)."""
-    shuffle: bool = True
-    """Shuffle block order each epoch (deterministically, from ``training.seed`` and the epoch)."""
 
 
 class SegPropConfig(Strict):

@@ -73,6 +73,15 @@ class TrainingConfig(Strict):
     1 GiB of fp32 logits, 2,092 tokens at a 128k vocabulary). Smaller saves memory, larger saves time."""
     max_eval_blocks: int = Field(0, ge=0)
     """Evaluate on at most this many blocks during training (0: all); final exit metrics use all."""
+    load_best_model_at_end: bool | None = None
+    """End every iteration with the weights of its best evaluation (lowest eval loss among the evaluations at
+    steps > 0), not its last step's: the layer, head and LL committed and kept as the exit are the best step's.
+    None: on when ``eval_steps`` > 0 (as the paper ran it), else off (evaluating only at the end, they are the same)."""
+
+    @property
+    def keeps_best(self) -> bool:
+        """``load_best_model_at_end`` as it applies: the setting, or whether ``eval_steps`` > 0 when unset."""
+        return self.eval_steps > 0 if self.load_best_model_at_end is None else self.load_best_model_at_end
 
     @model_validator(mode="after")
     def _has_budget(self) -> "TrainingConfig":

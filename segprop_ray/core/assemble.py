@@ -2,7 +2,9 @@
 
 The model that exits at K is: embeddings, committed layers 0..K, then exit K's LL layers
 (renumbered K+1 .. K+r) and its head; ``num_hidden_layers`` is K+1+r and per-layer config lists
-(``layer_types``) are cut the same way. The head is always saved untied.
+(``layer_types``) are cut the same way. A tied model's Stage 1 and E2E exits stay tied (head and
+embedding trained as one tensor: ``tie_word_embeddings`` and no separate head weight, as HF saves
+them); Stage 2 exits are untied (their head trained while the embedding stayed frozen).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from segprop_ray.core.layout import ArchLayout
-from segprop_ray.core.plan import SegPropPlan
+from segprop_ray.core.plan import SegPropPlan, exit_is_tied
 from segprop_ray.core.weights import save_tensors
 
 TOKENIZER_FILES = (
@@ -38,8 +40,10 @@ def exit_state_dict(
     depth: int,
     committed: Mapping[str, torch.Tensor],
     exit_weights: Mapping[str, torch.Tensor],
+    tied: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The full state dict of the model exiting at ``depth``, with LL layers renumbered after it."""
+    """The full state dict of the model exiting at ``depth``, with LL layers renumbered after it; ``tied``
+    (see :func:`exit_is_tied`): the head weight is the embedding's and is not stored."""
     keep = tuple(p + "." for p in layout.embed_paths()) + tuple(layout.layer_path(i) + "." for i in range(depth + 1))
     state = {k: v for k, v in committed.items() if k.startswith(keep)}
     renumber = {layout.layer_path(old) + ".": layout.layer_path(depth + 1 + j) + "." for j, old in enumerate(plan.ll_layers)}
@@ -49,7 +53,16 @@ def exit_state_dict(
                 name = new + name[len(old):]
                 break
         state[name] = tensor
+    if tied:
+        _drop_tied_head(state, layout)
     return state
+
+
+def _drop_tied_head(state: dict[str, torch.Tensor], layout: ArchLayout) -> None:
+    head, embed = f"{layout.head}.weight", f"{layout.embed}.weight"
+    if head in state and not torch.equal(state[head], state[embed]):
+        raise ValueError(f"a tied exit's {head} differs from {embed}: it was not trained tied")
+    state.pop(head, None)
 
 
 def exit_config(config: Any, plan: SegPropPlan, depth: int) -> Any:
@@ -62,7 +75,7 @@ def exit_config(config: Any, plan: SegPropPlan, depth: int) -> Any:
     if hasattr(config, "n_layer"):  # GPT-2 names it n_layer (num_hidden_layers is an alias)
         config.n_layer = len(kept)
     config.num_hidden_layers = len(kept)
-    config.tie_word_embeddings = False
+    config.tie_word_embeddings = exit_is_tied(plan, depth, bool(getattr(config, "tie_word_embeddings", False)))
     return config
 
 

@@ -47,17 +47,21 @@ def linear_cross_entropy(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     chunk_tokens: int | None = None,
+    normalizer: float | None = None,
 ) -> torch.Tensor:
-    """Mean of ``cross_entropy(hidden @ weight.T + bias, targets)`` without materialising all logits.
+    """``sum(cross_entropy(hidden @ weight.T + bias, targets)) / normalizer`` without materialising all logits
+    (``normalizer`` defaults to N: the mean). HF's Trainer divides by the label tokens of the whole optimizer step
+    (``num_items_in_batch``), which a caller passes as ``normalizer``.
 
     ``hidden`` is (N, H), ``weight`` (V, H), ``targets`` (N,). Under autocast the matmuls run in the
     autocast dtype, as ``F.linear`` would; the loss is returned in fp32.
     """
     chunk = chunk_tokens or chunk_tokens_for(weight.shape[0])
     dtype = _compute_dtype(hidden, weight)
+    scale = float(normalizer) if normalizer is not None else max(hidden.shape[0], 1)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, dtype)
-    loss, _ = _chunked_pass(hidden, weight, bias, targets, chunk, dtype, _Wanted(False, False, False))
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, dtype, scale)
+    loss, _ = _chunked_pass(hidden, weight, bias, targets, chunk, dtype, _Wanted(False, False, False), scale)
     return loss
 
 
@@ -72,9 +76,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Loss and input gradients in forward; backward only scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, dtype):  # noqa: D102 (autograd signature)
+    def forward(ctx, hidden, weight, bias, targets, chunk, dtype, normalizer):  # noqa: D102 (autograd signature)
         wanted = _Wanted(*ctx.needs_input_grad[:3])
-        loss, grads = _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted)
+        loss, grads = _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted, normalizer)
         grad_hidden, grad_weight, grad_bias = grads
         # The hidden gradient is an activation kept for backward, so it is saved the standard way
         # (memory probes count it); the weight and bias gradients become the parameters' .grad.
@@ -94,7 +98,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight, grad_bias = ctx.param_grads
         ctx.param_grads = (None, None)  # let autograd take the buffers over instead of copying them
         scaled = [_scale(g, grad_loss) for g in (grad_hidden, grad_weight, grad_bias)]
-        return (*scaled, None, None, None)
+        return (*scaled, None, None, None, None)
 
 
 def _scale(grad: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor | None:
@@ -102,8 +106,8 @@ def _scale(grad: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor | No
     return grad.mul_(factor.to(grad.dtype)) if grad is not None else None
 
 
-def _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted: _Wanted):
-    """(mean loss, (grad_hidden, grad_weight, grad_bias)) with only one chunk's logits alive."""
+def _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted: _Wanted, normalizer: float):
+    """(summed loss / normalizer, (grad_hidden, grad_weight, grad_bias)) with only one chunk's logits alive."""
     count = hidden.shape[0]
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(dtype)
@@ -122,7 +126,7 @@ def _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted: _Wanted):
                 continue
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (C, V)
             probs[torch.arange(len(t), device=t.device), t] -= 1.0
-            d_logits = probs.div_(count).to(dtype)  # d(mean loss)/d(logits): (C, V)
+            d_logits = probs.div_(normalizer).to(dtype)  # d(loss)/d(logits): (C, V)
             del logits, probs  # the fp32 chunk goes before the matmuls allocate theirs
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk] = d_logits @ w  # (C, V) @ (V, H) -> (C, H)
@@ -135,4 +139,4 @@ def _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted: _Wanted):
         grad_weight.to(weight.dtype) if grad_weight is not None else None,
         grad_bias.to(bias.dtype) if grad_bias is not None else None,
     )
-    return total / count, grads
+    return total / normalizer, grads

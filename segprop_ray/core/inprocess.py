@@ -1,6 +1,6 @@
 """The whole SegProp algorithm in one process, snapshots in memory: the reference the Ray pipeline must equal.
 
-Given a model directory and packed token blocks, it runs Stage 1, then each Stage 2 iteration fed
+Given a model directory and token blocks (:class:`TokenBlocks`), it runs Stage 1, then each Stage 2 iteration fed
 from in-memory SnapCheck tensors (rounded to the storage precision exactly as the shards are),
 with the same block order, seeds and exit rules as the distributed pipeline.
 """
@@ -12,12 +12,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from segprop_ray.core.blocks import TokenBlocks
 from segprop_ray.core.data_order import BlockOrder, default_group_size
 from segprop_ray.core.exits import IterationExit, RunExit
 from segprop_ray.core.iteration import RunWeights, build_segment, snapshot_forward, split_trained
 from segprop_ray.core.parts import ModelParts
 from segprop_ray.core.plan import SegPropPlan, segment_seed
-from segprop_ray.core.training import LoopHooks, SegmentLoop, evaluate_loss
+from segprop_ray.core.step_inputs import evaluate_loss
+from segprop_ray.core.training import LoopHooks, SegmentLoop
 from segprop_ray.core.weights import DictSource, SafetensorsSource
 
 
@@ -47,8 +49,8 @@ def group_size_for(snapcheck: Any, seq_len: int, hidden_size: int) -> int:
 class InProcessRun:
     """Runs Algorithm 1 on in-memory blocks; see :func:`run_inprocess`."""
 
-    def __init__(self, model_dir: str, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Any, device: str = "cpu",
-                 observer: Callable[[str, int, Any], None] | None = None):
+    def __init__(self, model_dir: str, train_ids: TokenBlocks | torch.Tensor, eval_ids: TokenBlocks | torch.Tensor,
+                 cfg: Any, device: str = "cpu", observer: Callable[[str, int, Any], None] | None = None):
         from transformers import AutoConfig
 
         self.cfg, self.device = cfg, torch.device(device)
@@ -56,13 +58,12 @@ class InProcessRun:
         self.parts = ModelParts(AutoConfig.from_pretrained(model_dir), self.device)
         self.plan = SegPropPlan.from_config(cfg.segprop, self.parts.num_layers)
         self.base = SafetensorsSource.from_model_dir(model_dir)
-        self.train_ids, self.eval_ids = train_ids, eval_ids
+        self.train_ids, self.eval_ids = as_blocks(train_ids), as_blocks(eval_ids)
         hidden = self.parts.config.hidden_size
-        self.group_size = group_size_for(cfg.snapcheck, train_ids.shape[1], hidden)
+        self.group_size = group_size_for(cfg.snapcheck, self.train_ids.input_ids.shape[1], hidden)
         self.result = InProcessResult(self.plan)
-        self.weights = RunWeights(
-            self.plan, self.base, DictSource({}), lambda d: DictSource(self.result.exits[d]), cfg.segprop.ll_baseline
-        )
+        self.weights = RunWeights(self.plan, self.base, DictSource({}), lambda d: DictSource(self.result.exits[d]),
+                                  cfg.segprop.ll_baseline, self.parts.tied)
 
     def run(self, log: Callable[[str], None] = lambda _: None) -> InProcessResult:
         """Stage 1, then Stage 2 layer by layer until the global exit stops it."""
@@ -109,39 +110,44 @@ class InProcessRun:
         self.result.committed.update(committed)
         self.result.exits[depth] = exit_weights
         self.weights.committed = DictSource(self.result.committed)
-        eval_loss = evaluate(0) if args.max_eval_blocks else state.history[-1]["eval_loss"]
+        eval_loss = evaluate(0) if args.max_eval_blocks else state.kept_eval_loss()
         self.result.iterations.append({"stage": stage, "depth": depth, "steps": state.step, "eval_loss": eval_loss,
-                                       "history": state.history, "decision": state.decision})
+                                       "history": state.history, "decision": state.decision,
+                                       "kept_step": state.kept_step})
 
-    def snapshot(self, depth: int, ids: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-        """S[depth] for ``ids``: the prefix on tokens at the base depth, else layer ``depth`` on S[depth-1]."""
+    def snapshot(self, depth: int, blocks: TokenBlocks, previous: torch.Tensor | None) -> torch.Tensor:
+        """S[depth] for ``blocks``: the prefix on tokens at the base depth, else layer ``depth`` on S[depth-1]."""
         producer = build_segment(self.parts, self.weights.snapshot_spec(depth), trainable=False)
         dtype, bf16 = self.cfg.snapcheck.dtype, self.cfg.training.bf16
         outputs = []
-        for start in range(0, len(ids), self.group_size):  # one row group at a time, as the shards are
-            chunk = slice(start, start + self.group_size)
-            hidden = None if previous is None else previous[chunk]
-            outputs.append(snapshot_forward(producer, ids[chunk], hidden, dtype, bf16, self.device))
+        for start in range(0, len(blocks), self.group_size):  # one row group at a time, as the shards are
+            rows = list(range(start, min(start + self.group_size, len(blocks))))
+            outputs.append(snapshot_forward(producer, _blocks(blocks, previous, rows), dtype, bf16, self.device))
         return torch.cat(outputs)  # (N, T, H) in the snapshot dtype
 
 
-def _blocks(ids: torch.Tensor, snap: torch.Tensor | None, rows: list[int]) -> dict[str, torch.Tensor]:
-    index = torch.tensor(rows)
-    batch = {"input_ids": ids[index]}  # (B, T)
+def as_blocks(blocks: TokenBlocks | torch.Tensor) -> TokenBlocks:
+    """Token blocks; a bare (N, T) tensor of ids is a text stream cut into blocks."""
+    return blocks if isinstance(blocks, TokenBlocks) else TokenBlocks.of_text(blocks)
+
+
+def _blocks(blocks: TokenBlocks, snap: torch.Tensor | None, rows: list[int]) -> dict[str, torch.Tensor]:
+    batch = blocks.rows(rows)  # (B, T) each
     if snap is not None:
-        batch["hidden"] = snap[index]  # (B, T, H)
+        batch["hidden"] = snap[torch.tensor(rows)]  # (B, T, H)
     return batch
 
 
-def eval_batches(ids: torch.Tensor, snap: torch.Tensor | None, batch_size: int, limit: int = 0) -> Iterator[dict]:
+def eval_batches(ids: TokenBlocks, snap: torch.Tensor | None, batch_size: int, limit: int = 0) -> Iterator[dict]:
     """Evaluation blocks in order, ``batch_size`` at a time (the first ``limit`` blocks if set)."""
     count = min(limit, len(ids)) if limit else len(ids)
     for start in range(0, count, batch_size):
         yield _blocks(ids, snap, list(range(start, min(start + batch_size, count))))
 
 
-def run_inprocess(model_dir: str, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Any, device: str = "cpu",
+def run_inprocess(model_dir: str, train_ids: TokenBlocks | torch.Tensor, eval_ids: TokenBlocks | torch.Tensor,
+                  cfg: Any, device: str = "cpu",
                   log: Callable[[str], None] = lambda _: None, observer: Callable[[str, int, Any], None] | None = None
                   ) -> InProcessResult:
-    """Run SegProp (or ``lw`` / ``e2e``) on packed blocks (N, T) of token ids, entirely in this process."""
+    """Run SegProp (or ``lw`` / ``e2e``) on token blocks (or (N, T) token ids of a text stream), in this process."""
     return InProcessRun(model_dir, train_ids, eval_ids, cfg, device, observer).run(log)

@@ -33,11 +33,13 @@ class RunWeights:
     """LL layers + head kept as exit ``depth``."""
     ll_baseline: str = "input"
     """``input``: LL layers restart from the input model each iteration; ``stage1``: from Stage 1's."""
+    tied: bool = False
+    """The model ties its LM head to the embedding: Stage 1 (and E2E) train them as one tensor."""
 
     def training_spec(self, depth: int) -> SegmentSpec:
         """The segment trained to commit ``depth``: Stage 1 at the base depth, else a Stage 2 iteration."""
         if depth == self.plan.base_depth:
-            return stage1_spec(self.plan, self.base)
+            return stage1_spec(self.plan, self.base, self.tied)
         head = self.exit_weights(depth - 1)  # the head committed by the previous iteration
         ll = self.base if self.ll_baseline == "input" else self.exit_weights(self.plan.base_depth)
         return stage2_spec(self.plan, depth, self.base, ll, head)
@@ -72,13 +74,16 @@ def split_trained(segment: Segment, parts: ModelParts, plan: SegPropPlan, state:
 
 
 @torch.no_grad()
-def snapshot_forward(producer: Segment, input_ids: torch.Tensor, hidden: torch.Tensor | None, dtype: str,
-                     bf16: bool, device: torch.device) -> torch.Tensor:
-    """One snapshot batch: ``producer`` on token ids (first depth) or stored activations, in the training
-    precision (bf16 autocast when training uses it), cast to the storage dtype, on the CPU."""
+def snapshot_forward(producer: Segment, rows: dict[str, torch.Tensor], dtype: str, bf16: bool,
+                     device: torch.device) -> torch.Tensor:
+    """One snapshot batch: ``producer`` on the rows' token ids (first depth) or stored activations ``hidden``, with
+    their positions, in the training precision (bf16 autocast when training uses it), cast to the storage dtype, on
+    the CPU."""
+    hidden = rows.get("hidden")
     hidden = None if hidden is None else hidden.to(device).float()  # (n, T, H) widened exactly
+    positions = rows["position_ids"].to(device) if "position_ids" in rows else None
     with autocast_context(device, bf16):
-        output = producer(input_ids.to(device), hidden)  # (n, T, H)
+        output = producer(rows["input_ids"].to(device), hidden, positions)  # (n, T, H)
     return snapshot_cast(output, dtype).cpu()
 
 

@@ -33,6 +33,8 @@ class TrainArgs(Protocol):
     save_steps: int
     max_eval_blocks: int
     loss_chunk_tokens: int
+    keeps_best: bool
+    """Whether a segment ends with the weights of its best evaluation (``load_best_model_at_end``)."""
 
 
 def total_steps(args: TrainArgs, batches_per_epoch: int) -> int:

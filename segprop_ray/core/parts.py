@@ -26,7 +26,7 @@ class ModelParts:
     def __init__(self, config: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.config = copy.deepcopy(config)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.config.tie_word_embeddings = False  # the head is trained on its own copy (untied)
+        self.config.tie_word_embeddings = False  # pieces are built apart; a segment ties them again when asked
         with torch.device("meta"):
             self.skeleton = model_from_config(self.config)
         self.layout: ArchLayout = resolve_layout(self.skeleton)
@@ -97,6 +97,8 @@ class ModelParts:
         head = self.head(spec.head_source) if spec.head_source is not None else None
         if head is not None:
             origins.update({"head.norm": lay.norm, "head.proj": lay.head})
+        if spec.tie_head and embedder is not None and head is not None:
+            head.proj.weight = embedder.tokens.weight  # one tensor, trained as one (HF's tied embeddings)
         stack = DecoderStack(self.config, layers, self.rotary())
         return Segment(stack, origins, embedder, head)
 
@@ -116,3 +118,5 @@ class SegmentSpec:
     """Weights of the embedder, or None for a segment fed with hidden states."""
     head_source: TensorSource | None = None
     """Weights of norm + LM head, or None for a segment that outputs hidden states."""
+    tie_head: bool = False
+    """The LM head shares the embedding's weight tensor (a tied model in a stage that trains both)."""

@@ -77,10 +77,11 @@ class SegPropPlan:
         return depth + 1 + self.last_layers
 
 
-def stage1_spec(plan: SegPropPlan, base: TensorSource) -> SegmentSpec:
-    """Stage 1: embeddings + layers 0..p + LL + head, middle layers skipped."""
+def stage1_spec(plan: SegPropPlan, base: TensorSource, tied: bool = False) -> SegmentSpec:
+    """Stage 1: embeddings + layers 0..p + LL + head, middle layers skipped (E2E: every layer); a tied model's
+    head and embedding stay one tensor."""
     layers = [(i, base) for i in plan.prefix_layers + plan.ll_layers]
-    return SegmentSpec(layers=layers, embed_source=base, head_source=base)
+    return SegmentSpec(layers=layers, embed_source=base, head_source=base, tie_head=tied)
 
 
 def stage2_spec(plan: SegPropPlan, q: int, layer: TensorSource, ll: TensorSource, head: TensorSource) -> SegmentSpec:
@@ -89,9 +90,10 @@ def stage2_spec(plan: SegPropPlan, q: int, layer: TensorSource, ll: TensorSource
     return SegmentSpec(layers=layers, head_source=head)
 
 
-def e2e_spec(plan: SegPropPlan, base: TensorSource) -> SegmentSpec:
-    """E2E: the whole model."""
-    return SegmentSpec(layers=[(i, base) for i in range(plan.num_layers)], embed_source=base, head_source=base)
+def exit_is_tied(plan: SegPropPlan, depth: int, tied_model: bool) -> bool:
+    """Whether exit ``depth`` of a run keeps the model's tied embeddings: a Stage 1 or E2E exit trained head and
+    embedding as one tensor; a Stage 2 exit trained its head while the embedding stayed frozen (untied)."""
+    return tied_model and plan.stage_of(depth) != "stage2"
 
 
 def snapshot_spec(layers: list[int], source: TensorSource, embed: bool) -> SegmentSpec:

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from segprop_ray.core.blocks import all_positions_index
 from segprop_ray.core.head_loss import linear_cross_entropy
 from segprop_ray.core.hf_compat import attention_masks, call_decoder_layer, layer_attention_type
 
@@ -26,11 +27,10 @@ class Embedder(nn.Module):
         self.positions = positions
         self.dropout = dropout
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.tokens(input_ids)  # (B, T) -> (B, T, H)
         if self.positions is not None:
-            pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-            hidden = hidden + self.positions(pos)[None]  # (B, T, H) + (1, T, H)
+            hidden = hidden + self.positions(position_ids)  # (B, T, H) + (B, T, H)
         return self.dropout(hidden) if self.dropout is not None else hidden
 
 
@@ -45,16 +45,23 @@ class LMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(hidden))  # (B, T, H) -> (B, T, V)
 
-    def next_token_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int | None = None):
-        """Mean cross-entropy of predicting token t+1 at position t, without all logits in memory at once.
+    def next_token_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, predict_at: torch.Tensor | None = None,
+                        num_items: float | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
+        """Cross-entropy of predicting token t+1 at the positions ``predict_at`` (flat indices into (B*T); all but
+        each block's last by default), summed and divided by ``num_items`` (default: the number of predictions),
+        without all logits in memory at once: only the predicted positions go through the head.
 
         Reads ``proj.weight`` directly rather than calling ``proj``: under FSDP the head must belong to the unit
         whose forward is running, which holds as the pipeline wraps the whole segment as one unit.
         """
-        normed = self.norm(hidden[:, :-1])  # (B, T-1, H): the last position predicts nothing
-        flat = normed.reshape(-1, normed.shape[-1])  # (B*(T-1), H)
-        targets = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)
-        return linear_cross_entropy(flat, self.proj.weight, self.proj.bias, targets, chunk_tokens)
+        batch, seq_len, width = hidden.shape
+        if predict_at is None:
+            predict_at = all_positions_index(batch, seq_len, hidden.device)
+        chosen = hidden.reshape(batch * seq_len, width).index_select(0, predict_at)  # (N, H)
+        targets = input_ids.reshape(-1).index_select(0, predict_at + 1)  # (N,): the next token of each
+        normalizer = float(num_items) if num_items is not None else max(len(predict_at), 1)
+        return linear_cross_entropy(self.norm(chosen), self.proj.weight, self.proj.bias, targets, chunk_tokens,
+                                    normalizer=normalizer)
 
 
 class DecoderStack(nn.Module):
@@ -68,10 +75,11 @@ class DecoderStack(nn.Module):
         self.rotary = rotary
         self._kinds = [layer_attention_type(config, index) for index in self.indices]
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The layers on ``hidden`` (B, T, H); ``position_ids`` (B, T) restart at 0 where a packed example starts,
+        which gives every example its own block of the causal mask (transformers' packed-sequence masks)."""
         if not self.indices:
             return hidden
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]  # (1, T): packed blocks start at 0
         rope = self.rotary(hidden, position_ids) if self.rotary is not None else None
         masks = attention_masks(self.config, hidden, position_ids, set(self._kinds))
         for layer, kind in zip(self.layers, self._kinds):
@@ -98,23 +106,36 @@ class Segment(nn.Module):
         self.origins = origins  # sub-module path in this Segment -> path in the original model
         self.loss_chunk_tokens: int | None = None  # tokens per LM-head loss chunk; None: ~1 GiB of fp32 logits
 
-    def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-token loss if the segment has a head, else its output hidden states (B, T, H)."""
-        if self.embedder is not None:
-            hidden = self.embedder(input_ids)
-        elif hidden is None:
-            raise ValueError("a segment without embedder needs the input hidden states")
-        hidden = self.stack(hidden)
+    def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, predict_at: torch.Tensor | None = None,
+                num_items: float | None = None) -> torch.Tensor:
+        """The next-token loss if the segment has a head (summed over ``predict_at``, divided by ``num_items``: see
+        :meth:`LMHead.next_token_loss`), else its output hidden states (B, T, H).
+
+        ``position_ids`` (B, T): each token's position in its example (default: one sequence per block).
+        """
+        hidden = self.hidden_states(input_ids, hidden, position_ids)
         if self.head is None:
             return hidden
-        return self.head.next_token_loss(hidden, input_ids, self.loss_chunk_tokens)
+        return self.head.next_token_loss(hidden, input_ids, predict_at, num_items, self.loss_chunk_tokens)
 
-    def logits(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden states after the segment's layers (B, T, H), from token ids or the given input states."""
+        if position_ids is None:
+            position_ids = default_positions(input_ids)
+        if self.embedder is not None:
+            hidden = self.embedder(input_ids, position_ids)
+        elif hidden is None:
+            raise ValueError("a segment without embedder needs the input hidden states")
+        return self.stack(hidden, position_ids)
+
+    def logits(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) of a segment with a head."""
         if self.head is None:
             raise ValueError("this segment has no LM head")
-        hidden = self.embedder(input_ids) if self.embedder is not None else hidden
-        return self.head(self.stack(hidden))
+        return self.head(self.hidden_states(input_ids, hidden, position_ids))
 
     def original_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters under their names in the original model (``model.layers.17.mlp...``)."""
@@ -135,3 +156,8 @@ class Segment(nn.Module):
         for local, origin in self.origins.items():
             yield origin, self.get_submodule(local)
 
+
+def default_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """Positions 0..T-1 in every row: one sequence per block."""
+    batch, seq_len = input_ids.shape
+    return torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)  # (B, T)

@@ -1,10 +1,13 @@
 """The training loop of one segment (Stage 1, a Stage 2 layer, or E2E), resumable at any step.
 
-Semantics follow Hugging Face ``TrainingArguments``: a step is one optimizer update after
-``gradient_accumulation_steps`` micro-batches; the loss of each micro-batch is divided by that
-number; gradients are clipped to ``max_grad_norm``; the schedule steps once per update. The loop
-knows nothing of Ray or storage: it takes batches from a callable, reports through hooks, and
-its whole state (weights, optimizer, schedule, counters, RNG) can be saved and restored.
+Semantics follow Hugging Face's ``Trainer``: a step is one optimizer update after
+``gradient_accumulation_steps`` micro-batches; each micro-batch's summed token loss is divided by the
+label tokens of the whole step (``num_items_in_batch``, over every rank: see :mod:`.step_inputs`);
+gradients are clipped to ``max_grad_norm``; the schedule steps once per update. With
+``load_best_model_at_end`` the weights of the best evaluation (lowest eval loss, steps > 0) are kept
+and put back when the segment stops, as HF's Trainer does. The loop knows nothing of Ray or storage:
+it takes batches from a callable, reports through hooks, and its whole state (weights, best weights,
+optimizer, schedule, counters, RNG) can be saved and restored.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from segprop_ray.core.best_weights import BestWeights
 from segprop_ray.core.exits import IterationExit, StopDecision
 from segprop_ray.core.optim import TrainArgs, autocast_context, build_optimizer, build_scheduler, total_steps
+from segprop_ray.core.step_inputs import data_parallel_world, model_inputs, step_items
 
 Batch = dict[str, torch.Tensor]
 FULL_LOAD = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
@@ -38,6 +43,17 @@ class LoopState:
     history: list[dict[str, float]] = field(default_factory=list)
     exit: dict[str, Any] = field(default_factory=dict)
     decision: dict[str, Any] | None = None
+    best: dict[str, Any] | None = None
+    """``{"step", "eval_loss"}`` of the best evaluation so far (kept weights with ``load_best_model_at_end``)."""
+    kept_step: int | None = None
+    """The step whose weights the segment ended with (set when it stops)."""
+
+    def kept_eval_loss(self) -> float | None:
+        """The eval loss of the weights the segment ended with: the kept best step's, else the last evaluation's."""
+        if self.best is not None and self.kept_step == self.best["step"]:
+            return self.best["eval_loss"]
+        evaluated = [record["eval_loss"] for record in self.history if "eval_loss" in record]
+        return evaluated[-1] if evaluated else None
 
 
 @dataclass
@@ -76,46 +92,60 @@ class SegmentLoop:
         self.wall_s = 0.0
         self.data_wait_s = 0.0
         self.eval_s = 0.0
-        self._pending_loss: list[torch.Tensor | float] = []  # device scalars, floats after a restore
+        self._pending_loss: list[torch.Tensor | float] = []  # step losses: device scalars, floats after a restore
+        self.best = BestWeights(args.keeps_best)
 
     def run(self) -> LoopState:
         """Train until the step budget or an exit criterion stops the segment; returns the final state."""
-        if self.state.decision is not None:  # restored from a finished checkpoint
-            return self.state
+        if self.state.decision is None:
+            self._train()
+        self._keep_chosen_weights()
+        return self.state
+
+    def _train(self) -> None:
         start = time.perf_counter()
         if self.state.step == 0 and not self.state.history and self.hooks.evaluate is not None:
             start_loss = self._evaluate()  # where the segment starts from: the exit rule's first point
             self._record({"step": 0, "eval_loss": start_loss})
             self._decide(start_loss)
         self.model.train()
-        while self.state.decision is None:
-            epoch, offset = divmod(self.state.micro_batches, self.batches_per_epoch)
-            self._train_epoch(epoch, offset)
+        stream = self._stream()
+        try:
+            while self.state.decision is None:
+                self._train_step(self._next_step_batches(stream))
+        finally:
+            stream.close()
         self.wall_s += time.perf_counter() - start
-        return self.state
 
-    def _train_epoch(self, epoch: int, offset: int) -> None:
-        iterator = self.batches(epoch, offset)
-        while self.state.decision is None:
-            waited = time.perf_counter()
-            batch = next(iterator, None)
-            self.data_wait_s += time.perf_counter() - waited
-            if batch is None:
-                return
-            self._micro_step(batch)
+    def _stream(self) -> Iterator[Batch]:
+        """Micro-batches from the current position on, epoch after epoch."""
+        epoch, offset = divmod(self.state.micro_batches, self.batches_per_epoch)
+        while True:
+            yield from self.batches(epoch, offset)
+            epoch, offset = epoch + 1, 0
 
-    def _micro_step(self, batch: Batch) -> None:
-        accumulate = self.args.gradient_accumulation_steps
-        boundary = (self.state.micro_batches + 1) % accumulate == 0
-        batch = model_inputs(batch, self.device)
-        with self._no_sync(not boundary), autocast_context(self.device, self.args.bf16):
-            loss = self.model(**batch)
-        (loss / accumulate).backward()
-        self.state.micro_batches += 1
-        self.state.tokens += batch["input_ids"].numel()
-        self._pending_loss.append(loss.detach())  # read back only when logged: no GPU sync per micro-batch
-        if boundary:
-            self._optimizer_step()
+    def _next_step_batches(self, stream: Iterator[Batch]) -> list[Batch]:
+        """The micro-batches of the next optimizer step, fetched first (as HF's Trainer does) so the step's label
+        tokens are known before its first backward."""
+        waited = time.perf_counter()
+        batches = [next(stream) for _ in range(self.args.gradient_accumulation_steps)]
+        self.data_wait_s += time.perf_counter() - waited
+        return batches
+
+    def _train_step(self, batches: list[Batch]) -> None:
+        num_items = step_items(batches, self.device)
+        scale = data_parallel_world(self.model)
+        losses = []
+        for index, batch in enumerate(batches):
+            inputs = model_inputs(batch, self.device)
+            with self._no_sync(index < len(batches) - 1), autocast_context(self.device, self.args.bf16):
+                loss = self.model(**inputs, num_items=max(num_items, 1))
+            (loss * scale).backward()
+            self.state.micro_batches += 1
+            self.state.tokens += batch["input_ids"].numel()
+            losses.append(loss.detach())
+        self._pending_loss.append(torch.stack(losses).sum() * scale)  # read back only when logged: no sync per step
+        self._optimizer_step()
 
     def _no_sync(self, skip_sync: bool):
         no_sync = getattr(self.model, "no_sync", None)  # DDP: sync gradients only on the last micro-batch
@@ -150,12 +180,18 @@ class SegmentLoop:
         eval_now = step == self.total_steps or (args.eval_steps > 0 and step % args.eval_steps == 0)
         if eval_now and self.hooks.evaluate is not None:
             record = {**record, "step": step, "eval_loss": self._evaluate()}
+            self.state.best = self.best.offer(self.model, self.state.best, step, record["eval_loss"])
             self.model.train()
         if record:
             self._record(record)
         self._decide(record.get("eval_loss"))
         if self.hooks.checkpoint and (step % args.save_steps == 0 or self.state.decision is not None):
             self.hooks.checkpoint(self)
+
+    def _keep_chosen_weights(self) -> None:
+        """End with the best evaluation's weights when keeping the best, else with the last step's."""
+        kept = self.state.best["step"] if self.best.put_back(self.model) else self.state.step
+        self.state.kept_step = kept
 
     def _pending_losses(self) -> list[float]:
         """The losses not yet logged, as floats in order, read back from the device in one transfer (one sync)."""
@@ -194,6 +230,7 @@ class SegmentLoop:
             "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
             "scheduler": self.scheduler.state_dict(),
             "loop": asdict(self.state),
+            "best_model": self.best.state_dict(),
             "pending_loss": self._pending_losses(),
             "timing": {"wall_s": self.wall_s, "data_wait_s": self.data_wait_s, "eval_s": self.eval_s},
             "rng": torch.get_rng_state(),
@@ -205,6 +242,7 @@ class SegmentLoop:
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL_LOAD)
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = LoopState(**state["loop"])
+        self.best.load_state_dict(state.get("best_model", {}))
         self._pending_loss = list(state["pending_loss"])
         timing = state["timing"]
         self.wall_s, self.data_wait_s, self.eval_s = timing["wall_s"], timing["data_wait_s"], timing.get("eval_s", 0.0)
@@ -220,26 +258,3 @@ def full_state_options(device: torch.device) -> StateDictOptions:
     """Options to gather a full (unsharded) state dict: into CPU memory from a GPU; on CPU as it is (FSDP cannot
     offload tensors that are already there)."""
     return StateDictOptions(full_state_dict=True, cpu_offload=device.type == "cuda")
-
-
-def model_inputs(batch: Batch, device: torch.device) -> Batch:
-    """The tensors a :class:`Segment` takes, on ``device``: token ids, and stored activations as fp32."""
-    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
-    if "hidden" in batch:  # bf16 or fp32 snapshot -> fp32 master precision (exact widening)
-        inputs["hidden"] = batch["hidden"].to(device, non_blocking=True).float()
-    return inputs
-
-
-def evaluate_loss(model: nn.Module, batches: Iterator[Batch], device: torch.device, bf16: bool) -> float:
-    """Token-weighted mean loss of ``model`` over ``batches`` (no gradients)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad(), autocast_context(device, bf16):
-        for batch in batches:
-            batch = model_inputs(batch, device)
-            n = batch["input_ids"].shape[0]
-            total += float(model(**batch)) * n
-            count += n
-    model.train(was_training)
-    return total / max(count, 1)

@@ -88,9 +88,11 @@ class JobContext:
         chosen = {p: self.files[p] for p in paths if p in self.files}
         return WeightStore(self.layout).source(chosen) if chosen else DictSource({})
 
-    def run_weights(self, plan: SegPropPlan, committed_layers: list[int]) -> RunWeights:
-        """Weight sources for this job: the input model, the committed files it needs, and exits on demand."""
+    def run_weights(self, plan: SegPropPlan, committed_layers: list[int], tied: bool = False) -> RunWeights:
+        """Weight sources for this job: the input model, the committed files it needs, and exits on demand
+        (``tied``: the model ties its head to the embedding, see :class:`RunWeights`)."""
         base = SafetensorsSource.from_model_dir(self.model_dir)
         paths = [EMBED_FILE] + [layer_file(i) for i in committed_layers]
         committed = self.source(paths)
-        return RunWeights(plan, base, committed, lambda d: self.source([exit_file(d)]), self.cfg.segprop.ll_baseline)
+        return RunWeights(plan, base, committed, lambda d: self.source([exit_file(d)]), self.cfg.segprop.ll_baseline,
+                          tied)

@@ -110,17 +110,17 @@ class Driver:
             return
         self.echo("tokenizing and packing the data (Ray Data)")
         started = self._start_step("tokenize")
-        splits = tokenize_and_pack(self._context(depth=-1), setup.spec, setup.tokens_hash,
-                                   self._files_progress("tokenize"))
+        splits, examples = tokenize_and_pack(self._context(depth=-1), setup.spec, setup.tokens_hash,
+                                             self._files_progress("tokenize"))
         for split, written in splits.items():
             commit_depth(setup.layout, split, None, written.files, setup.tokens_hash, setup.spec)
             self.checked.add((split, None, setup.tokens_hash))
         clear_state(setup.layout)
         tokens = {split: {"num_blocks": s.count, "files": len(s.files), "seq_len": setup.spec.seq_len}
                   for split, s in splits.items()}
-        self._finish_step("tokenize", started, tokens)
-        self._save(lambda m: setattr(m, "tokens", tokens))
-        self.echo("blocks: " + ", ".join(f"{k} {v['num_blocks']}" for k, v in tokens.items()))
+        self._finish_step("tokenize", started, {**tokens, "examples": examples})
+        self._save(lambda m: (setattr(m, "tokens", tokens), setattr(m, "examples", examples)))
+        self.echo("blocks: " + ", ".join(f"{k} {v['num_blocks']}" for k, v in tokens.items()) + _truncation(examples))
 
     # -- training -------------------------------------------------------------------------------
     def train_depth(self, depth: int) -> None:
@@ -266,7 +266,8 @@ class Driver:
     def _finish_layer(self, depth: int, stage: str, started: float, result: dict[str, Any]) -> None:
         def change(m: Manifest) -> None:
             record = m.layers[str(depth)]
-            for key in ("steps", "train_loss", "eval_loss", "perplexity", "decision", "history", "files", "exit_file"):
+            for key in ("steps", "train_loss", "eval_loss", "perplexity", "decision", "history", "files", "exit_file",
+                        "kept_step"):
                 setattr(record, key, result[key])
             record.metrics = {**result["metrics"], "driver_wall_s": round(time.time() - started, 2)}
             record.status, record.finished = "done", now()
@@ -280,6 +281,14 @@ def _snapshot_outputs(written: dict[str, list], wall_s: float) -> dict[str, Any]
     size = sum(info.bytes for infos in written.values() for info in infos)
     return {"files": {split: len(infos) for split, infos in written.items()}, "rows": rows, "bytes": size,
             "written_mb_per_s": round(size / max(wall_s, 1e-9) / 1e6, 2)}
+
+
+def _truncation(examples: dict[str, dict[str, int]]) -> str:
+    """``"; 3 of 120 train examples truncated to seq_len"`` and the like, or '' when none was."""
+    notes = [f"{s['truncated']} of {s['examples']} {stream} examples truncated to seq_len"
+             + (f", {s['dropped']} dropped (no target token left)" if s["dropped"] else "")
+             for stream, s in examples.items() if s["truncated"]]
+    return "; " + "; ".join(notes) if notes else ""
 
 
 def _label(stage: str, depth: int) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from segprop_ray.core.iteration import build_segment
 from segprop_ray.core.parts import SegmentSpec
-from segprop_ray.core.training import evaluate_loss
+from segprop_ray.core.step_inputs import evaluate_loss
 from segprop_ray.core.weights import ChainSource
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.storage.reader import ShardBatchReader
@@ -68,9 +68,10 @@ def exit_metrics(job: dict[str, Any]) -> dict[str, Any]:
             metrics["eval_loss"] = _baseline_loss(ctx, tokens, model, device)
         if cfg.evaluation.nhsic_tokens and depth >= 0:
             blocks = max(cfg.evaluation.nhsic_tokens // max(cfg.data.seq_len - 1, 1) + 1, 1)
-            ids = _first_blocks(ctx, tokens, blocks)["input_ids"].to(device)  # (N, T)
-            hidden = _hidden_after(model, ids, depth + 1)  # (N, T, H): after layer `depth`
-            metrics.update(representation_nhsic(hidden.cpu(), ids.cpu(), cfg.evaluation.nhsic_tokens, seed=cfg.training.seed))
+            rows = _first_blocks(ctx, tokens, blocks)  # (N, T) each
+            hidden = _hidden_after(model, rows, depth + 1, device)  # (N, T, H): after layer `depth`
+            metrics.update(representation_nhsic(hidden.cpu(), rows["input_ids"], cfg.evaluation.nhsic_tokens,
+                                                seed=cfg.training.seed, token_kind=rows["token_kind"]))
         if cfg.evaluation.mc_path:
             from segprop_ray.reporting.mc_eval import evaluate_exit_mc
 
@@ -79,12 +80,13 @@ def exit_metrics(job: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def _hidden_after(model, ids: torch.Tensor, num_layers: int) -> torch.Tensor:
-    """Hidden states after the first ``num_layers`` decoder layers of ``model`` (embedder included)."""
-    hidden = model.embedder(ids)
+def _hidden_after(model, rows: dict[str, torch.Tensor], num_layers: int, device: torch.device) -> torch.Tensor:
+    """Hidden states after the first ``num_layers`` decoder layers of ``model`` (embedder included), each packed
+    example seeing only itself (its positions and mask)."""
+    ids, positions = rows["input_ids"].to(device), rows["position_ids"].to(device)  # (N, T)
     stack = model.stack
     truncated = type(stack)(stack.config, list(zip(stack.indices[:num_layers], stack.layers[:num_layers])), stack.rotary)
-    return truncated(hidden)
+    return truncated(model.embedder(ids, positions), positions)
 
 
 def _baseline_loss(ctx: JobContext, marker: CommitMarker, model, device: torch.device) -> float:

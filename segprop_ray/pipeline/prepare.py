@@ -13,7 +13,8 @@ from segprop_ray.config import Config, RunConflict, config_to_yaml
 from segprop_ray.core.parts import ModelParts
 from segprop_ray.core.plan import SegPropPlan
 from segprop_ray.storage.fs import check_writable
-from segprop_ray.storage.inputs import check_text_field, expand_inputs, input_format
+from segprop_ray.pipeline.data_checks import check_data
+from segprop_ray.storage.inputs import expand_inputs
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.manifest import Manifest, ManifestStore, ModelInfo
 from segprop_ray.storage.models import model_config_dir
@@ -60,7 +61,7 @@ def inspect_model(cfg: Config) -> tuple[ModelInfo, ModelParts]:
     arch = (getattr(hf_config, "architectures", None) or [type(parts.skeleton).__name__])[0]
     info = ModelInfo(uri=cfg.model, architecture=arch, family=parts.layout.family, num_layers=parts.num_layers,
                      hidden_size=hf_config.hidden_size, vocab_size=hf_config.vocab_size, tied_embeddings=parts.tied,
-                     untied=parts.tied)
+                     untied=parts.tied and cfg.segprop.mode != "e2e")
     return info, parts
 
 
@@ -82,11 +83,8 @@ def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
 
 
 def check_inputs(cfg: Config) -> None:
-    """Every input file setting names at least one file, and the training data has its text field."""
-    for setting, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        if value is not None:
-            files = expand_inputs(value, cfg.storage_options, setting)
-            check_text_field(files, input_format(files, cfg.data.format), cfg.data.text_field, cfg.storage_options)
+    """Every input file setting names at least one file, and the data's records hold what its format needs."""
+    check_data(cfg)
     for setting, value in (("evaluation.mc_path", cfg.evaluation.mc_path),
                            ("evaluation.mc_dev_path", cfg.evaluation.mc_dev_path)):
         if value is not None:

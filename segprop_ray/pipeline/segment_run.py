@@ -17,7 +17,8 @@ from segprop_ray.core.data_order import BlockOrder
 from segprop_ray.core.exits import IterationExit
 from segprop_ray.core.iteration import build_segment, split_trained
 from segprop_ray.core.plan import segment_seed
-from segprop_ray.core.training import LoopHooks, SegmentLoop, evaluate_loss, full_state_options, perplexity
+from segprop_ray.core.step_inputs import evaluate_loss
+from segprop_ray.core.training import LoopHooks, SegmentLoop, full_state_options, perplexity
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.storage.errors import StorageError
 from segprop_ray.storage.reader import ShardBatchReader, epoch_reader
@@ -39,7 +40,7 @@ class SegmentRun:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(segment_seed(self.args.seed, ctx.depth))
-        weights = ctx.run_weights(self.plan, committed_layers=[])
+        weights = ctx.run_weights(self.plan, committed_layers=[], tied=self.parts.tied)
         self.segment = build_segment(self.parts, weights.training_spec(ctx.depth), trainable=True,
                                      loss_chunk_tokens=self.args.loss_chunk_tokens)
         # counted before FSDP shards the parameters
@@ -90,7 +91,7 @@ class SegmentRun:
         Every rank must call it (gathering sharded weights is a collective); only ``write`` ranks write.
         """
         state = get_model_state_dict(self.model, options=full_state_options(self.device))
-        eval_loss = self.evaluate(0) if self.args.max_eval_blocks else self.loop.state.history[-1]["eval_loss"]
+        eval_loss = self.evaluate(0) if self.args.max_eval_blocks else self.loop.state.kept_eval_loss()
         if not write:
             return None
         committed, exit_weights = split_trained(self.segment, self.parts, self.plan, state)
@@ -105,7 +106,7 @@ class SegmentRun:
             "depth": self.ctx.depth, "stage": self.stage, "steps": state.step, "history": state.history,
             "decision": state.decision, "eval_loss": eval_loss, "perplexity": perplexity(eval_loss),
             "train_loss": train_losses[-1] if train_losses else None, "files": files, "exit_file": exit_path,
-            "metrics": self.metrics(),
+            "kept_step": state.kept_step, "metrics": self.metrics(),
         }
 
     def metrics(self) -> dict[str, Any]:

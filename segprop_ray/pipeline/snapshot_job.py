@@ -50,10 +50,10 @@ class SnapshotActor:
         self.spec = self.ctx.spec(parts.config.hidden_size)
         self.weights_hash = self.ctx.snapshot_hash
 
-    def apply(self, input_ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """S[depth] rows from token ids (first depth) or from S[depth-1] rows, in the storage precision."""
         cfg = self.ctx.cfg
-        return snapshot_forward(self.producer, input_ids, hidden, cfg.snapcheck.dtype, cfg.training.bf16, self.device)
+        return snapshot_forward(self.producer, rows, cfg.snapcheck.dtype, cfg.training.bf16, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         infos, kept = [], []

@@ -1,12 +1,13 @@
-"""Packing a stream of tokenized documents into the token shards of both splits, resumable between input files.
+"""Packing a stream of tokenized examples into the token shards of both splits, resumable between input files.
 
-The documents come in input order, each tagged with the index of its input file. Blocks are cut from
-the concatenated stream; each goes to the eval split if it is held out (when no separate eval data is
-given), else to train, and each split writes a token shard file every ``rows_per_file`` blocks. When
-the stream moves on to a new input file, the whole position (next file, packer carry, blocks cut,
-files written, blocks waiting for a file) is saved at most every ``save_every_s`` seconds (see
-:mod:`segprop_ray.storage.tokenize_state`); a job started again reads only the files from there on.
-Same inputs, same blocks, same bytes: a resumed job writes exactly the files an uninterrupted one does.
+The examples come in input order, each tagged with the index of its input file. The packer of the data
+format (:mod:`segprop_ray.core.packing`) turns them into blocks; each block goes to the eval split if it
+is held out (when no separate eval data is given), else to train, and each split writes a token shard file
+every ``rows_per_file`` blocks. When the stream moves on to a new input file, the whole position (next
+file, packer carry and counts, blocks cut, files written, blocks waiting for a file) is saved at most
+every ``save_every_s`` seconds (see :mod:`segprop_ray.storage.tokenize_state`); a job started again reads
+only the files from there on. Same inputs, same blocks, same bytes: a resumed job writes exactly the files
+an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import time
 from typing import Callable, Iterator
 
 import numpy as np
+import torch
 
 from segprop_ray.config.schema import DataConfig
-from segprop_ray.core.packing import BlockPacker, is_held_out
+from segprop_ray.core.blocks import TokenBlocks
+from segprop_ray.core.packing import PACKERS, Block, Example, PackStats, is_held_out, packer_kind
 from segprop_ray.storage.errors import StorageError
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.shard_format import ShardSpec
@@ -34,8 +37,8 @@ FAIL_ENV = "SEGPROP_TEST_FAIL_TOKENIZE_AT"
 SAVE_EVERY_S = 30.0
 """Least time between two saves of the position (each writes the blocks waiting for a file, up to one file a split)."""
 
-Documents = Callable[[list[str], int], Iterator[tuple[int, list[int]]]]
-"""``documents(files, start)``: the token lists of ``files[start:]`` in order, each with its file's index."""
+Documents = Callable[[list[str], int], Iterator[tuple[int, Example]]]
+"""``documents(files, start)``: the examples of ``files[start:]`` in order, each with its file's index."""
 
 InputFileCallback = Callable[[dict[str, int], dict[str, int]], None]
 """``on_input_file(done, total)``: input files consumed and input files, per stream (``train``, ``eval``)."""
@@ -52,11 +55,11 @@ class TokenShardSink:
         """Whether the split has all the blocks it may take."""
         return self.limit is not None and self.progress.count >= self.limit
 
-    def add(self, block: np.ndarray) -> None:
-        """Take one block (T,) unless full; write a file when one is complete."""
+    def add(self, block: Block) -> None:
+        """Take one block unless full; write a file when one is complete."""
         if self.full:
             return
-        self.progress.pending.append(block)
+        self.progress.pending.append(np.asarray([block.ids, block.positions, block.kinds], dtype=np.int64))  # (3, T)
         self.progress.count += 1
         if len(self.progress.pending) == self.spec.rows_per_file:
             self.flush()
@@ -65,8 +68,9 @@ class TokenShardSink:
         """Write the waiting blocks as the split's next file."""
         progress = self.progress
         if progress.pending:
-            ids = np.stack(progress.pending)  # (n, T)
-            progress.files.append(write_token_file(self.layout, self.split, len(progress.files), ids, self.spec))
+            rows = torch.from_numpy(np.stack(progress.pending))  # (n, 3, T)
+            blocks = TokenBlocks(rows[:, 0], rows[:, 1], rows[:, 2].to(torch.uint8))  # (n, T) each
+            progress.files.append(write_token_file(self.layout, self.split, len(progress.files), blocks, self.spec))
             progress.pending = []
 
 
@@ -74,8 +78,10 @@ class Tokenization:
     """Feeds each input stream's documents through the packer into the split sinks, saving its position."""
 
     def __init__(self, layout: RunLayout, data: DataConfig, spec: ShardSpec, state: TokenizeState,
-                 save_every_s: float | None = None, on_input_file: InputFileCallback | None = None):
+                 save_every_s: float | None = None, on_input_file: InputFileCallback | None = None, pad_id: int = 0):
         self.layout, self.data, self.state, self.on_input_file = layout, data, state, on_input_file
+        self.pad_id = pad_id
+        """Token id that fills a block after its last example."""
         self.save_every_s = SAVE_EVERY_S if save_every_s is None else save_every_s
         limits = {"train": data.max_train_blocks, "eval": data.max_eval_blocks}
         self.sinks = {split: TokenShardSink(layout, split, spec, limits[split],
@@ -84,7 +90,8 @@ class Tokenization:
         self._saved_at = time.monotonic()
 
     def run(self, documents: Documents) -> dict[str, SplitProgress]:
-        """Read what is left of every stream, write the last files; returns each split's files and block count."""
+        """Read what is left of every stream, write the last files; returns each split's files and block count
+        (what the packers did to the examples is in ``state.stats``)."""
         streams = ["train"] + (["eval"] if self.data.eval is not None else [])
         for stream in streams[streams.index(self.state.stream):]:
             if stream != self.state.stream:
@@ -100,18 +107,26 @@ class Tokenization:
 
     def _read(self, stream: str, documents: Documents) -> None:
         state = self.state
-        packer = BlockPacker(self.data.seq_len, carry=state.carry)
+        packer = PACKERS[packer_kind(self.data.format, self.data.packing)](
+            self.data.seq_len, self.pad_id, carry=state.carry, stats=state.stats.setdefault(stream, PackStats()))
         current = state.next_file
-        for file_index, tokens in documents(state.inputs[stream], state.next_file):
+        for file_index, example in documents(state.inputs[stream], state.next_file):
             if file_index != current:  # files before file_index are consumed
                 state.next_file, state.carry, current = file_index, packer.carry, file_index
                 self._between_files(stream)
-            for block in packer.add([tokens]):
-                self._route(stream, block.numpy())  # (T,)
-                if self._stream_full(stream):
-                    return
+            if self._route_all(stream, packer.add([example])):
+                return
+        self._route_all(stream, packer.finish())
 
-    def _route(self, stream: str, block: np.ndarray) -> None:
+    def _route_all(self, stream: str, blocks: Iterator[Block]) -> bool:
+        """Route ``blocks``; True once the stream has all the blocks it may take."""
+        for block in blocks:
+            self._route(stream, block)
+            if self._stream_full(stream):
+                return True
+        return False
+
+    def _route(self, stream: str, block: Block) -> None:
         held_out = stream == "train" and self.data.eval is None and is_held_out(self.state.block_index,
                                                                                   self.data.eval_fraction)
         self.state.block_index += 1

@@ -7,7 +7,7 @@ from typing import Any
 
 from segprop_ray.core.assemble import exit_config, exit_state_dict, write_model_dir
 from segprop_ray.core.parts import ModelParts
-from segprop_ray.core.plan import SegPropPlan
+from segprop_ray.core.plan import SegPropPlan, exit_is_tied
 from segprop_ray.core.weights import ChainSource, SafetensorsSource
 from segprop_ray.storage.errors import StorageError
 from segprop_ray.storage.fs import publish_dir
@@ -80,7 +80,8 @@ def export_model(run_dir: str, out: str, depth: str | int | None = None, storage
     store = WeightStore(layout)
     committed = store.source({p: files[p] for p in needed})
     exit_weights = store.source({exit_file(depth): files[exit_file(depth)]})
-    state = exit_state_dict(plan, parts.layout, depth, _all(committed), _all(exit_weights))
+    state = exit_state_dict(plan, parts.layout, depth, _all(committed), _all(exit_weights),
+                            tied=exit_is_tied(plan, depth, parts.tied))
     metadata = {"depth": depth, "base_model": manifest.model.uri, "run_id": manifest.run_id, "mode": manifest.mode,
                 "eval_loss": manifest.layer(depth).eval_loss}
     publish_dir(out, storage_options,

@@ -29,6 +29,8 @@ from typing import Literal
 
 import torch
 
+from segprop_ray.core.blocks import TARGET, prediction_index
+
 Kernel = Literal["gaussian", "delta"]
 Estimator = Literal["unbiased", "biased"]
 
@@ -98,20 +100,27 @@ def nhsic(x: torch.Tensor, y: torch.Tensor, kernel_x: Kernel = "gaussian", kerne
     return float((estimate(K, L) / denominator).clamp(0.0, 1.0))
 
 
-def sample_positions(num_sequences: int, seq_len: int, num_tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, cols)`` of up to ``num_tokens`` distinct positions, never the last one of a sequence.
+def sample_positions(num_sequences: int, seq_len: int, num_tokens: int, seed: int = 0,
+                     token_kind: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` of up to ``num_tokens`` distinct positions whose next token is a label: never the last one
+    of a sequence and, with ``token_kind`` (N, T), only where the next token is a target (no padding, no prompt,
+    never across two packed examples).
 
-    The last position has no next token (no Y); the choice depends only on the shape and the seed.
+    The choice depends only on the shape (and token kinds) and the seed.
     """
-    candidates = num_sequences * (seq_len - 1)
+    if token_kind is None:
+        token_kind = torch.full((num_sequences, seq_len), TARGET, dtype=torch.uint8)
+    candidates = prediction_index(token_kind)  # (M,) flat b*T + t
     generator = torch.Generator().manual_seed(seed)
-    flat = torch.randperm(candidates, generator=generator)[: min(num_tokens, candidates)]  # (n,)
-    return flat // (seq_len - 1), flat % (seq_len - 1)
+    flat = candidates[torch.randperm(len(candidates), generator=generator)[: min(num_tokens, len(candidates))]]
+    return flat // seq_len, flat % seq_len
 
 
 def representation_nhsic(hidden: torch.Tensor, input_ids: torch.Tensor, num_tokens: int = 512,
-                         seed: int = 0, estimator: Estimator = "unbiased") -> dict[str, float]:
-    """nHSIC of hidden states (N, T, H) with their tokens (X) and next tokens (Y) at sampled positions.
+                         seed: int = 0, estimator: Estimator = "unbiased",
+                         token_kind: torch.Tensor | None = None) -> dict[str, float]:
+    """nHSIC of hidden states (N, T, H) with their tokens (X) and next tokens (Y) at sampled positions (those
+    predicting a target when ``token_kind`` is given).
 
     Returns ``{"nhsic_input": nHSIC(Z, X), "nhsic_label": nHSIC(Z, Y)}``: Gaussian kernel on Z, delta
     kernel on token ids; the same positions for the same shapes and ``seed``.
@@ -120,7 +129,7 @@ def representation_nhsic(hidden: torch.Tensor, input_ids: torch.Tensor, num_toke
         raise ValueError(f"hidden {tuple(hidden.shape)} and input_ids {tuple(input_ids.shape)} disagree on (N, T)")
     if input_ids.shape[1] < 2 or num_tokens < 4:
         raise ValueError("need sequences of at least 2 tokens and num_tokens >= 4")
-    rows, cols = sample_positions(input_ids.shape[0], input_ids.shape[1], num_tokens, seed)
+    rows, cols = sample_positions(input_ids.shape[0], input_ids.shape[1], num_tokens, seed, token_kind)
     rows_on, cols_on = rows.to(hidden.device), cols.to(hidden.device)
     z = hidden[rows_on, cols_on].detach().double().cpu()  # (n, H)
     ids = input_ids.cpu()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 
 from segprop_ray.storage.errors import StorageError
-from segprop_ray.storage.fs import resolve_filesystem, split_protocol
+from segprop_ray.storage.fs import redact_uri, resolve_filesystem, split_protocol
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
@@ -58,33 +58,54 @@ def input_format(files: list[str], configured: str) -> str:
     return FORMATS.get(suffix, "text")
 
 
-def check_text_field(files: list[str], fmt: str, text_field: str, storage_options: dict[str, Any] | None = None) -> None:
-    """One-line error if the first file's records have no ``text_field`` (JSONL: the first record's keys;
-    Parquet: the schema's columns; plain text has no fields). Reads one line or the Parquet footer only."""
-    if fmt not in ("jsonl", "parquet"):
+def sample_records(file: str, fmt: str, fields: tuple[str, ...], limit: int,
+                   storage_options: dict[str, Any] | None = None) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` for the first ``limit`` records of ``file`` (``where``: ``file line N`` or ``file row N``);
+    a JSONL line that does not parse gives a :class:`StorageError` naming it. Reads only what it yields."""
+    fs, path = resolve_filesystem(file, storage_options)
+    name = redact_uri(file)
+    if fmt == "parquet":
+        yield from ((f"{name} row {i + 1}", record) for i, record in enumerate(_parquet_records(fs, path, fields, limit)))
         return
-    fs, path = resolve_filesystem(files[0], storage_options)
-    fields = _parquet_columns(fs, path) if fmt == "parquet" else _first_record_keys(fs, path)
-    if fields is not None and text_field not in fields:
-        raise StorageError(f"data file {files[0]} has no {text_field!r} field (it has: {', '.join(fields[:8]) or 'none'}); "
-                           "set data.text_field")
+    with fs.open(path, "rb") as handle:
+        count = 0
+        for number, line in enumerate(handle, start=1):
+            if count >= limit:
+                return
+            if not line.strip():
+                continue
+            count += 1
+            yield f"{name} line {number}", _parse_line(line, fmt, fields, f"{name} line {number}")
 
 
-def _parquet_columns(fs: Any, path: str) -> list[str]:
+def _parse_line(line: bytes, fmt: str, fields: tuple[str, ...], where: str) -> Any:
+    text = line.decode("utf-8", errors="replace")
+    if fmt != "jsonl":
+        return {fields[0]: text.rstrip("\n")}
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise StorageError(f"{where}: not a JSON record ({error})") from None
+
+
+def _parquet_records(fs: Any, path: str, fields: tuple[str, ...], limit: int) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as handle:
-        return list(pq.read_schema(handle).names)
+        parquet = pq.ParquetFile(handle)
+        columns = list(fields) if set(fields) <= set(parquet.schema_arrow.names) else None  # all: the error shows them
+        for batch in parquet.iter_batches(batch_size=min(limit, 1024), columns=columns):
+            for record in batch.to_pylist():
+                yield record
+                limit -= 1
+                if limit <= 0:
+                    return
 
 
-def _first_record_keys(fs: Any, path: str) -> list[str] | None:
-    """Keys of the first non-empty line's JSON object (None when it is not one: the reader will say so)."""
-    with fs.open(path, "rb") as handle:
-        for line in handle:
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    return None
-                return list(record) if isinstance(record, dict) else None
-    return None
+def read_chat_template(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The text of a Jinja chat template file (local path or fsspec URI); one-line error if it cannot be read."""
+    fs, path = resolve_filesystem(uri, storage_options)
+    try:
+        return fs.cat_file(path).decode()
+    except (OSError, UnicodeDecodeError) as error:
+        raise StorageError(f"data.chat_template {uri}: cannot be read ({error})") from None

@@ -52,6 +52,8 @@ class LayerRecord(_Record):
     eval_loss: float | None = None
     perplexity: float | None = None
     decision: dict[str, Any] | None = None
+    kept_step: int | None = None
+    """The step whose weights were committed: the best evaluation's with ``load_best_model_at_end``, else the last."""
     history: list[dict[str, float]] = Field(default_factory=list)
     files: dict[str, str] = Field(default_factory=dict)
     """Committed files (run-dir relative path) -> sha256."""
@@ -73,7 +75,8 @@ class ModelInfo(_Record):
     vocab_size: int
     tied_embeddings: bool
     untied: bool = False
-    """True when the run trains its own copy of a head tied to the embeddings."""
+    """True when the run's Stage 2 exits train their own copy of a head tied to the embeddings (Stage 1 and E2E
+    train it tied, as one tensor with the embedding)."""
 
 
 class Manifest(_Record):
@@ -91,6 +94,9 @@ class Manifest(_Record):
     model: ModelInfo
     group_size: int
     tokens: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    examples: dict[str, dict[str, int]] = Field(default_factory=dict)
+    """Per input stream (``train``, and ``eval`` when separate): examples (documents) read, ``truncated`` to
+    ``seq_len``, ``dropped`` (no target token left within ``seq_len``)."""
     steps: dict[str, StepRecord] = Field(default_factory=dict)
     layers: dict[str, LayerRecord] = Field(default_factory=dict)
     decisions: list[dict[str, Any]] = Field(default_factory=list)

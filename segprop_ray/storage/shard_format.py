@@ -4,6 +4,11 @@ One row per block of ``seq_len`` tokens; columns (all non-nullable):
 
 - ``block_id``  int64: the block's index in its split (0..N-1).
 - ``input_ids`` fixed_size_binary(seq_len * 4): the block's token ids, raw little-endian int32, row-major.
+- ``position_ids`` fixed_size_binary(seq_len * 4): each token's position within its own example (restarting
+  at 0 where a packed example starts), raw little-endian int32.
+- ``token_kind`` fixed_size_binary(seq_len): one byte per token, 0 padding, 1 context (no loss), 2 target
+  (carries loss); see :mod:`segprop_ray.core.blocks`. Written once by the tokenize job and carried unchanged
+  into every snapshot depth, so no stage recomputes where examples start or which tokens are labels.
 - ``hidden``    fixed_size_binary(seq_len * hidden_size * itemsize), snapshot shards only: the [seq_len,
   hidden_size] activations after layer ``depth``, raw row-major; ``bfloat16`` is stored as its 16 bits
   (little-endian 2-byte values, bit-exact: NaN payloads, infinities and -0 survive), ``float32`` as 4 bytes.
@@ -41,7 +46,7 @@ import torch
 from segprop_ray.storage.documents import WRITTEN_BY, DocumentFormat
 from segprop_ray.storage.errors import StorageError
 
-SHARD_FORMAT = DocumentFormat("segprop_ray.shard", 1)
+SHARD_FORMAT = DocumentFormat("segprop_ray.shard", 2)
 METADATA_KEY = b"segprop_ray.shard"
 KINDS = ("tokens", "hidden")
 DATA_PAGE_BYTES = 8 << 20
@@ -52,6 +57,9 @@ HIDDEN_DTYPES: dict[str, tuple[torch.dtype, np.dtype, int]] = {
 }
 DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 TOKEN_DTYPE = np.dtype("<i4")
+KIND_DTYPE = np.dtype("u1")
+ROW_COLUMNS = ("input_ids", "position_ids", "token_kind")
+"""The per-token columns every shard holds (before ``hidden``)."""
 
 
 @dataclass(frozen=True)
@@ -126,10 +134,14 @@ def shard_schema(spec: ShardSpec, kind: str, split: str, depth: int | None, file
 
 
 def _column_descriptions(spec: ShardSpec, kind: str) -> dict[str, dict[str, Any]]:
+    int32 = "one fixed_size_binary value per block: raw little-endian int32, row-major"
     columns: dict[str, dict[str, Any]] = {
         "block_id": {"dtype": "int64", "shape": [], "encoding": "plain int64"},
-        "input_ids": {"dtype": "int32", "shape": [spec.seq_len],
-                      "encoding": "one fixed_size_binary value per block: raw little-endian int32, row-major"},
+        "input_ids": {"dtype": "int32", "shape": [spec.seq_len], "encoding": int32},
+        "position_ids": {"dtype": "int32", "shape": [spec.seq_len], "encoding": int32},
+        "token_kind": {"dtype": "uint8", "shape": [spec.seq_len],
+                       "encoding": "one fixed_size_binary value per block: one byte per token, 0 pad, 1 context, "
+                                   "2 target"},
     }
     if kind == "hidden":
         itemsize = HIDDEN_DTYPES[spec.dtype][2]
@@ -142,8 +154,10 @@ def _column_descriptions(spec: ShardSpec, kind: str) -> dict[str, dict[str, Any]
 def _arrow_type(spec: ShardSpec, column: str) -> pa.DataType:
     if column == "block_id":
         return pa.int64()
-    if column == "input_ids":
+    if column in ("input_ids", "position_ids"):
         return pa.binary(spec.seq_len * TOKEN_DTYPE.itemsize)
+    if column == "token_kind":
+        return pa.binary(spec.seq_len * KIND_DTYPE.itemsize)
     return pa.binary(spec.hidden_row_bytes)
 
 
@@ -157,15 +171,31 @@ def parse_shard_metadata(schema: pa.Schema, where: str) -> dict[str, Any]:
     return {"format": SHARD_FORMAT.name, "format_version": SHARD_FORMAT.version, **body}
 
 
-def encode_input_ids(input_ids: torch.Tensor | np.ndarray, seq_len: int) -> pa.FixedSizeBinaryArray:
-    """(n, T) integer token ids -> one fixed_size_binary(T*4) value per block (int32 little-endian)."""
-    ids = input_ids.cpu().numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
+def encode_input_ids(input_ids: torch.Tensor | np.ndarray, seq_len: int, name: str = "input_ids"
+                     ) -> pa.FixedSizeBinaryArray:
+    """(n, T) integers (token ids or positions) -> one fixed_size_binary(T*4) value per block (int32 little-endian)."""
+    ids = _as_numpy(input_ids)
     if ids.ndim != 2 or ids.shape[1] != seq_len:
-        raise ValueError(f"input_ids must be (n, {seq_len}), got {tuple(ids.shape)}")
+        raise ValueError(f"{name} must be (n, {seq_len}), got {tuple(ids.shape)}")
     if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
-        raise ValueError("token ids do not fit in int32")
+        raise ValueError(f"{name} do not fit in int32")
     ids32 = np.ascontiguousarray(ids, dtype=TOKEN_DTYPE)  # (n, T) int32
     return _fixed_binary(ids32, ids32.shape[0], seq_len * TOKEN_DTYPE.itemsize)
+
+
+def encode_token_kind(kinds: torch.Tensor | np.ndarray, seq_len: int) -> pa.FixedSizeBinaryArray:
+    """(n, T) token kinds (0, 1, 2) -> one fixed_size_binary(T) value per block."""
+    values = _as_numpy(kinds)
+    if values.ndim != 2 or values.shape[1] != seq_len:
+        raise ValueError(f"token_kind must be (n, {seq_len}), got {tuple(values.shape)}")
+    if values.size and (values.min() < 0 or values.max() > 2):
+        raise ValueError("token_kind values must be 0 (pad), 1 (context) or 2 (target)")
+    packed = np.ascontiguousarray(values, dtype=KIND_DTYPE)  # (n, T) uint8
+    return _fixed_binary(packed, packed.shape[0], seq_len)
+
+
+def _as_numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    return values.cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
 
 
 def encode_hidden(hidden: torch.Tensor, spec: ShardSpec) -> pa.FixedSizeBinaryArray:
@@ -185,9 +215,14 @@ def _fixed_binary(array: np.ndarray, rows: int, row_bytes: int) -> pa.FixedSizeB
 
 
 def decode_input_ids(column: pa.ChunkedArray | pa.Array, seq_len: int) -> torch.Tensor:
-    """fixed_size_binary token column -> (n, T) int64 tensor."""
+    """fixed_size_binary int32 column (token ids, positions) -> (n, T) int64 tensor."""
     ids32 = fixed_binary_to_numpy(column, TOKEN_DTYPE, (seq_len,))  # (n, T) int32
     return torch.from_numpy(ids32.astype(np.int64))  # (n, T) int64
+
+
+def decode_token_kind(column: pa.ChunkedArray | pa.Array, seq_len: int) -> torch.Tensor:
+    """fixed_size_binary token-kind column -> (n, T) uint8 tensor."""
+    return torch.from_numpy(fixed_binary_to_numpy(column, KIND_DTYPE, (seq_len,)))  # (n, T) uint8
 
 
 def decode_hidden(column: pa.ChunkedArray | pa.Array, spec: ShardSpec) -> torch.Tensor:

@@ -19,7 +19,9 @@ from segprop_ray.storage.documents import describe_path
 from segprop_ray.storage.errors import StorageError, one_line
 from segprop_ray.storage.fs import is_local, resolve_filesystem
 from segprop_ray.storage.layout import RunLayout
-from segprop_ray.storage.shard_format import ShardSpec, decode_hidden, decode_input_ids, parse_shard_metadata
+from segprop_ray.core.blocks import TokenBlocks
+from segprop_ray.storage.shard_format import (ROW_COLUMNS, ShardSpec, decode_hidden, decode_input_ids, decode_token_kind,
+                                              parse_shard_metadata)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> ShardFooter:
 def read_row_group(fs: fsspec.AbstractFileSystem, path: str, group_in_file: int, spec: ShardSpec,
                    with_hidden: bool = True, footer: ShardFooter | None = None) -> dict[str, torch.Tensor]:
     """Row group ``group_in_file`` of a shard as ``{"block_id": (n,) int64, "input_ids": (n, T) int64,
-    "hidden": (n, T, H) bf16|fp32}`` (hidden only for snapshot shards and ``with_hidden``), sharing Arrow memory.
+    "position_ids": (n, T) int64, "token_kind": (n, T) uint8, "hidden": (n, T, H) bf16|fp32}`` (hidden only for
+    snapshot shards and ``with_hidden``), sharing Arrow memory where it can.
 
     Nothing stays open between calls. Local files are read by pyarrow's native reader; elsewhere the row
     group's byte range is fetched in one ranged GET and decoded from memory. ``footer`` (from
@@ -60,7 +63,7 @@ def read_row_group(fs: fsspec.AbstractFileSystem, path: str, group_in_file: int,
     """
     footer = footer or read_footer(fs, path)
     names = set(footer.metadata.schema.names)
-    columns = [c for c in ("block_id", "input_ids", "hidden") if c in names and (with_hidden or c != "hidden")]
+    columns = [c for c in ("block_id", *ROW_COLUMNS, "hidden") if c in names and (with_hidden or c != "hidden")]
     where = describe_path(fs, path)
     try:
         with _open_row_group(fs, path, group_in_file, footer) as source:
@@ -144,21 +147,29 @@ class _ByteRangeFile:
 
 def _table_to_tensors(table: pa.Table, spec: ShardSpec) -> dict[str, torch.Tensor]:
     batch = {"block_id": torch.from_numpy(table["block_id"].to_numpy().astype(np.int64)),  # (n,) int64
-             "input_ids": decode_input_ids(table["input_ids"], spec.seq_len)}  # (n, T) int64
+             "input_ids": decode_input_ids(table["input_ids"], spec.seq_len),  # (n, T) int64
+             "position_ids": decode_input_ids(table["position_ids"], spec.seq_len),  # (n, T) int64
+             "token_kind": decode_token_kind(table["token_kind"], spec.seq_len)}  # (n, T) uint8
     if "hidden" in table.column_names:
         batch["hidden"] = decode_hidden(table["hidden"], spec)  # (n, T, H) bf16 | fp32
     return batch
 
 
-def read_token_shards(layout: RunLayout, split: str, spec: ShardSpec, num_blocks: int) -> torch.Tensor:
-    """All ``num_blocks`` token blocks of ``split`` as one (N, T) int64 tensor (for small splits and tests)."""
-    parts = []
+def read_token_blocks(layout: RunLayout, split: str, spec: ShardSpec, num_blocks: int) -> TokenBlocks:
+    """All ``num_blocks`` token blocks of ``split`` (ids, positions, token kinds), for small splits and tests."""
+    groups = []
     for file_index in range(spec.num_files(num_blocks)):
         path = layout.shard_file(split, None, file_index)
         footer = read_footer(layout.fs, path)
-        for group in range(footer.num_row_groups):
-            parts.append(read_row_group(layout.fs, path, group, spec, footer=footer)["input_ids"])  # (g, T)
-    return torch.cat(parts) if parts else torch.empty(0, spec.seq_len, dtype=torch.int64)  # (N, T) int64
+        groups += [read_row_group(layout.fs, path, group, spec, footer=footer) for group in range(footer.num_row_groups)]
+    if not groups:
+        return TokenBlocks.of_text(torch.empty(0, spec.seq_len, dtype=torch.int64))
+    return TokenBlocks(*(torch.cat([g[name] for g in groups]) for name in ROW_COLUMNS))  # (N, T) each
+
+
+def read_token_shards(layout: RunLayout, split: str, spec: ShardSpec, num_blocks: int) -> torch.Tensor:
+    """All ``num_blocks`` token ids of ``split`` as one (N, T) int64 tensor (for small splits and tests)."""
+    return read_token_blocks(layout, split, spec, num_blocks).input_ids
 
 
 def describe_shard(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

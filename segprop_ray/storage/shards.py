@@ -20,9 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from segprop_ray.core.blocks import TokenBlocks
 from segprop_ray.storage.fs import ensure_parent_dir, is_local
 from segprop_ray.storage.layout import RunLayout
-from segprop_ray.storage.shard_format import DATA_PAGE_BYTES, ShardSpec, encode_hidden, encode_input_ids, shard_schema
+from segprop_ray.storage.shard_format import (DATA_PAGE_BYTES, ShardSpec, encode_hidden, encode_input_ids,
+                                              encode_token_kind, shard_schema)
 from segprop_ray.storage.shard_read import (ShardFooter, describe_shard, read_footer, read_row_group,  # noqa: F401
                                             read_token_shards)
 
@@ -155,12 +157,20 @@ class ShardWriter:
         return self
 
     def write_group(self, input_ids: torch.Tensor | np.ndarray, hidden: torch.Tensor | None = None,
-                    block_ids: torch.Tensor | np.ndarray | None = None) -> None:
-        """Append one row group: ``input_ids`` (n, T), ``hidden`` (n, T, H) for snapshot shards."""
-        n = len(input_ids)
+                    block_ids: torch.Tensor | np.ndarray | None = None, position_ids: Any = None,
+                    token_kind: Any = None) -> None:
+        """Append one row group: ``input_ids`` (n, T), ``hidden`` (n, T, H) for snapshot shards, and the rows'
+        ``position_ids`` and ``token_kind`` (n, T) (default: one text sequence per block, every token a target)."""
+        n, seq_len = len(input_ids), self.spec.seq_len
         expected = np.arange(self.first_block + self.rows, self.first_block + self.rows + n, dtype=np.int64)
         self._check_group(n, hidden, block_ids, expected)
-        columns = {"block_id": pa.array(expected), "input_ids": encode_input_ids(input_ids, self.spec.seq_len)}
+        if position_ids is None or token_kind is None:
+            text = TokenBlocks.of_text(torch.as_tensor(np.asarray(input_ids)))
+            position_ids = text.position_ids if position_ids is None else position_ids
+            token_kind = text.token_kind if token_kind is None else token_kind
+        columns = {"block_id": pa.array(expected), "input_ids": encode_input_ids(input_ids, seq_len),
+                   "position_ids": encode_input_ids(position_ids, seq_len, "position_ids"),
+                   "token_kind": encode_token_kind(token_kind, seq_len)}
         if self.kind == "hidden":
             columns["hidden"] = encode_hidden(hidden, self.spec)
         self._writer.write_table(pa.Table.from_pydict(columns, schema=self.schema), row_group_size=n)
@@ -213,21 +223,33 @@ def _fsync_local(path: str) -> None:
         os.close(handle)
 
 
-def write_token_file(layout: RunLayout, split: str, file_index: int, input_ids: torch.Tensor | np.ndarray,
+def write_token_file(layout: RunLayout, split: str, file_index: int, blocks: TokenBlocks | torch.Tensor | np.ndarray,
                      spec: ShardSpec) -> FileInfo:
-    """Write token shard ``file_index`` of ``split`` from its blocks ``input_ids`` (n, T), group by group."""
+    """Write token shard ``file_index`` of ``split`` from its ``blocks`` (token blocks, or (n, T) ids of a text
+    stream), group by group."""
+    blocks = _token_blocks(blocks)
     path = layout.shard_file(split, None, file_index)
     with ShardWriter(layout.fs, path, spec, "tokens", split, None, file_index) as writer:
-        for start in range(0, len(input_ids), spec.group_size):
-            writer.write_group(input_ids[start : start + spec.group_size])  # (g, T)
+        for start in range(0, len(blocks), spec.group_size):
+            rows = blocks.span(start, start + spec.group_size)  # (g, T) each
+            writer.write_group(rows.input_ids, position_ids=rows.position_ids, token_kind=rows.token_kind)
     return writer.info
 
 
-def write_token_shards(layout: RunLayout, split: str, input_ids: torch.Tensor | np.ndarray,
+def write_token_shards(layout: RunLayout, split: str, blocks: TokenBlocks | torch.Tensor | np.ndarray,
                        spec: ShardSpec) -> list[FileInfo]:
-    """Write all ``N`` packed blocks ``input_ids`` (N, T) of ``split`` as token shard files (then commit them)."""
+    """Write all ``N`` blocks of ``split`` (token blocks, or (N, T) ids of a text stream) as token shard files
+    (then commit them)."""
+    blocks = _token_blocks(blocks)
     infos = []
-    for file_index in range(spec.num_files(len(input_ids))):
-        blocks = spec.file_blocks(file_index, len(input_ids))
-        infos.append(write_token_file(layout, split, file_index, input_ids[blocks.start : blocks.stop], spec))
+    for file_index in range(spec.num_files(len(blocks))):
+        span = spec.file_blocks(file_index, len(blocks))
+        infos.append(write_token_file(layout, split, file_index, blocks.span(span.start, span.stop), spec))
     return infos
+
+
+def _token_blocks(blocks: TokenBlocks | torch.Tensor | np.ndarray) -> TokenBlocks:
+    if isinstance(blocks, TokenBlocks):
+        return blocks
+    return TokenBlocks.of_text(torch.as_tensor(np.asarray(blocks), dtype=torch.int64))
+

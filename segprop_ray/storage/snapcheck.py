@@ -27,8 +27,9 @@ from segprop_ray.storage.shards import FileInfo, ShardWriter, read_footer, read_
 log = logging.getLogger(__name__)
 
 COMMIT_FORMAT = DocumentFormat("segprop_ray.snapcheck_commit", 1)
-HiddenFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-"""``fn(input_ids (n, T) int64, hidden (n, T, H) or None) -> hidden (n, T, H) float``."""
+HiddenFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+"""``fn(rows) -> hidden (n, T, H) float``: ``rows`` is a row group of the source (``input_ids``, ``position_ids``,
+``token_kind`` and, from a snapshot depth, ``hidden``)."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,9 @@ def transform_file(layout: RunLayout, split: str, file_index: int, *, source_dep
             rows = pending.result()
             if group + 1 < footer.num_row_groups:
                 pending = reader.submit(read, group + 1)  # the next group is read while this one is computed
-            hidden = fn(rows["input_ids"], rows.get("hidden"))  # (n, T, H) float
-            writer.write_group(rows["input_ids"], hidden, block_ids=rows["block_id"])
+            hidden = fn(rows)  # (n, T, H) float
+            writer.write_group(rows["input_ids"], hidden, block_ids=rows["block_id"], position_ids=rows["position_ids"],
+                               token_kind=rows["token_kind"])  # the token columns carried over as they are
             del rows, hidden  # the next group's output is not made while this one is held
     return writer.info
 

@@ -6,8 +6,8 @@ input files the job may save its state under ``tokens/_resume/``:
 - ``state.json``: which input stream (``train`` or ``eval``) and file come next, the input file lists
   the state belongs to, the tokenization hash, the number of blocks cut so far and, per split, the
   token shard files already written (their :class:`FileInfo`) and the block count;
-- ``pending-<uuid>.parquet``: the blocks each split holds that are not yet in a file, and the packer's
-  carry (the tokens after the last full block), one ``list<int64>`` row each.
+- ``pending-<uuid>.parquet``: the blocks each split holds that are not yet in a file (ids, positions and
+  token kinds), and the packer's carry (the examples it holds that are not yet in a block), one row each.
 
 ``state.json`` is written atomically after its ``pending`` file, so it never names a missing or
 partial one. A later job uses the state only if it has the same tokenization hash, input file lists
@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from segprop_ray.core.packing import Example, PackStats
 from segprop_ray.storage.documents import DocumentFormat
 from segprop_ray.storage.errors import DocumentNotFound, StorageError
 from segprop_ray.storage.layout import RunLayout
@@ -35,13 +36,15 @@ from segprop_ray.storage.snapshot_resume import is_intact
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = DocumentFormat("segprop_ray.tokenize_state", 1)
+STATE_FORMAT = DocumentFormat("segprop_ray.tokenize_state", 2)
 CARRY = "carry"
+PENDING_COLUMNS = ("split", "tokens", "positions", "kinds")
 
 
 @dataclass
 class SplitProgress:
-    """One split's output so far: files written, blocks taken and blocks (T,) waiting for the next file."""
+    """One split's output so far: files written, blocks taken and blocks (3, T) (ids, positions, kinds) waiting
+    for the next file."""
 
     files: list[FileInfo] = field(default_factory=list)
     count: int = 0
@@ -63,8 +66,10 @@ class TokenizeState:
     """Index in ``inputs[stream]`` of the first file not fully consumed."""
     block_index: int = 0
     """Blocks cut so far from the stream (they decide the eval hold-out)."""
-    carry: list[int] = field(default_factory=list)
-    """Tokens after the stream's last full block."""
+    carry: list[Example] = field(default_factory=list)
+    """The examples the packer holds that are not yet in a block."""
+    stats: dict[str, PackStats] = field(default_factory=dict)
+    """What the packer did to each stream's examples so far (truncated, dropped)."""
     splits: dict[str, SplitProgress] = field(default_factory=dict)
 
 
@@ -78,6 +83,7 @@ def save_state(layout: RunLayout, state: TokenizeState) -> None:
     body = {"tokens_hash": state.tokens_hash, "inputs": state.inputs, "input_sizes": state.input_sizes,
             "stream": state.stream,
             "next_file": state.next_file, "block_index": state.block_index, "pending_file": pending_name,
+            "stats": {stream: stats.to_dict() for stream, stats in state.stats.items()},
             "splits": {split: {"count": p.count, "files": [info.to_dict() for info in p.files]}
                        for split, p in state.splits.items()}}
     STATE_FORMAT.write(layout.fs, f"{directory}/state.json", body)
@@ -103,7 +109,7 @@ def load_state(layout: RunLayout, tokens_hash: str, inputs: dict[str, list[str]]
         log.warning("tokenize state not usable, tokenizing from the start: %s", reason)
         return None
     state = TokenizeState(tokens_hash, inputs, body.get("input_sizes", {}), body["stream"], body["next_file"],
-                          body["block_index"])
+                          body["block_index"], stats={k: PackStats(**v) for k, v in body.get("stats", {}).items()})
     state.splits = {split: SplitProgress([FileInfo.from_dict(f) for f in p["files"]], p["count"])
                     for split, p in body["splits"].items()}
     try:
@@ -112,11 +118,11 @@ def load_state(layout: RunLayout, tokens_hash: str, inputs: dict[str, list[str]]
         log.warning("tokenize state not usable, tokenizing from the start: %s unreadable (%s)",
                     body["pending_file"], error)
         return None
-    for split, tokens in zip(table.column("split").to_pylist(), table.column("tokens").to_pylist()):
+    for split, tokens, positions, kinds in zip(*(table.column(c).to_pylist() for c in PENDING_COLUMNS)):
         if split == CARRY:
-            state.carry = tokens
+            state.carry.append(Example(tokens, kinds))
         else:
-            state.splits[split].pending.append(np.asarray(tokens, dtype=np.int64))
+            state.splits[split].pending.append(np.asarray([tokens, positions, kinds], dtype=np.int64))
     return state
 
 
@@ -128,9 +134,12 @@ def clear_state(layout: RunLayout) -> None:
 
 
 def _pending_bytes(state: TokenizeState) -> bytes:
-    rows: list[tuple[str, Any]] = [(split, block.tolist()) for split, p in state.splits.items() for block in p.pending]
-    rows.append((CARRY, list(state.carry)))
-    table = pa.table({"split": [r[0] for r in rows], "tokens": pa.array([r[1] for r in rows], pa.list_(pa.int64()))})
+    rows: list[tuple[str, Any, Any, Any]] = [(split, *block.tolist()) for split, p in state.splits.items()
+                                             for block in p.pending]
+    rows += [(CARRY, example.ids, [], example.kinds) for example in state.carry]
+    lists = pa.list_(pa.int64())
+    table = pa.table({"split": [r[0] for r in rows],
+                      **{name: pa.array([r[i] for r in rows], lists) for i, name in enumerate(PENDING_COLUMNS[1:], 1)}})
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue()

@@ -14,12 +14,13 @@ from segprop_ray.config import Config, validate_config
 from segprop_ray.core.assemble import exit_config, exit_state_dict, write_model_dir
 from segprop_ray.core.inprocess import run_inprocess
 from segprop_ray.core.parts import ModelParts
+from segprop_ray.core.plan import exit_is_tied
 from segprop_ray.demo.corpus import generate_corpus, write_jsonl
 from segprop_ray.demo.tiny_model import make_tiny_model
 from segprop_ray.reporting.export import open_run
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.shard_format import ShardSpec
-from segprop_ray.storage.shards import read_token_shards
+from segprop_ray.storage.shard_read import read_token_blocks
 
 NUM_LAYERS, BASE_DEPTH, LAST_LAYERS = 4, 0, 2  # Stage 1: layer 0 + LL (2, 3); Stage 2: layer 1
 
@@ -59,16 +60,17 @@ def inprocess_reference(cfg: Config, model_dir: Path, layout: RunLayout, num_blo
     hidden = AutoConfig.from_pretrained(model_dir).hidden_size
     snap = cfg.snapcheck
     spec = ShardSpec.for_snapcheck(cfg.data.seq_len, hidden, snap.dtype, snap.rows_per_group, snap.groups_per_file)
-    train = read_token_shards(layout, "train", spec, num_blocks["train"])
-    evaluation = read_token_shards(layout, "eval", spec, num_blocks["eval"])
-    return run_inprocess(str(model_dir), train, evaluation, cfg), evaluation
+    train = read_token_blocks(layout, "train", spec, num_blocks["train"])
+    evaluation = read_token_blocks(layout, "eval", spec, num_blocks["eval"])
+    return run_inprocess(str(model_dir), train, evaluation, cfg), evaluation.input_ids
 
 
 def reference_model(result, model_dir: Path, depth: int, out: Path):
     """The in-process result at ``depth`` assembled and loaded as an HF model."""
     config = AutoConfig.from_pretrained(model_dir)
     parts = ModelParts(config)
-    state = exit_state_dict(result.plan, parts.layout, depth, result.committed, result.exits[depth])
+    state = exit_state_dict(result.plan, parts.layout, depth, result.committed, result.exits[depth],
+                            tied=exit_is_tied(result.plan, depth, parts.tied))
     write_model_dir(out, exit_config(config, result.plan, depth), state)
     return AutoModelForCausalLM.from_pretrained(out).eval()
 

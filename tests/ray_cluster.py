@@ -33,8 +33,8 @@ def start_local_ray(s3: S3TestServer) -> LocalRay:
     before = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
-        context = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                           logging_level="WARNING", log_to_driver=False)
+        context = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                           dashboard_port=port, logging_level="WARNING", log_to_driver=False)
     finally:
         if before is None:
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)

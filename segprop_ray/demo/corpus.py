@@ -98,10 +98,54 @@ def write_mc_jsonl(items: list[dict], path: str | Path) -> Path:
     return path
 
 
+QUESTIONS = ("what colour is the {animal} ?", "what does the {animal} say ?", "where does the {animal} live ?")
+ANSWERS = ("the {animal} is {value} .", "the {animal} says {value} .", "the {animal} lives in the {value} .")
+
+
+def _question(rng: random.Random) -> dict[str, str]:
+    if rng.random() < 0.3:
+        name, fruit, a, b = rng.choice(NAMES), rng.choice(FRUITS), rng.randint(0, 5), rng.randint(0, 5)
+        prompt = f"{name} has {NUMBERS[a]} {fruit} and gets {NUMBERS[b]} more . how many {fruit} does {name} have ?"
+        return {"prompt": prompt, "completion": f"{name} has {NUMBERS[a + b]} {fruit} ."}
+    animal, trait = rng.choice(list(ANIMALS)), rng.randrange(3)
+    return {"prompt": QUESTIONS[trait].format(animal=animal),
+            "completion": ANSWERS[trait].format(animal=animal, value=ANIMALS[animal][trait])}
+
+
+def generate_instructions(num_examples: int, seed: int = 0) -> list[dict[str, str]]:
+    """Question/answer pairs about the corpus's facts (``prompt``, ``completion``), the same for the same seed."""
+    rng = random.Random(seed)
+    return [_question(rng) for _ in range(num_examples)]
+
+
+def generate_chats(num_chats: int, seed: int = 0, turns: tuple[int, int] = (1, 3)) -> list[dict]:
+    """Conversations (``messages``) of 1-3 question/answer turns, some with a system message."""
+    rng = random.Random(seed)
+    chats = []
+    for _ in range(num_chats):
+        messages = [{"role": "system", "content": "answer about the farm ."}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(*turns)):
+            pair = _question(rng)
+            messages += [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair["completion"]}]
+        chats.append({"messages": messages})
+    return chats
+
+
+def write_records(records: list[dict], path: str | Path) -> Path:
+    """Write records as JSON lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
 def vocabulary() -> list[str]:
-    """Every word the generator can emit (for a word-level tokenizer)."""
+    """Every word the generators can emit (for a word-level tokenizer): the stories' words first, in the order they
+    always had, then the questions' words."""
     words = set(NAMES) | set(FRUITS) | set(NUMBERS) | set(VERBS) | {".", ",", "the", "is", "says", "lives", "in"}
     words |= {"has", "and", "gets", "more", "so"}
     for animal, traits in ANIMALS.items():
         words |= {animal, *traits}
-    return sorted(words)
+    questions = {"what", "colour", "does", "say", "where", "live", "?", "how", "many", "have", "answer", "about",
+                 "farm"}
+    return sorted(words) + sorted(questions - words)

@@ -10,19 +10,31 @@ import torch
 from segprop_ray.demo.corpus import vocabulary
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<eos>"]
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "<|{{ message['role'] }}|> {{ message['content'] }} <|end|>\n"
+    "{% endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|> {% endif -%}"
+)
+"""A ChatML-like template: each turn ``<|role|> content <|end|>``, the generation prompt ``<|assistant|>``."""
 
 
 def build_tokenizer(words: list[str] | None = None):
-    """A word-level ``PreTrainedTokenizerFast`` over the demo vocabulary (EOS ``<eos>``, PAD ``<pad>``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A word-level ``PreTrainedTokenizerFast`` over the demo vocabulary (EOS ``<eos>``, PAD ``<pad>``), with chat
+    turn tokens after the words and :data:`CHAT_TEMPLATE` as its chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = words or vocabulary()
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words + CHAT_TOKENS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 FAMILY_CONFIGS: dict[str, dict[str, Any]] = {

@@ -69,8 +69,10 @@ def start_local(num_cpus: int | None, **kwargs: Any) -> None:
     """
     port = _dashboard_port()
     with _environ(API_SERVER_ENV, f"http://127.0.0.1:{port}"):
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 **kwargs)
+        # address="local": a new Ray, even where `ray start` left a cluster's address in /tmp/ray (ray.init() would
+        # join that one instead, and refuse num_cpus)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, **kwargs)
 
 
 def quiet_driver_logs() -> None:

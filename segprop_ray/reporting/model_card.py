@@ -85,7 +85,9 @@ def model_card(manifest: Manifest, depth: int, metrics: dict[str, Any] | None = 
     facts = [("base model", f"`{manifest.model.uri}` ({manifest.model.architecture}, {n} decoder layers)"),
              ("training", _method(manifest)), ("exit depth", f"{depth} ({final})"),
              ("decoder layers kept", f"{len(layers)} of {n}: original layers {_ranges(layers)}"),
-             ("iteration", f"{record.stage}, {record.steps} steps, stopped by {(record.decision or {}).get('reason', '-')}"),
+             ("iteration", f"{record.stage}, {record.steps} steps, stopped by {(record.decision or {}).get('reason', '-')}"
+                           + _kept_text(record)),
+             *_embedding_fact(manifest, record.stage),
              ("run", f"`{manifest.run_id}`")]
     usage = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
              "model = AutoModelForCausalLM.from_pretrained(\"PATH/TO/THIS/DIRECTORY\")\n"
@@ -99,6 +101,23 @@ def model_card(manifest: Manifest, depth: int, metrics: dict[str, Any] | None = 
         "## Global exit decision\n\n" + _decision_text(manifest, depth),
         "## Usage\n\n" + usage,
     ]) + "\n"
+
+
+def _kept_text(record: Any) -> str:
+    """``; weights of step 40 kept (best evaluation)`` when the committed step is not the last one."""
+    if record.kept_step is None or record.kept_step == record.steps:
+        return ""
+    return f"; weights of step {record.kept_step} kept (its best evaluation)"
+
+
+def _embedding_fact(manifest: Manifest, stage: str) -> list[tuple[str, str]]:
+    """Whether the exit's LM head is tied to its input embedding, for a model that had them tied."""
+    if not manifest.model.tied_embeddings:
+        return []
+    if stage == "stage2":
+        return [("embeddings", "untied: the base model ties its LM head to the input embedding; this exit's head was "
+                               "trained in Stage 2 while the embedding stayed frozen, so it is saved as its own tensor")]
+    return [("embeddings", "tied, as in the base model: LM head and input embedding trained as one tensor")]
 
 
 def _ranges(indices: list[int]) -> str:

@@ -19,7 +19,7 @@ from segprop_ray.reporting.stages import stage_rows
 from segprop_ray.storage.fs import publish_dir, redact_uri
 from segprop_ray.storage.manifest import LayerRecord, Manifest
 
-ROW_COLUMNS = ["depth", "stage", "status", "steps", "train_loss", "eval_loss", "perplexity", "accuracy",
+ROW_COLUMNS = ["depth", "stage", "status", "steps", "kept_step", "train_loss", "eval_loss", "perplexity", "accuracy",
                "accuracy_norm", "nhsic_input", "nhsic_label", "tokens", "tokens_per_s", "wall_s", "driver_wall_s",
                "peak_memory_bytes", "data_wait_share", "iteration_exit", "global_exit", "evaluation_error"]
 """Columns of the per-depth table (report.csv, the ``layers`` of report.json, report.md).
@@ -37,7 +37,7 @@ SCORE_KEYS = ("eval_loss", "perplexity", "accuracy")
 def depth_row(record: LayerRecord, global_decision: dict[str, Any] | None) -> dict[str, Any]:
     """One row of the per-depth table: the record's losses, its metrics and both exit decisions."""
     row = {"depth": record.depth, "stage": record.stage, "status": record.status, "steps": record.steps,
-           "train_loss": record.train_loss, "eval_loss": record.eval_loss, "perplexity": record.perplexity}
+           "kept_step": record.kept_step, "train_loss": record.train_loss, "eval_loss": record.eval_loss, "perplexity": record.perplexity}
     row.update({key: record.metrics.get(key) for key in METRIC_COLUMNS})
     row["iteration_exit"] = (record.decision or {}).get("reason")
     row["global_exit"] = (global_decision or {}).get("reason")
@@ -64,7 +64,8 @@ def run_summary(manifest: Manifest, run_dir: str) -> dict[str, Any]:
     return {"run_dir": redact_uri(run_dir), "run_id": manifest.run_id, "label": run_label(manifest),
             "mode": manifest.mode, "model": manifest.model.uri, "num_layers": manifest.model.num_layers,
             "base_depth": manifest.base_depth, "last_layers": manifest.last_layers, "state": manifest.state,
-            "final_depth": manifest.final_depth, "tokens": manifest.tokens, "error": manifest.error}
+            "final_depth": manifest.final_depth, "tokens": manifest.tokens, "examples": manifest.examples,
+            "error": manifest.error}
 
 
 def final_score(manifest: Manifest) -> dict[str, Any] | None:

@@ -78,9 +78,22 @@ def _header(data: dict[str, Any]) -> str:
              ("mode", f"{run['mode']}, base depth p = {run['base_depth']}, last layers r = {run['last_layers']}"),
              ("state", f"{run['state']}; final exit: {fmt('depth', run['final_depth'])}"),
              ("run directory", run["run_dir"]), ("token blocks", tokens)]
+    if run.get("examples"):
+        facts.append(("examples", examples_text(run["examples"])))
     facts += [("compared with", f"{other['run']['label']}: {other['run']['run_dir']}") for other in data["compared"]]
     lines = "\n".join(f"- **{name}**: {value}" for name, value in facts)
     return f"# SegProp report: {run['label']}, run `{run['run_id']}`\n\n{lines}"
+
+
+def examples_text(examples: dict[str, dict[str, int]]) -> str:
+    """``train: 120 examples, 3 truncated to seq_len, 0 dropped; eval: 16 examples`` (per input stream)."""
+    parts = []
+    for stream, counts in sorted(examples.items(), key=lambda item: item[0] != "train"):
+        text = f"{stream}: {counts['examples']} examples"
+        if counts.get("truncated") or counts.get("dropped"):
+            text += f", {counts['truncated']} truncated to seq_len, {counts['dropped']} dropped (no target token left)"
+        parts.append(text)
+    return "; ".join(parts)
 
 
 def _depth_section(data: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from segprop_ray.reporting.report import depth_rows
-from segprop_ray.reporting.report_text import iteration_wall_s
+from segprop_ray.reporting.report_text import examples_text, iteration_wall_s
 from segprop_ray.reporting.stages import stage_rows
 from segprop_ray.storage.manifest import Manifest
 
@@ -45,7 +45,7 @@ def status_json(manifest: Manifest) -> str:
     return json.dumps({"run_id": manifest.run_id, "state": manifest.state, "updated": manifest.updated,
                        "mode": manifest.mode, "model": manifest.model.uri, "final_depth": manifest.final_depth,
                        "error": manifest.error,
-                       "tokens": manifest.tokens, "layers": layer_rows(manifest), "stages": stage_rows(manifest),
+                       "tokens": manifest.tokens, "examples": manifest.examples, "layers": layer_rows(manifest), "stages": stage_rows(manifest),
                        "decisions": manifest.decisions,
                        "steps": {k: v.model_dump() for k, v in manifest.steps.items()}}, indent=2)
 
@@ -57,6 +57,8 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
     console.print(f"[bold]{manifest.run_id}[/bold]  state: {manifest.state}  mode: {manifest.mode}  "
                   f"model: {manifest.model.uri} ({manifest.model.num_layers} layers)  p={manifest.base_depth} "
                   f"r={manifest.last_layers}  blocks: {blocks}")
+    if manifest.examples:
+        console.print(f"data: {examples_text(manifest.examples)}")
     quiet = _staleness(manifest)
     if quiet:
         console.print(f"[yellow]{quiet}[/yellow]")
@@ -65,7 +67,7 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
                   "wall s", "train s", "train tok/s", "read wait"):
         table.add_column(title, justify="right" if title not in ("stage", "status", "exit (iter / global)") else "left")
     for row in layer_rows(manifest):
-        steps = f"{row['steps']}/{row['total_steps']}" if row["status"] == "running" and row["total_steps"] else str(row["steps"])
+        steps = _steps_cell(row)
         table.add_row(str(row["depth"]), row["stage"], row["status"], steps, _num(row["train_loss"]),
                       _num(row["eval_loss"]), _num(row["perplexity"], 2), _pct(row["accuracy"]),
                       f"{row['iteration_exit'] or '-'} / {row['global_exit'] or '-'}",
@@ -100,6 +102,14 @@ def _staleness(manifest: Manifest) -> str:
         return ""
     return (f"no update for {quiet.total_seconds() / 60:,.0f} min: if no driver is running any more, "
             "run the same command again to continue")
+
+
+def _steps_cell(row: dict[str, Any]) -> str:
+    """``12/40`` while running, ``40`` when done, ``40 (kept 30)`` when an earlier step's weights were committed."""
+    if row["status"] == "running" and row["total_steps"]:
+        return f"{row['steps']}/{row['total_steps']}"
+    kept = row.get("kept_step")
+    return f"{row['steps']} (kept {kept})" if kept is not None and kept != row["steps"] else str(row["steps"])
 
 
 def _seconds(value: float) -> str:

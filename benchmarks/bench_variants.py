@@ -110,10 +110,10 @@ class PrefixRecompute(nn.Module):
         super().__init__()
         self.prefix, self.segment = prefix, segment
 
-    def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None, position_ids=None, **loss) -> torch.Tensor:
         with torch.no_grad():
-            hidden = self.prefix(input_ids)  # (B, T, H): S[p] of this batch
-        return self.segment(input_ids, hidden=hidden)
+            hidden = self.prefix(input_ids, position_ids=position_ids)  # (B, T, H): S[p] of this batch
+        return self.segment(input_ids, hidden=hidden, position_ids=position_ids, **loss)
 
 
 def run_recompute(plan: BenchPlan, prefix: int, device: torch.device) -> dict[str, Any]:

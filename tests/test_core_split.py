@@ -98,8 +98,6 @@ def test_tied_head_is_untied_copy(tmp_path):
 
 @pytest.mark.parametrize("model_type,kwargs", [
     ("gpt_neox", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=101)),
-    ("gemma", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
-                   intermediate_size=64, vocab_size=101)),
 ])
 def test_unsupported_architecture_is_named(model_type, kwargs):
     config = AutoConfig.for_model(model_type, **kwargs)

@@ -65,13 +65,30 @@ def _drop_tied_head(state: dict[str, torch.Tensor], layout: ArchLayout) -> None:
     state.pop(head, None)
 
 
+PER_LAYER_LISTS = ("layer_types", "no_rope_layers", "attention_chunk_layers")
+"""Config fields holding one value per decoder layer: cut to the kept layers."""
+LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
+"""Config fields listing decoder-layer indices: the kept ones, renumbered."""
+LAYER_COUNTS = ("first_k_dense_replace",)
+"""Config fields counting the first layers of a kind (layers < k): how many of them are kept."""
+
+
 def exit_config(config: Any, plan: SegPropPlan, depth: int) -> Any:
-    """The HF config of the model exiting at ``depth``: fewer layers, per-layer lists cut to match."""
+    """The HF config of the model exiting at ``depth``: fewer layers, every per-layer field cut and renumbered to
+    match (:data:`PER_LAYER_LISTS`, :data:`LAYER_INDEX_LISTS`, :data:`LAYER_COUNTS`). A family whose layers
+    depend on their index in other ways is caught by the self-check's exported-exit comparison."""
     config = copy.deepcopy(config)
     kept = plan.exit_layers(depth)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        config.layer_types = [layer_types[i] for i in kept]
+    for name in PER_LAYER_LISTS:
+        values = getattr(config, name, None)
+        if values is not None and len(values) == config.num_hidden_layers:
+            setattr(config, name, [values[i] for i in kept])
+    for name in LAYER_INDEX_LISTS:
+        if getattr(config, name, None) is not None:
+            setattr(config, name, [kept.index(i) for i in getattr(config, name) if i in kept])
+    for name in LAYER_COUNTS:
+        if getattr(config, name, None) is not None:
+            setattr(config, name, sum(1 for i in kept if i < getattr(config, name)))
     if hasattr(config, "n_layer"):  # GPT-2 names it n_layer (num_hidden_layers is an alias)
         config.n_layer = len(kept)
     config.num_hidden_layers = len(kept)

@@ -48,10 +48,12 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     chunk_tokens: int | None = None,
     normalizer: float | None = None,
+    logit_math: LogitMath | None = None,
 ) -> torch.Tensor:
     """``sum(cross_entropy(hidden @ weight.T + bias, targets)) / normalizer`` without materialising all logits
     (``normalizer`` defaults to N: the mean). HF's Trainer divides by the label tokens of the whole optimizer step
-    (``num_items_in_batch``), which a caller passes as ``normalizer``.
+    (``num_items_in_batch``), which a caller passes as ``normalizer``. ``logit_math``: the family's scaling and
+    soft-capping of the logits (:class:`LogitMath`), applied before the cross-entropy and differentiated through.
 
     ``hidden`` is (N, H), ``weight`` (V, H), ``targets`` (N,). Under autocast the matmuls run in the
     autocast dtype, as ``F.linear`` would; the loss is returned in fp32.
@@ -59,9 +61,10 @@ def linear_cross_entropy(
     chunk = chunk_tokens or chunk_tokens_for(weight.shape[0])
     dtype = _compute_dtype(hidden, weight)
     scale = float(normalizer) if normalizer is not None else max(hidden.shape[0], 1)
+    math = logit_math or NO_MATH
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, dtype, scale)
-    loss, _ = _chunked_pass(hidden, weight, bias, targets, chunk, dtype, _Wanted(False, False, False), scale)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, dtype, scale, math)
+    loss, _ = _chunked_pass(hidden, weight, bias, targets, chunk, dtype, _Wanted(False, False, False), scale, math)
     return loss
 
 
@@ -76,9 +79,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Loss and input gradients in forward; backward only scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, dtype, normalizer):  # noqa: D102 (autograd signature)
+    def forward(ctx, hidden, weight, bias, targets, chunk, dtype, normalizer, logit_math):  # noqa: D102
         wanted = _Wanted(*ctx.needs_input_grad[:3])
-        loss, grads = _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted, normalizer)
+        loss, grads = _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted, normalizer, logit_math)
         grad_hidden, grad_weight, grad_bias = grads
         # The hidden gradient is an activation kept for backward, so it is saved the standard way
         # (memory probes count it); the weight and bias gradients become the parameters' .grad.
@@ -98,7 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight, grad_bias = ctx.param_grads
         ctx.param_grads = (None, None)  # let autograd take the buffers over instead of copying them
         scaled = [_scale(g, grad_loss) for g in (grad_hidden, grad_weight, grad_bias)]
-        return (*scaled, None, None, None, None)
+        return (*scaled, None, None, None, None, None)
 
 
 def _scale(grad: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor | None:
@@ -106,7 +109,8 @@ def _scale(grad: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor | No
     return grad.mul_(factor.to(grad.dtype)) if grad is not None else None
 
 
-def _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted: _Wanted, normalizer: float):
+def _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted: _Wanted, normalizer: float,
+                  logit_math: "LogitMath"):
     """(summed loss / normalizer, (grad_hidden, grad_weight, grad_bias)) with only one chunk's logits alive."""
     count = hidden.shape[0]
     with torch.autocast(hidden.device.type, enabled=False):
@@ -118,16 +122,11 @@ def _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted: _Wanted, 
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wanted.bias else None
         for start in range(0, count, chunk):
             h = hidden[start : start + chunk].to(dtype)  # (C, H)
-            t = targets[start : start + chunk]  # (C,)
-            logits = F.linear(h, w, b).float()  # (C, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if not wanted.any:
+            loss, d_logits = _chunk_loss(h, w, b, targets[start : start + chunk], wanted.any, normalizer, logit_math)
+            total += loss
+            if d_logits is None:
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (C, V)
-            probs[torch.arange(len(t), device=t.device), t] -= 1.0
-            d_logits = probs.div_(normalizer).to(dtype)  # d(loss)/d(logits): (C, V)
-            del logits, probs  # the fp32 chunk goes before the matmuls allocate theirs
+            d_logits = d_logits.to(dtype)  # d(loss)/d(raw logits): (C, V)
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk] = d_logits @ w  # (C, V) @ (V, H) -> (C, H)
             if grad_weight is not None:
@@ -140,3 +139,47 @@ def _chunked_pass(hidden, weight, bias, targets, chunk, dtype, wanted: _Wanted, 
         grad_bias.to(bias.dtype) if grad_bias is not None else None,
     )
     return total / normalizer, grads
+
+
+def _chunk_loss(h, w, b, t, want_grad: bool, normalizer: float, logit_math: "LogitMath"):
+    """(summed loss, fp32 gradient of the loss / normalizer w.r.t. the raw logits or None) of one chunk."""
+    logits, slope = logit_math.forward(F.linear(h, w, b).float())  # (C, V) fp32, after the family's math
+    lse = torch.logsumexp(logits, dim=-1)  # (C,)
+    loss = (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+    if not want_grad:
+        return loss, None
+    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (C, V)
+    probs[torch.arange(len(t), device=t.device), t] -= 1.0
+    grad = probs.div_(normalizer)  # d(loss)/d(logits after the math): (C, V)
+    return loss, grad if slope is None else grad.mul_(slope)  # chain rule through scaling and soft-capping
+
+
+@dataclass(frozen=True)
+class LogitMath:
+    """What a family's forward applies to the LM head's output, in HF's order: ``* multiplier``, ``/ divisor``, then
+    soft-capping ``softcap * tanh(logits / softcap)``. The identity when all are None."""
+
+    multiplier: float | None = None
+    divisor: float | None = None
+    softcap: float | None = None
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits as the HF forward returns them (in their own dtype)."""
+        return self.forward(logits, want_slope=False)[0]
+
+    def forward(self, logits: torch.Tensor, want_slope: bool = True) -> tuple[torch.Tensor, torch.Tensor | float | None]:
+        """``(transformed logits, d transformed / d logits)`` (the slope None for the identity)."""
+        slope: torch.Tensor | float | None = None
+        if self.multiplier is not None:
+            logits, slope = logits * self.multiplier, self.multiplier
+        if self.divisor is not None:
+            logits, slope = logits / self.divisor, (1.0 if slope is None else slope) / self.divisor
+        if self.softcap is not None:
+            capped = torch.tanh(logits / self.softcap)  # (C, V)
+            logits = capped * self.softcap
+            if want_slope:
+                slope = (1 - capped.square()) * (1.0 if slope is None else slope)
+        return logits, slope
+
+
+NO_MATH = LogitMath()

@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -46,6 +47,16 @@ def call_decoder_layer(
         kwargs["position_embeddings"] = position_embeddings
     out = layer(hidden, **{k: v for k, v in kwargs.items() if k in accepted or "kwargs" in accepted})
     return out[0] if isinstance(out, tuple) else out  # 4.x returns (hidden, ...)
+
+
+def rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor,
+                      kinds: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(cos, sin)`` for each attention kind: one rotary for all (most families), or one per layer type where the
+    rotary module takes it (Gemma 3 in transformers 5: local and global RoPE bases)."""
+    if "layer_type" in _accepted_kwargs(type(rotary).forward):
+        return {kind: rotary(hidden, position_ids, kind) for kind in kinds}
+    shared = rotary(hidden, position_ids)
+    return {kind: shared for kind in kinds}
 
 
 def layer_attention_type(config: Any, index: int) -> str:
@@ -119,3 +130,39 @@ def _is_v5() -> bool:
     import transformers
 
     return int(transformers.__version__.split(".")[0]) >= 5
+
+
+def pretrained(path: Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with the dtype keyword of the installed transformers."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {} if dtype is None else {("dtype" if _is_v5() else "torch_dtype"): dtype}
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def layer_returns_tuple() -> bool:
+    """Whether decoder layers return a tuple ``(hidden, ...)`` (transformers 4.x) rather than the hidden states."""
+    return not _is_v5()
+
+
+def transformers_version() -> str:
+    """The installed transformers' version."""
+    import transformers
+
+    return transformers.__version__
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars and only errors from transformers inside (for internal loads a user did not ask for)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

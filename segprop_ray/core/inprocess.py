@@ -20,7 +20,7 @@ from segprop_ray.core.parts import ModelParts
 from segprop_ray.core.plan import SegPropPlan, segment_seed
 from segprop_ray.core.step_inputs import evaluate_loss
 from segprop_ray.core.training import LoopHooks, SegmentLoop
-from segprop_ray.core.weights import DictSource, SafetensorsSource
+from segprop_ray.core.weights import DictSource
 
 
 @dataclass
@@ -57,7 +57,7 @@ class InProcessRun:
         self.observe = observer or (lambda event, depth, segment: None)  # ("built" | "trained", depth, segment)
         self.parts = ModelParts(AutoConfig.from_pretrained(model_dir), self.device)
         self.plan = SegPropPlan.from_config(cfg.segprop, self.parts.num_layers)
-        self.base = SafetensorsSource.from_model_dir(model_dir)
+        self.base = self.parts.base_source(model_dir)
         self.train_ids, self.eval_ids = as_blocks(train_ids), as_blocks(eval_ids)
         hidden = self.parts.config.hidden_size
         self.group_size = group_size_for(cfg.snapcheck, self.train_ids.input_ids.shape[1], hidden)

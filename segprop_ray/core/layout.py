@@ -1,22 +1,75 @@
-"""Where each architecture family keeps its pieces: one table, no ``if "llama" in name`` branches.
+"""Where each architecture family keeps its pieces, and what its forward computes outside them: one table, no
+``if "llama" in name`` branches.
 
-A decoder-only causal LM is ``embed -> decoder layers -> final norm -> LM head``. The table says,
-per family (``config.model_type``), which module paths hold those pieces. Any model with the usual
-``model.embed_tokens / model.layers / model.norm / lm_head`` layout works without an entry; families
-known to add something outside those modules (embedding scaling, logit soft-capping) are refused by
-name rather than split wrongly.
+A decoder-only causal LM is ``embed -> decoder layers -> final norm -> LM head``. The table says, per family
+(``config.model_type``), which module paths hold those pieces and which model-level math the HF forward applies
+between them (:class:`ModelMath`: an embedding multiplier, a logit multiplier, final logit soft-capping). Every
+stage, the chunked loss, the snapshots and the evaluations read that one description. A family without an
+entry but with the usual ``model.embed_tokens / model.layers / model.norm / lm_head`` modules is tried with no
+extra math; the self-check (:mod:`segprop_ray.core.self_check`) then decides, from a small random copy of the
+model, whether the split reproduces the HF forward, and refuses it in one line if not.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from torch import nn
+
+ConfigValue = Callable[[Any, nn.Module], "float | None"]
+"""``value(config, embedding_module)``: a multiplier the HF forward applies, or None for none."""
+
+
+def _config_field(name: str) -> ConfigValue:
+    return lambda config, _module: getattr(config, name, None)
+
+
+def _sqrt_hidden_unless_scaled(config: Any, module: nn.Module) -> float | None:
+    """Gemma's ``sqrt(hidden_size)``, applied by the model's forward in transformers 4.x and by its embedding
+    module (a buffer ``embed_scale``) in 5.x: outside the module only where the module does not scale itself."""
+    return None if hasattr(module, "embed_scale") else math.sqrt(config.hidden_size)
+
+
+@dataclass(frozen=True)
+class ModelMath:
+    """What a family's HF forward computes between the split modules."""
+
+    embed_scale: ConfigValue | None = None
+    """Multiplier of the token embeddings (Gemma: sqrt(hidden); Granite: embedding_multiplier)."""
+    embed_scale_in_dtype: bool = False
+    """The multiplier is first rounded to the embeddings' dtype (Gemma's ``normalizer``)."""
+    logit_scale: ConfigValue | None = None
+    """Multiplier of the logits (Cohere: logit_scale)."""
+    logit_divisor_field: str | None = None
+    """Config field the logits are divided by (Granite: logits_scaling)."""
+    softcap_field: str | None = None
+    """Config field of the final logit soft-capping ``cap * tanh(logits / cap)`` (Gemma 2 and 3)."""
+
+    def embedding_multiplier(self, config: Any, module: nn.Module) -> float | None:
+        """The embedding multiplier of ``config`` (None: none)."""
+        value = self.embed_scale(config, module) if self.embed_scale else None
+        return None if value in (None, 1, 1.0) else float(value)
+
+    def logit_multiplier(self, config: Any) -> float | None:
+        """The logit multiplier of ``config`` (None: none)."""
+        value = self.logit_scale(config, None) if self.logit_scale else None
+        return None if value in (None, 1, 1.0) else float(value)
+
+    def logit_divisor(self, config: Any) -> float | None:
+        """What ``config`` divides the logits by (None: nothing)."""
+        value = getattr(config, self.logit_divisor_field, None) if self.logit_divisor_field else None
+        return None if value in (None, 1, 1.0) else float(value)
+
+    def softcap(self, config: Any) -> float | None:
+        """The final logit soft-cap of ``config`` (None: none)."""
+        return getattr(config, self.softcap_field, None) if self.softcap_field else None
 
 
 @dataclass(frozen=True)
 class ArchLayout:
-    """Module paths of one architecture family, relative to the ``*ForCausalLM`` model."""
+    """Module paths of one architecture family, relative to the ``*ForCausalLM`` model, and its model-level math."""
 
     family: str
     embed: str
@@ -33,6 +86,10 @@ class ArchLayout:
     """Learned absolute position embedding added to the token embedding (GPT-2)."""
     embed_dropout: str | None = None
     """Dropout applied to the embedding output, if the family has one."""
+    math: ModelMath = field(default_factory=ModelMath)
+    """What the HF forward computes outside the split modules."""
+    known: bool = True
+    """From the table (tested here) rather than assumed from the usual module names."""
 
     def layer_path(self, index: int) -> str:
         """Path of decoder layer ``index``, e.g. ``model.layers.3``."""
@@ -50,12 +107,19 @@ class ArchLayout:
 _ROPE_DECODER = dict(
     embed="model.embed_tokens", layers="model.layers", norm="model.norm", rotary="model.rotary_emb"
 )
+_GEMMA_EMBED = dict(embed_scale=_sqrt_hidden_unless_scaled, embed_scale_in_dtype=True)
+_GEMMA = ModelMath(**_GEMMA_EMBED, softcap_field="final_logit_softcapping")
 
 LAYOUTS: dict[str, ArchLayout] = {
-    "llama": ArchLayout("llama", **_ROPE_DECODER),
-    "mistral": ArchLayout("mistral", **_ROPE_DECODER),
-    "qwen2": ArchLayout("qwen2", **_ROPE_DECODER),
-    "qwen3": ArchLayout("qwen3", **_ROPE_DECODER),
+    **{family: ArchLayout(family, **_ROPE_DECODER) for family in
+       ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "mixtral", "qwen3_moe")},
+    "gemma": ArchLayout("gemma", **_ROPE_DECODER, math=ModelMath(**_GEMMA_EMBED)),
+    "gemma2": ArchLayout("gemma2", **_ROPE_DECODER, math=_GEMMA),
+    "gemma3_text": ArchLayout("gemma3_text", **_ROPE_DECODER, math=_GEMMA),
+    "granite": ArchLayout("granite", **_ROPE_DECODER, math=ModelMath(embed_scale=_config_field("embedding_multiplier"),
+                                                                     logit_divisor_field="logits_scaling")),
+    "cohere": ArchLayout("cohere", **_ROPE_DECODER, math=ModelMath(logit_scale=_config_field("logit_scale"))),
+    "cohere2": ArchLayout("cohere2", **_ROPE_DECODER, math=ModelMath(logit_scale=_config_field("logit_scale"))),
     "gpt2": ArchLayout(
         "gpt2",
         embed="transformer.wte",
@@ -66,32 +130,20 @@ LAYOUTS: dict[str, ArchLayout] = {
     ),
 }
 
-# Families with the usual module layout whose forward does more than those modules do.
-UNSUPPORTED: dict[str, str] = {
-    "gemma": "it scales embeddings by sqrt(hidden_size) outside the embedding module",
-    "gemma2": "it scales embeddings and soft-caps logits outside the split modules",
-    "gemma3": "it scales embeddings and soft-caps logits outside the split modules",
-    "gemma3_text": "it scales embeddings and soft-caps logits outside the split modules",
-    "cohere": "it scales logits outside the LM head",
-    "granite": "it applies embedding and logit multipliers outside the split modules",
-}
-
 
 class UnsupportedArchitecture(ValueError):
-    """The model's architecture cannot be split into embed / layers / norm / head."""
+    """The model's architecture cannot be split into embed / layers / norm / head exactly."""
 
 
 def resolve_layout(model: nn.Module) -> ArchLayout:
     """The layout of ``model`` (a ``*ForCausalLM``), from the table or the generic convention."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-    if model_type in UNSUPPORTED:
-        raise UnsupportedArchitecture(f"architecture {arch} ({model_type}) is not supported: {UNSUPPORTED[model_type]}")
     if model_type in LAYOUTS:
         layout = LAYOUTS[model_type]
     else:
         rotary = _ROPE_DECODER["rotary"] if _has_module(model, _ROPE_DECODER["rotary"]) else None
-        layout = ArchLayout(model_type, **{**_ROPE_DECODER, "rotary": rotary})
+        layout = ArchLayout(model_type, **{**_ROPE_DECODER, "rotary": rotary}, known=False)
     missing = [p for p in (layout.embed, layout.layers, layout.norm, layout.head) if not _has_module(model, p)]
     if missing:
         raise UnsupportedArchitecture(

@@ -1,23 +1,29 @@
 """Building only the pieces a job needs, with only their weights read.
 
-The full model exists only as a skeleton on the ``meta`` device (no memory); a piece is a copy of
-its skeleton module, materialised on the target device and filled from a :class:`TensorSource`.
-A segment worker for a 70B model therefore holds one layer, LL and the head, never the model.
+The full model exists only as a skeleton whose parameters are on the ``meta`` device (no memory) and whose
+buffers are real (they are computed from the config at construction and small: rotary frequencies, Gemma's
+embedding scale, transformers 4.x GPT-2's causal mask). A piece is a copy of its skeleton module with its
+parameters materialised on the target device and filled from a :class:`TensorSource`. A segment worker for a
+70B model therefore holds one layer, LL and the head, never the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from segprop_ray.core.head_loss import LogitMath
 from segprop_ray.core.hf_compat import make_rotary, model_from_config
 from segprop_ray.core.layout import ArchLayout, resolve_layout
 from segprop_ray.core.stack import DecoderStack, Embedder, LMHead, Segment
-from segprop_ray.core.weights import TensorSource
+from segprop_ray.core.checkpoint_names import model_source
+from segprop_ray.core.weights import SafetensorsSource, TensorSource
 
 
 class ModelParts:
@@ -27,11 +33,15 @@ class ModelParts:
         self.config = copy.deepcopy(config)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.config.tie_word_embeddings = False  # pieces are built apart; a segment ties them again when asked
-        with torch.device("meta"):
+        with parameters_on_meta():
             self.skeleton = model_from_config(self.config)
         self.layout: ArchLayout = resolve_layout(self.skeleton)
         self.device = torch.device(device)
         self.dtype = dtype
+
+    def base_source(self, model_dir: str | Path) -> TensorSource:
+        """The input model's weights in ``model_dir`` under the names this model's modules use."""
+        return model_source(SafetensorsSource.from_model_dir(model_dir), self.layout.family)
 
     @property
     def num_layers(self) -> int:
@@ -40,24 +50,10 @@ class ModelParts:
 
     def piece(self, path: str, source: TensorSource) -> nn.Module:
         """A fresh copy of module ``path`` on the device, with its weights read from ``source``."""
-        template = self.skeleton.get_submodule(path)
-        if _computed_buffers(template):
-            module = self._constructed(path, template)
-        else:
-            module = copy.deepcopy(template).to_empty(device=self.device)
-        module = module.to(self.dtype)
+        module = materialize(copy.deepcopy(self.skeleton.get_submodule(path)), self.device).to(self.dtype)
         state = {name: self._read(source, f"{path}.{name}") for name in module.state_dict()}
         module.load_state_dict(state, strict=True)
         return module
-
-    def _constructed(self, path: str, template: nn.Module) -> nn.Module:
-        """Build a decoder layer for real: its non-saved buffers (e.g. transformers 4.x GPT-2's causal mask)
-        are computed in ``__init__`` and would be garbage after a meta copy."""
-        prefix = self.layout.layers + "."
-        if not path.startswith(prefix):
-            raise ValueError(f"{path} holds buffers that are not saved with the weights; cannot rebuild it")
-        with torch.device(self.device):
-            return type(template)(self.config, layer_idx=int(path[len(prefix):]))
 
     def _read(self, source: TensorSource, name: str) -> torch.Tensor:
         if name in source.keys():
@@ -67,15 +63,22 @@ class ModelParts:
         raise KeyError(f"weight {name} not found in the model's weights")
 
     def embedder(self, source: TensorSource) -> Embedder:
-        """Token (and position) embedding."""
+        """Token (and position) embedding, with the family's embedding multiplier."""
         lay = self.layout
         positions = self.piece(lay.pos_embed, source) if lay.pos_embed else None
         dropout = copy.deepcopy(self.skeleton.get_submodule(lay.embed_dropout)) if lay.embed_dropout else None
-        return Embedder(self.piece(lay.embed, source), positions, dropout)
+        tokens = self.piece(lay.embed, source)
+        scale = lay.math.embedding_multiplier(self.config, tokens)
+        return Embedder(tokens, positions, dropout, scale, scale_in_dtype=lay.math.embed_scale_in_dtype)
 
     def head(self, source: TensorSource) -> LMHead:
-        """Final norm + LM head."""
-        return LMHead(self.piece(self.layout.norm, source), self.piece(self.layout.head, source))
+        """Final norm + LM head, with the family's logit scaling and soft-capping."""
+        return LMHead(self.piece(self.layout.norm, source), self.piece(self.layout.head, source), self.logit_math())
+
+    def logit_math(self) -> LogitMath:
+        """The logit transform of this model's family and config."""
+        math = self.layout.math
+        return LogitMath(math.logit_multiplier(self.config), math.logit_divisor(self.config), math.softcap(self.config))
 
     def rotary(self) -> nn.Module | None:
         """The rotary embedding (computed buffers, no weights), if the family has one."""
@@ -103,9 +106,36 @@ class ModelParts:
         return Segment(stack, origins, embedder, head)
 
 
-def _computed_buffers(module: nn.Module) -> bool:
-    """Whether ``module`` has buffers that are not in its state dict (computed at construction)."""
-    return any(m._non_persistent_buffers_set for m in module.modules())
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on ``meta`` (no memory, no initialisation) and their buffers for
+    real, as accelerate's ``init_empty_weights(include_buffers=False)`` does."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def materialize(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` with empty parameters on ``device`` (to be loaded) and its computed buffers moved there."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                sub._parameters[name] = nn.Parameter(torch.empty_like(param, device=device),
+                                                     requires_grad=param.requires_grad)
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None:
+                sub._buffers[name] = buffer.to(device) if buffer.device.type != "meta" else torch.empty_like(
+                    buffer, device=device)
+    return module
 
 
 @dataclass

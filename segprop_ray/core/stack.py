@@ -14,36 +14,46 @@ import torch
 from torch import nn
 
 from segprop_ray.core.blocks import all_positions_index
-from segprop_ray.core.head_loss import linear_cross_entropy
-from segprop_ray.core.hf_compat import attention_masks, call_decoder_layer, layer_attention_type
+from segprop_ray.core.head_loss import NO_MATH, LogitMath, linear_cross_entropy
+from segprop_ray.core.hf_compat import attention_masks, call_decoder_layer, layer_attention_type, rotary_embeddings
 
 
 class Embedder(nn.Module):
-    """Token embedding, plus learned positions and dropout where the family has them."""
+    """Token embedding (times the family's embedding multiplier), plus learned positions and dropout where the
+    family has them."""
 
-    def __init__(self, tokens: nn.Embedding, positions: nn.Embedding | None = None, dropout: nn.Module | None = None):
+    def __init__(self, tokens: nn.Embedding, positions: nn.Embedding | None = None, dropout: nn.Module | None = None,
+                 scale: float | None = None, scale_in_dtype: bool = False):
         super().__init__()
         self.tokens = tokens
         self.positions = positions
         self.dropout = dropout
+        self.scale = scale
+        """Multiplier of the token embeddings (None: none)."""
+        self.scale_in_dtype = scale_in_dtype
+        """Round the multiplier to the embeddings' dtype first (Gemma's ``normalizer``), else multiply by the float."""
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.tokens(input_ids)  # (B, T) -> (B, T, H)
+        if self.scale is not None:
+            factor = torch.tensor(self.scale, dtype=hidden.dtype) if self.scale_in_dtype else self.scale
+            hidden = hidden * factor
         if self.positions is not None:
             hidden = hidden + self.positions(position_ids)  # (B, T, H) + (B, T, H)
         return self.dropout(hidden) if self.dropout is not None else hidden
 
 
 class LMHead(nn.Module):
-    """Final norm and projection to the vocabulary."""
+    """Final norm and projection to the vocabulary, then the family's logit scaling and soft-capping."""
 
-    def __init__(self, norm: nn.Module, proj: nn.Linear):
+    def __init__(self, norm: nn.Module, proj: nn.Linear, logit_math: LogitMath | None = None):
         super().__init__()
         self.norm = norm
         self.proj = proj
+        self.logit_math = logit_math or NO_MATH
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(hidden))  # (B, T, H) -> (B, T, V)
+        return self.logit_math.apply(self.proj(self.norm(hidden)))  # (B, T, H) -> (B, T, V)
 
     def next_token_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, predict_at: torch.Tensor | None = None,
                         num_items: float | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
@@ -61,7 +71,7 @@ class LMHead(nn.Module):
         targets = input_ids.reshape(-1).index_select(0, predict_at + 1)  # (N,): the next token of each
         normalizer = float(num_items) if num_items is not None else max(len(predict_at), 1)
         return linear_cross_entropy(self.norm(chosen), self.proj.weight, self.proj.bias, targets, chunk_tokens,
-                                    normalizer=normalizer)
+                                    normalizer=normalizer, logit_math=self.logit_math)
 
 
 class DecoderStack(nn.Module):
@@ -80,11 +90,12 @@ class DecoderStack(nn.Module):
         which gives every example its own block of the causal mask (transformers' packed-sequence masks)."""
         if not self.indices:
             return hidden
-        rope = self.rotary(hidden, position_ids) if self.rotary is not None else None
-        masks = attention_masks(self.config, hidden, position_ids, set(self._kinds))
+        kinds = set(self._kinds)
+        rope = rotary_embeddings(self.rotary, hidden, position_ids, kinds) if self.rotary is not None else {}
+        masks = attention_masks(self.config, hidden, position_ids, kinds)
         for layer, kind in zip(self.layers, self._kinds):
             hidden = call_decoder_layer(
-                layer, hidden, attention_mask=masks[kind], position_ids=position_ids, position_embeddings=rope
+                layer, hidden, attention_mask=masks[kind], position_ids=position_ids, position_embeddings=rope.get(kind)
             )
         return hidden
 

@@ -17,7 +17,7 @@ from segprop_ray.config import Config
 from segprop_ray.core.iteration import RunWeights
 from segprop_ray.core.parts import ModelParts
 from segprop_ray.core.plan import SegPropPlan
-from segprop_ray.core.weights import DictSource, SafetensorsSource, TensorSource
+from segprop_ray.core.weights import DictSource, TensorSource
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.models import resolve_model_dir
 from segprop_ray.storage.shard_format import ShardSpec
@@ -88,10 +88,12 @@ class JobContext:
         chosen = {p: self.files[p] for p in paths if p in self.files}
         return WeightStore(self.layout).source(chosen) if chosen else DictSource({})
 
-    def run_weights(self, plan: SegPropPlan, committed_layers: list[int], tied: bool = False) -> RunWeights:
-        """Weight sources for this job: the input model, the committed files it needs, and exits on demand
-        (``tied``: the model ties its head to the embedding, see :class:`RunWeights`)."""
-        base = SafetensorsSource.from_model_dir(self.model_dir)
+    def run_weights(self, plan: SegPropPlan, committed_layers: list[int], tied: bool = False,
+                    parts: ModelParts | None = None) -> RunWeights:
+        """Weight sources for this job: the input model (under its modules' names), the committed files it needs,
+        and exits on demand (``tied``: the model ties its head to the embedding, see :class:`RunWeights`)."""
+        parts = parts or self.parts(torch.device("meta"))
+        base = parts.base_source(self.model_dir)
         paths = [EMBED_FILE] + [layer_file(i) for i in committed_layers]
         committed = self.source(paths)
         return RunWeights(plan, base, committed, lambda d: self.source([exit_file(d)]), self.cfg.segprop.ll_baseline,

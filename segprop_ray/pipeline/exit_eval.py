@@ -56,7 +56,7 @@ def exit_metrics(job: dict[str, Any]) -> dict[str, Any]:
     parts = ctx.parts(device)
     plan = ctx.plan(parts.num_layers)
     depth = ctx.depth
-    weights = ctx.run_weights(plan, committed_layers=list(range(depth + 1)) if depth >= 0 else [])
+    weights = ctx.run_weights(plan, committed_layers=list(range(depth + 1)) if depth >= 0 else [], parts=parts)
     layers = list(range(parts.num_layers)) if depth < 0 else plan.exit_layers(depth)
     source = weights.base if depth < 0 else ChainSource(weights.committed, weights.exit_weights(depth), weights.base)
     model = build_segment(parts, SegmentSpec([(i, source) for i in layers], source, source), trainable=False,

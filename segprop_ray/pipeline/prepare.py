@@ -12,7 +12,8 @@ from typing import Any
 from segprop_ray.config import Config, RunConflict, config_to_yaml
 from segprop_ray.core.parts import ModelParts
 from segprop_ray.core.plan import SegPropPlan
-from segprop_ray.storage.fs import check_writable
+from segprop_ray.core.self_check import check_model_family
+from segprop_ray.storage.fs import cache_root, check_writable
 from segprop_ray.pipeline.data_checks import check_data
 from segprop_ray.storage.inputs import expand_inputs
 from segprop_ray.storage.layout import RunLayout
@@ -58,6 +59,7 @@ def inspect_model(cfg: Config) -> tuple[ModelInfo, ModelParts]:
 
     hf_config = AutoConfig.from_pretrained(model_config_dir(cfg.model, cfg.storage_options))
     parts = ModelParts(hf_config)
+    check_model_family(hf_config, cache_root())  # exact on a small random copy, or refused here in one line
     arch = (getattr(hf_config, "architectures", None) or [type(parts.skeleton).__name__])[0]
     info = ModelInfo(uri=cfg.model, architecture=arch, family=parts.layout.family, num_layers=parts.num_layers,
                      hidden_size=hf_config.hidden_size, vocab_size=hf_config.vocab_size, tied_embeddings=parts.tied,

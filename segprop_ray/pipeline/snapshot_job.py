@@ -44,7 +44,7 @@ class SnapshotActor:
         parts = self.ctx.parts(self.device)
         plan = self.ctx.plan(parts.num_layers)
         layers = plan.prefix_layers if self.ctx.depth == plan.base_depth else [self.ctx.depth]
-        weights = self.ctx.run_weights(plan, committed_layers=layers)
+        weights = self.ctx.run_weights(plan, committed_layers=layers, parts=parts)
         self.producer = build_segment(parts, weights.snapshot_spec(self.ctx.depth), trainable=False)
         self.source_depth = None if self.ctx.depth == plan.base_depth else self.ctx.depth - 1
         self.spec = self.ctx.spec(parts.config.hidden_size)

@@ -127,3 +127,33 @@ def test_a_second_backward_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated once"):
         loss.backward()
+
+
+@pytest.mark.parametrize("math", [dict(multiplier=0.0625), dict(divisor=8.0), dict(softcap=3.0),
+                                  dict(multiplier=2.5, softcap=2.0)])
+@pytest.mark.parametrize("chunk", [5, None])
+def test_family_logit_math_is_applied_and_differentiated(math, chunk):
+    """Cohere's multiplier, Granite's divisor, Gemma's soft-cap: the chunked loss and its gradients equal autograd
+    through HF's order of operations (scale, then cap * tanh(logits / cap)), with a sum over N / normalizer."""
+    from segprop_ray.core.head_loss import LogitMath
+
+    logit_math = LogitMath(**math)
+
+    def reference(hidden, weight, bias, targets):
+        logits = F.linear(hidden, weight, bias).float()
+        if "multiplier" in math:
+            logits = logits * math["multiplier"]
+        if "divisor" in math:
+            logits = logits / math["divisor"]
+        if "softcap" in math:
+            logits = torch.tanh(logits / math["softcap"]) * math["softcap"]
+        return F.cross_entropy(logits, targets, reduction="sum") / 50.0
+
+    def chunked(hidden, weight, bias, targets):
+        return linear_cross_entropy(hidden, weight, bias, targets, chunk, normalizer=50.0, logit_math=logit_math)
+
+    expected, expected_grads = loss_and_grads(reference, *leaves())
+    got, grads = loss_and_grads(chunked, *leaves())
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)

@@ -53,7 +53,9 @@ def test_submit_refuses_a_local_run_dir_for_a_remote_cluster(tmp_path, capsys, r
 
 @pytest.mark.parametrize("address,local", [
     ("http://127.0.0.1:8265", True), ("localhost:8265", True), ("http://[::1]:8265", True),
-    ("http://head.example.com:8265", False), ("10.1.2.3:8265", False),
+    ("http://0.0.0.0:8265", True), ("http://LOCALHOST:8265", True), ("127.0.0.2:8265", True),
+    ("http://head.example.com:8265", False), ("10.1.2.3:8265", False), ("http://localhost.example.com:8265", False),
+    ("http://[::2]:8265", False),
 ])
 def test_local_addresses(address, local):
     assert is_local_address(address) is local

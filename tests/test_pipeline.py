@@ -217,7 +217,8 @@ def one_process_on_both_ranks(cfg, model_dir, depth: int, rows: dict[str, torch.
 def assert_same_weights(stored: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
     assert sorted(stored) == sorted(reference)
     for name, tensor in reference.items():
-        torch.testing.assert_close(stored[name], tensor, **DATA_PARALLEL_TOLERANCE, msg=name)
+        torch.testing.assert_close(stored[name], tensor, **DATA_PARALLEL_TOLERANCE,
+                                   msg=lambda message, name=name: f"{name}: {message}")
 
 
 def snapshot_rows(layout, depth: int, num_blocks: int) -> dict[str, torch.Tensor]:

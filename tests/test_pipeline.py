@@ -215,6 +215,7 @@ def one_process_on_both_ranks(cfg, model_dir, depth: int, rows: dict[str, torch.
 
 
 def assert_same_weights(stored: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    """The same tensor names, every tensor within the data-parallel tolerance."""
     assert sorted(stored) == sorted(reference)
     for name, tensor in reference.items():
         torch.testing.assert_close(stored[name], tensor, **DATA_PARALLEL_TOLERANCE,

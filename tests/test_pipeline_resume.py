@@ -83,6 +83,7 @@ def files_under(run_dir, pattern: str) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def assert_identical(stored: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    """The same tensor names, and every tensor of the same dtype and bits."""
     assert sorted(stored) == sorted(expected), where
     for name, tensor in expected.items():
         assert stored[name].dtype == tensor.dtype and torch.equal(stored[name], tensor), f"{where}: {name}"

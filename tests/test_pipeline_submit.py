@@ -81,6 +81,7 @@ def lr0_config(tmp_path):
 
 
 def assert_exports_the_input_model(run_dir, model) -> None:
+    """The run is done and its final export gives the input model's logits exactly."""
     _, manifest = open_run(str(run_dir))
     assert manifest.state == "done"
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "export" / f"exit-{manifest.final_depth}").eval()

@@ -36,7 +36,8 @@ def demo(tmp_path_factory) -> tuple[Path, str]:
     home.mkdir()
     command = [str(Path(sys.executable).parent / "segprop"), "demo", "--out", str(out)]
     command += [arg for override in STEP_BUDGET for arg in ("--set", override)]
-    env = child_environment(home, PYTHONIOENCODING="utf-8")
+    # Ray Train's controller polls the workers every 0.25 s instead of 2 s: each checkpoint report waits for a poll.
+    env = child_environment(home, PYTHONIOENCODING="utf-8", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25")
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

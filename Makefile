@@ -29,14 +29,17 @@ test: $(STAMP)
 
 # The split/export/head-loss tests again on transformers 4.57 (the decoder-layer call changed in 5.x), from a side
 # directory shadowing the venv's transformers 5.
+# SEGPROP_EXPECT_TRANSFORMERS makes the run stop at once unless it imported exactly that transformers (tests/conftest.py),
+# so a shadowing that fails cannot rerun 5.x and pass.
 TF4 := $(VENV)/transformers4
+TF4_VERSION := 4.57.3
 $(TF4)/.installed: $(STAMP)
-	$(BIN)/pip install -q --no-deps --target $(TF4) transformers==4.57.3 tokenizers==0.22.1 huggingface-hub==0.36.0
+	$(BIN)/pip install -q --no-deps --target $(TF4) transformers==$(TF4_VERSION) tokenizers==0.22.1 huggingface-hub==0.36.0
 	touch $@
 
 test-compat: $(TF4)/.installed
-	PYTHONPATH=$(TF4) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_core_split.py tests/test_core_export.py \
-		tests/test_core_head_loss.py
+	PYTHONPATH=$(TF4) SEGPROP_EXPECT_TRANSFORMERS=$(TF4_VERSION) $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/test_core_split.py tests/test_core_export.py tests/test_core_head_loss.py
 
 # Everything but the tests marked slow.
 test-fast: $(STAMP)

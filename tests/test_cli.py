@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -84,10 +85,16 @@ def test_status_of_a_prepared_run(tmp_path, capsys, inputs):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "segprop_ray.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0
-    for command in ("run", "status", "export", "submit", "demo"):
-        assert command in out.stdout
+    """The ``segprop`` entry point pip installed beside this interpreter (the one ``make run`` calls)."""
+    script = Path(sys.executable).parent / "segprop"
+    assert script.is_file(), f"{script} is missing: reinstall the package (make venv)"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: segprop ")
+    for command in ("run", "status", "export", "submit", "report", "demo"):
+        assert f"    {command} " in out.stdout, command
+    out = subprocess.run([str(script), "status", "/no/such/run"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "holds no segprop run" in one_line_error(out.stderr)  # main()'s exit code
 
 
 def test_status_shows_a_running_iterations_progress(tmp_path, capsys, inputs):

@@ -61,7 +61,7 @@ def test_overrides_parse_yaml_values(tmp_path):
     (MINIMAL, ["segprop.mode=fast"], "segprop.mode: Input should be 'segprop', 'lw' or 'e2e'"),
     (MINIMAL, ["stage1.lr=3"], "unknown training field(s) ['lr']"),
     (MINIMAL, ["training.max_steps=0"], "max_steps is 0"),
-    (MINIMAL, ["model="], "model:"),
+    (MINIMAL, ["model="], "config: model: must not be empty (got '')"),
     (MINIMAL, ["training"], "expected KEY=VALUE"),
 ])
 def test_bad_configs_give_one_line_errors(raw, overrides, message):

@@ -22,9 +22,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deploy_checks as dc  # noqa: E402
 
-helm_chart = pytest.importorskip("helm_python.chart", reason="helm-python-sdk renders the chart")
-from helm_python import HelmRenderError, HelmValuesError  # noqa: E402
-
 VALUES_YAML = dc.CHART_DIR / "values.yaml"
 FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYFAKESECRETKEY"
 
@@ -56,7 +53,7 @@ def merged_values(values: dict[str, Any] | None) -> dict[str, Any]:
 
 @pytest.mark.parametrize("values_name", sorted(VALUE_SETS))
 def test_helm_lint_strict_passes(values_name):
-    report = helm_chart.lint(str(dc.CHART_DIR), VALUE_SETS[values_name](), strict=True, namespace="ml")
+    report = dc.helm_sdk().chart.lint(str(dc.CHART_DIR), VALUE_SETS[values_name](), strict=True, namespace="ml")
     problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings and errors
     assert report["errors"] == [] and problems == [], report
 
@@ -143,9 +140,9 @@ def test_kuberay_rules_and_name_checks_bite(spot_docs):
 )
 def test_values_schema_rejects(values):
     chart = dc.load_chart()
-    with pytest.raises(HelmValuesError):
+    with pytest.raises(dc.helm_sdk().HelmValuesError):
         chart.validate_schema(chart.merge_values(values))
-    with pytest.raises(HelmValuesError):
+    with pytest.raises(dc.helm_sdk().HelmValuesError):
         dc.render_chart(values)
 
 
@@ -311,9 +308,9 @@ def test_grace_period_covers_drain_and_checkpoint(rendered):
 
 
 def test_too_short_grace_period_fails_the_render():
-    with pytest.raises(HelmRenderError, match="drainTimeoutSeconds"):
+    with pytest.raises(dc.helm_sdk().HelmRenderError, match="drainTimeoutSeconds"):
         dc.render_chart({"workerGroups": {"trainer": {"terminationGracePeriodSeconds": 30}}})
-    with pytest.raises(HelmRenderError, match="preStop"):
+    with pytest.raises(dc.helm_sdk().HelmRenderError, match="preStop"):
         dc.render_chart({"workerGroups": {"trainer": {"terminationGracePeriodSeconds": 60}}})
     job = the_job(dc.manifests(dc.render_chart({
         "gracefulShutdown": {"preStopDrain": False},
@@ -346,7 +343,7 @@ def test_rayjob_name_carries_the_run_id():
 
 
 def test_too_long_rayjob_name_fails_instead_of_truncating():
-    with pytest.raises(HelmRenderError, match="47"):
+    with pytest.raises(dc.helm_sdk().HelmRenderError, match="47"):
         dc.render_chart({"runId": "attempt-000000000001"}, name="a-rather-long-release-name-x")
 
 

@@ -21,8 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deploy_checks as dc  # noqa: E402
 import values_docs  # noqa: E402
 
-pytest.importorskip("helm_python.chart", reason="helm-python-sdk renders the chart")
-
 VALUES_YAML = dc.CHART_DIR / "values.yaml"
 SCHEMA = json.loads((dc.CHART_DIR / "values.schema.json").read_text())
 DEPLOY = dc.REPO / "deploy"

@@ -33,22 +33,26 @@ def test_local_readers_never_see_a_torn_document(tmp_path):
     fs, root = resolve_filesystem(str(tmp_path))
     path, body = f"{root}/m.json", {"payload": "x" * 200_000}
     write_json_atomic(fs, path, {**body, "step": -1})
-    stop, bad = threading.Event(), []
+    stop, reading, bad, steps = threading.Event(), threading.Event(), [], []
 
-    def reader() -> None:
-        while not stop.is_set():
-            try:
-                json.loads(open(path, "rb").read())
-            except json.JSONDecodeError as error:
-                bad.append(error)
+    def reader() -> None:  # any failure counts (a missing file mid-rename, a torn read), and ends the reader
+        try:
+            while not stop.is_set():
+                with open(path, "rb") as handle:
+                    steps.append(json.loads(handle.read())["step"])
+                reading.set()
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            bad.append(error)
 
     thread = threading.Thread(target=reader)
     thread.start()
+    assert reading.wait(10), bad
     for step in range(40):
         write_json_atomic(fs, path, {**body, "step": step})
     stop.set()
     thread.join()
     assert not bad
+    assert steps[0] == -1 and steps == sorted(steps)  # never an older document after a newer one
 
 
 def test_other_filesystems_use_temp_and_move():

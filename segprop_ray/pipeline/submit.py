@@ -59,11 +59,11 @@ def submit_run(config: str, address: str, overrides: list[str], wait: bool = Tru
     """Submit the run; with ``wait``, stream its logs and return 0 on success, 1 on failure."""
     cfg = load_config(config, overrides)  # bad input fails here, before Ray is imported or anything is sent
     check_run_dir_reachable(cfg.run_dir, address)
+    enable_token_auth_if_available()  # before Ray is imported: it reads RAY_AUTH_MODE once, on import
     from ray.job_submission import JobSubmissionClient
 
     from segprop_ray.pipeline.runtime import FORWARDED_ENV
 
-    enable_token_auth_if_available()
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory() as staging:
         job_dir = Path(staging) / "job"  # a copy: the user's directory is never written to

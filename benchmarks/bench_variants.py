@@ -129,7 +129,7 @@ def run_recompute(plan: BenchPlan, prefix: int, device: torch.device) -> dict[st
     start = time.perf_counter()
     parts = ctx.parts(device)
     run_plan = ctx.plan(parts.num_layers)
-    weights = ctx.run_weights(run_plan, committed_layers=[])
+    weights = ctx.run_weights(run_plan, committed_layers=[], parts=parts)
     frozen = build_segment(parts, weights.snapshot_spec(prefix), trainable=False)  # embedder + layers 0..p
     model = PrefixRecompute(frozen, build_segment(parts, weights.training_spec(prefix + 1), trainable=True))
     args = ctx.cfg.training_for("stage2")
@@ -205,7 +205,7 @@ def run_snap_write(plan: BenchPlan, prefix: int, device: torch.device) -> dict[s
     ctx = job_context(plan, "segprop", prefix, depth, snapshot_hash(prefix))
     start = time.perf_counter()
     parts = ctx.parts(device)
-    weights = ctx.run_weights(ctx.plan(parts.num_layers), committed_layers=[depth])
+    weights = ctx.run_weights(ctx.plan(parts.num_layers), committed_layers=[depth], parts=parts)
     producer = build_segment(parts, weights.snapshot_spec(depth), trainable=False)  # layer p+1 alone
     build_s = time.perf_counter() - start
     spent = {"fn_s": 0.0}

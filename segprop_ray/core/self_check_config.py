@@ -64,8 +64,6 @@ def _shrink_widths(small: Any) -> None:
             setattr(small, name, value)
     if heads and kv:  # keep the grouping: multi-head, multi-query, or grouped
         small.num_key_value_heads = 4 if kv == heads else 1 if kv == 1 else 2
-    if getattr(small, "head_dim", None) is None and hasattr(small, "hidden_size") and heads:
-        pass  # derived from hidden_size // num_attention_heads by the model
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(small, name, None)
         if isinstance(value, int) and value >= small.vocab_size:

@@ -88,11 +88,10 @@ class JobContext:
         chosen = {p: self.files[p] for p in paths if p in self.files}
         return WeightStore(self.layout).source(chosen) if chosen else DictSource({})
 
-    def run_weights(self, plan: SegPropPlan, committed_layers: list[int], tied: bool = False,
-                    parts: ModelParts | None = None) -> RunWeights:
-        """Weight sources for this job: the input model (under its modules' names), the committed files it needs,
-        and exits on demand (``tied``: the model ties its head to the embedding, see :class:`RunWeights`)."""
-        parts = parts or self.parts(torch.device("meta"))
+    def run_weights(self, plan: SegPropPlan, committed_layers: list[int], parts: ModelParts,
+                    tied: bool = False) -> RunWeights:
+        """Weight sources for this job: the input model (under the names of ``parts``' modules), the committed files
+        it needs, and exits on demand (``tied``: the model ties its head to the embedding, see :class:`RunWeights`)."""
         base = parts.base_source(self.model_dir)
         paths = [EMBED_FILE] + [layer_file(i) for i in committed_layers]
         committed = self.source(paths)

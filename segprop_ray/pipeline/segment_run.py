@@ -40,7 +40,7 @@ class SegmentRun:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(segment_seed(self.args.seed, ctx.depth))
-        weights = ctx.run_weights(self.plan, committed_layers=[], tied=self.parts.tied, parts=self.parts)
+        weights = ctx.run_weights(self.plan, committed_layers=[], parts=self.parts, tied=self.parts.tied)
         self.segment = build_segment(self.parts, weights.training_spec(ctx.depth), trainable=True,
                                      loss_chunk_tokens=self.args.loss_chunk_tokens)
         # counted before FSDP shards the parameters

@@ -51,23 +51,32 @@ class Driver:
     def prepare(self) -> RunSetup:
         """Check everything cheap first (config vs model, data, run directory), then open or create the run."""
         self.setup = prepare_run(self.cfg, self.restart)
-        self.store = ManifestStore(self.setup.layout)
+        self.store = ManifestStore(self.setup.layout, guard=self.setup.lease.check)
         return self.setup
 
     def run(self) -> Manifest:
         """The whole pipeline; returns the final manifest."""
         if self.setup is None:
             self.prepare()
+        try:
+            self._start()
+            self._run_recording_failure()
+        finally:
+            self.setup.lease.release()
+        return self.manifest
+
+    def _start(self) -> None:
         connect(self.cfg)
         self.board = ProgressBoard.remote()
         self.evaluations = Evaluations(self)
         self._save(lambda m: setattr(m, "state", "running"))  # also when continuing a failed run
+
+    def _run_recording_failure(self) -> None:
         try:
             self._run_steps()
         except BaseException as error:
             self._save(lambda m: m.mark_failed(one_line_reason(error, with_type=True)))
             raise
-        return self.manifest
 
     def _run_steps(self) -> None:
         plan = self.setup.plan

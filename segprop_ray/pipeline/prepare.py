@@ -15,6 +15,7 @@ from segprop_ray.core.plan import SegPropPlan
 from segprop_ray.storage.fs import check_writable
 from segprop_ray.storage.inputs import check_text_field, expand_inputs, input_format
 from segprop_ray.storage.layout import RunLayout
+from segprop_ray.storage.lease import RunLease
 from segprop_ray.storage.manifest import Manifest, ManifestStore, ModelInfo
 from segprop_ray.storage.models import model_config_dir
 from segprop_ray.storage.shard_format import ShardSpec
@@ -36,6 +37,8 @@ class RunSetup:
     spec: ShardSpec
     tokens_hash: str
     model_info: ModelInfo
+    lease: RunLease
+    """This driver's lease on the run directory (renewed in the background until released)."""
 
 
 def semantic_config(cfg: Config) -> dict[str, Any]:
@@ -65,10 +68,21 @@ def inspect_model(cfg: Config) -> tuple[ModelInfo, ModelParts]:
 
 
 def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
-    """Validate, then open or create the run in ``cfg.run_dir``."""
+    """Validate, take the run directory's driver lease (refused while another driver holds it), then open or
+    create the run in ``cfg.run_dir``."""
     check_inputs(cfg)
     check_writable(cfg.run_dir, cfg.storage_options)
     layout = RunLayout.open(cfg.run_dir, cfg.storage_options)
+    lease = RunLease(layout, cfg.resources.driver_lease_s)
+    lease.acquire()
+    try:
+        return _open_run(cfg, layout, lease.start_renewing(), restart)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _open_run(cfg: Config, layout: RunLayout, lease: RunLease, restart: bool) -> RunSetup:
     _check_conflict(cfg, layout, restart)
     info, parts = inspect_model(cfg)  # the config only: weights are fetched where they are used
     cfg.check_against_model(info.num_layers)
@@ -78,7 +92,7 @@ def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
     plan = SegPropPlan.from_config(cfg.segprop, info.num_layers)
     manifest = _open_manifest(cfg, layout, info, plan, spec, restart)
     tokens_hash = digest({"data": cfg.data.model_dump(mode="json"), "model": cfg.model, "spec": spec.to_dict()})
-    return RunSetup(layout, manifest, plan, spec, tokens_hash, info)
+    return RunSetup(layout, manifest, plan, spec, tokens_hash, info, lease)
 
 
 def check_inputs(cfg: Config) -> None:

@@ -15,6 +15,7 @@ from segprop_ray.config import Config
 from segprop_ray.core.exits import RunExit
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.pipeline.evaluations import Evaluations
+from segprop_ray.pipeline.export_job import run_export
 from segprop_ray.pipeline.failures import one_line_reason
 from segprop_ray.pipeline.prepare import RunSetup, prepare_run
 from segprop_ray.pipeline.progress import ProgressBoard, Throttle
@@ -22,10 +23,10 @@ from segprop_ray.pipeline.runtime import connect
 from segprop_ray.pipeline.snapshot_job import run_snapshot_job
 from segprop_ray.pipeline.tokenize_job import tokenize_and_pack
 from segprop_ray.pipeline.train_job import run_trainer
-from segprop_ray.reporting.model_card import export_with_card
+from segprop_ray.pipeline.verify_job import check_committed
 from segprop_ray.storage.layout import SPLITS
 from segprop_ray.storage.manifest import LayerRecord, Manifest, ManifestStore, now
-from segprop_ray.storage.snapcheck import apply_retention, commit_depth, inspect_committed
+from segprop_ray.storage.snapcheck import apply_retention, commit_depth
 from segprop_ray.storage.snapshot_resume import clear_written, recorded_files
 from segprop_ray.storage.tokenize_state import clear_state
 from segprop_ray.storage.weights_store import snapshot_weights_hash
@@ -107,8 +108,7 @@ class Driver:
             return
         started = self._start_step(name)
         out = self.setup.layout.uri(self.setup.layout.export_dir(f"exit-{depth}"))
-        export_with_card(self.cfg.run_dir, out, depth, self.cfg.storage_options)
-        self._finish_step(name, started, {"uri": out})
+        self._finish_step(name, started, run_export(self._context(depth), depth, out))  # on a worker
         self.echo(f"exported exit {depth} (layers 0..{depth} + LL) to {out}")
 
     # -- tokens ---------------------------------------------------------------------------------
@@ -224,10 +224,10 @@ class Driver:
         key = (split, depth, expected)
         if key in self.checked:
             return True
-        # Shards this process did not write (a resumed run) are re-hashed against their marker once, so a
-        # corrupted file of the right size is regenerated rather than trained on.
-        marker, reason = inspect_committed(layout, split, depth, expected, tokens["num_blocks"], self.setup.spec,
-                                           verify_checksums=True)
+        # Shards this process did not write (a resumed run) are re-hashed against their marker once (by Ray tasks on
+        # workers: the driver reads no shard bytes), so a corrupted file of the right size is regenerated, not used.
+        marker, reason = check_committed(layout, split, depth, expected, tokens["num_blocks"], self.setup.spec,
+                                         self.cfg.resources.cpu.ray_options())
         if marker is not None:
             self.checked.add(key)
         if marker is None and layout.fs.exists(layout.commit_marker(split, depth)):

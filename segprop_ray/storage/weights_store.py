@@ -14,6 +14,7 @@ of the embedding file and of layers 0..q.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -115,3 +116,16 @@ class WeightStore:
     def source(self, files: Mapping[str, str]) -> SafetensorsSource:
         """A lazy tensor source over committed files given as ``{rel_path: sha256}``."""
         return SafetensorsSource([self.fetch(path, sha) for path, sha in files.items()])
+
+
+def safetensors_sizes(layout: RunLayout, rel_path: str) -> dict[str, int]:
+    """Tensor name -> bytes of a committed safetensors file, from its header alone (two range reads, no weights).
+
+    The format is an 8-byte little-endian header length, then a JSON header with each tensor's
+    ``data_offsets``.
+    """
+    path = layout.join(*rel_path.split("/"))
+    length = int.from_bytes(layout.fs.cat_file(path, start=0, end=8), "little")
+    header = json.loads(layout.fs.cat_file(path, start=8, end=8 + length))
+    return {name: entry["data_offsets"][1] - entry["data_offsets"][0] for name, entry in header.items()
+            if name != "__metadata__"}

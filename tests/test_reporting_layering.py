@@ -3,7 +3,8 @@
 import subprocess
 import sys
 
-REPORTING_MODULES = ["mc_eval", "mc_items", "nhsic", "report", "report_text", "plots", "model_card", "export", "status"]
+REPORTING_MODULES = ["mc_eval", "mc_items", "nhsic", "report", "report_text", "plots", "model_card", "export", "export_stream",
+                     "status"]
 
 
 def test_reporting_imports_neither_ray_nor_pyplot():

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from segprop_ray.config import Config
 from segprop_ray.core.exits import RunExit
+from segprop_ray.pipeline.cluster import apply_train_settings, check_cluster, data_label_selector
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.pipeline.evaluations import Evaluations
 from segprop_ray.pipeline.export_job import run_export
@@ -21,6 +22,7 @@ from segprop_ray.pipeline.prepare import RunSetup, prepare_run
 from segprop_ray.pipeline.progress import ProgressBoard, Throttle
 from segprop_ray.pipeline.runtime import connect
 from segprop_ray.pipeline.snapshot_job import run_snapshot_job
+from segprop_ray.pipeline.stage_job import ensure_staged, model_source
 from segprop_ray.pipeline.tokenize_job import tokenize_and_pack
 from segprop_ray.pipeline.train_job import run_trainer
 from segprop_ray.pipeline.verify_job import check_committed
@@ -68,6 +70,8 @@ class Driver:
 
     def _start(self) -> None:
         connect(self.cfg)
+        check_cluster(self.cfg)
+        apply_train_settings(self.cfg)
         self.board = ProgressBoard.remote()
         self.evaluations = Evaluations(self)
         self._save(lambda m: setattr(m, "state", "running"))  # also when continuing a failed run
@@ -81,6 +85,7 @@ class Driver:
 
     def _run_steps(self) -> None:
         plan = self.setup.plan
+        ensure_staged(self)  # the input model into the run directory, once (a remote run directory)
         self.tokenize()
         self.evaluations.start_baseline()
         self.train_depth(plan.base_depth)
@@ -119,8 +124,9 @@ class Driver:
             return
         self.echo("tokenizing and packing the data (Ray Data)")
         started = self._start_step("tokenize")
-        splits = tokenize_and_pack(self._context(depth=-1), setup.spec, setup.tokens_hash,
-                                   self._files_progress("tokenize"))
+        with data_label_selector(self.cfg.resources.cpu.label_selector):  # the CPU group, off the GPU nodes
+            splits = tokenize_and_pack(self._context(depth=-1), setup.spec, setup.tokens_hash,
+                                       self._files_progress("tokenize"))
         for split, written in splits.items():
             commit_depth(setup.layout, split, None, written.files, setup.tokens_hash, setup.spec)
             self.checked.add((split, None, setup.tokens_hash))
@@ -244,7 +250,7 @@ class Driver:
     def _context(self, depth: int, input_hash: str = "") -> JobContext:
         blocks = {split: info.get("num_blocks", 0) for split, info in self.manifest.tokens.items()}
         return JobContext(self.cfg.model_dump(mode="json"), depth, self.setup.spec.group_size, blocks,
-                          self.manifest.committed_files(), input_hash)
+                          self.manifest.committed_files(), input_hash, model_source(self.manifest))
 
     def _save(self, change: Callable[[Manifest], Any]) -> None:
         self.store.update(self.manifest, change)

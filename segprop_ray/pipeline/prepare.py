@@ -151,7 +151,8 @@ def _wipe(layout: RunLayout) -> None:
     """Start over: the manifest goes first, so a crash mid-wipe leaves a directory seen as new."""
     fs = layout.fs
     fs.rm_file(layout.manifest)
-    for name in ("config.resolved.yaml", "tokens", "snapshots", "layers", "exits", "checkpoints", "export", "report"):
+    for name in ("config.resolved.yaml", "model", "tokens", "snapshots", "layers", "exits", "checkpoints", "export",
+                 "report"):
         path = layout.join(name)
         if fs.exists(path):
             fs.rm(path, recursive=True)

@@ -43,7 +43,7 @@ def test_every_value_is_documented():
 
 def test_documentation_check_bites():
     text = VALUES_YAML.read_text().replace("    # -- Most workers the autoscaler creates.\n", "", 1)
-    assert values_docs.values_doc_errors(text, SCHEMA) == ["workerGroups.snapshot.maxReplicas: no '# --' comment"]
+    assert values_docs.values_doc_errors(text, SCHEMA) == ["workerGroups.cpu.maxReplicas: no '# --' comment"]
 
 
 def test_readme_values_table_is_current():

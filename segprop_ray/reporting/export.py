@@ -14,7 +14,7 @@ from segprop_ray.core.plan import SegPropPlan
 from segprop_ray.core.weights import SafetensorsSource
 from segprop_ray.reporting.export_stream import INDEX_NAME, ShardPlan, plan_shards, write_index, write_shards
 from segprop_ray.storage.errors import StorageError
-from segprop_ray.storage.fs import publish_dir, resolve_filesystem
+from segprop_ray.storage.fs import publish_dir, resolve_filesystem, scratch_dir
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.manifest import Manifest, ManifestStore
 from segprop_ray.storage.models import TOKENIZER_FILE_PATTERNS, resolve_model_dir
@@ -96,7 +96,7 @@ def export_model(run_dir: str, out: str, depth: str | int | None = None, storage
         publish_dir(out, storage_options, lambda directory: [_moved(local, directory)])
 
     _clear_weights(out, storage_options)
-    with tempfile.TemporaryDirectory(prefix="segprop-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="segprop-export-", dir=scratch_dir()) as tmp:
         work = Path(tmp)
         sources = _FetchedFiles(WeightStore(layout, work / "fetched"), needed)
         write_shards(shards, sources.open, put, work, done_with=sources.drop)

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from segprop_ray.storage.documents import DocumentFormat
 from segprop_ray.storage.errors import DocumentNotFound, StorageError, one_line
-from segprop_ray.storage.fs import redact_uri, resolve_filesystem, split_protocol
+from segprop_ray.storage.fs import redact_uri, resolve_filesystem, scratch_dir, split_protocol
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.models import MODEL_FILE_PATTERNS
 
@@ -83,7 +83,7 @@ def _model_files(model: str, storage_options: dict[str, Any] | None) -> Iterator
     """``(name, local file)`` of each model file, one at a time, in a temporary directory (the caller may delete
     each file once copied: a local model's files are hard links or copies there)."""
     protocol, path = split_protocol(model)
-    with tempfile.TemporaryDirectory(prefix="segprop-stage-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="segprop-stage-", dir=scratch_dir()) as tmp:
         if protocol == "file" and Path(path).is_dir():
             for local in sorted(Path(path).iterdir()):
                 if local.is_file() and _wanted(local.name):

@@ -130,3 +130,26 @@ def test_a_second_export_replaces_the_first_ones_weights(tmp_path, monkeypatch):
     export_model(str(tmp_path / "run"), str(out), DEPTH)
     assert sorted(p.name for p in out.glob("*.safetensors"))[-1] == "model-00008-of-00008.safetensors"
     assert not (out / "model.safetensors").exists()
+
+
+def test_units_follow_the_model_and_a_tied_head_joins_the_embedding():
+    """One unit per module in model order; with ``head_with_embedding`` (a tied exit, whose head exit_state_dict
+    checks against the embedding) the head is read in the same unit as the embedding."""
+    from segprop_ray.core.layout import LAYOUTS
+    from segprop_ray.reporting.export_stream import plan_shards
+
+    sizes = {"layers/embed.safetensors": {"model.embed_tokens.weight": 40},
+             "layers/layer-0.safetensors": {"model.layers.0.mlp.up_proj.weight": 8},
+             "layers/layer-10.safetensors": {"model.layers.10.mlp.up_proj.weight": 8},
+             "exits/exit-10/ll.safetensors": {"model.layers.11.mlp.up_proj.weight": 8, "lm_head.weight": 40,
+                                              "model.norm.weight": 1}}
+    untied = plan_shards(LAYOUTS["llama"], sizes, "exits/exit-10/ll.safetensors")
+    names = [[name for _, name in unit.tensors] for unit in untied.units]
+    assert names == [["model.embed_tokens.weight"], ["model.layers.0.mlp.up_proj.weight"],
+                     ["model.layers.10.mlp.up_proj.weight"], ["model.layers.11.mlp.up_proj.weight"],
+                     ["lm_head.weight", "model.norm.weight"]]
+    assert untied.largest == 41
+    tied = plan_shards(LAYOUTS["llama"], sizes, "exits/exit-10/ll.safetensors", head_with_embedding=True)
+    assert {name for _, name in tied.units[0].tensors} == {"model.embed_tokens.weight", "lm_head.weight",
+                                                          "model.norm.weight"}
+    assert len(tied.units) == 4 and tied.largest == 81

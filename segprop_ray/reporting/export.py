@@ -86,8 +86,8 @@ def export_model(run_dir: str, out: str, depth: str | int | None = None, storage
     plan = SegPropPlan(manifest.model.num_layers, manifest.base_depth, manifest.last_layers, manifest.mode)
     files = manifest.committed_files()
     needed = {path: files[path] for path in [EMBED_FILE, *map(layer_file, range(depth + 1)), exit_file(depth)]}
-    shards = plan_shards(plan, ModelParts(hf_config).layout, depth,
-                         {path: safetensors_sizes(layout, path) for path in needed}, exit_file(depth))
+    arch = ModelParts(hf_config).layout
+    shards = plan_shards(arch, {path: safetensors_sizes(layout, path) for path in needed}, exit_file(depth))
     _check_budget(shards, memory_budget, depth)
     metadata = {"depth": depth, "base_model": manifest.model.uri, "run_id": manifest.run_id, "mode": manifest.mode,
                 "eval_loss": manifest.layer(depth).eval_loss}
@@ -99,7 +99,7 @@ def export_model(run_dir: str, out: str, depth: str | int | None = None, storage
     with tempfile.TemporaryDirectory(prefix="segprop-export-", dir=scratch_dir()) as tmp:
         work = Path(tmp)
         sources = _FetchedFiles(WeightStore(layout, work / "fetched"), needed)
-        write_shards(shards, sources.open, put, work, done_with=sources.drop)
+        write_shards(shards, plan, arch, depth, sources.open, put, work, done_with=sources.drop)
         put(write_index(shards, work))
         publish_dir(out, storage_options, lambda directory: _model_files(directory, exit_config(hf_config, plan, depth),
                                                                          model_dir, metadata, extra_files))

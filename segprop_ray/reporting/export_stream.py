@@ -1,21 +1,20 @@
 """Writing an exit as sharded safetensors, one shard in memory at a time, with HF's ``model.safetensors.index.json``.
 
-Which committed or exit tensor each name of the exported model is comes from
-:func:`segprop_ray.core.assemble.exit_state_dict` itself, run on placeholder tensors (meta device, no
-data): the naming (layers kept, LL renumbered after the exit, what a tied head stores) has one
-definition. The tensors are grouped into one shard per unit (the embeddings, each decoder layer, the
-final norm with the head), and each shard is read, written and handed on before the next is read, so
-memory holds about one decoder layer or the embedding / head, never the model.
+The committed tensors are grouped into units by the module they belong to (the embeddings, each
+decoder layer, the final norm with the head), and each unit goes through
+:func:`segprop_ray.core.assemble.exit_state_dict` on its own: the naming (which layers are kept, LL
+renumbered after the exit, what a tied head stores) keeps its one definition, and each call sees
+only one unit's tensors. Each unit becomes one shard, written and handed on before the next is read,
+so memory holds about one decoder layer or the embedding / head, never the model.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
-import torch
 from safetensors.torch import save_file
 
 from segprop_ray.core.assemble import exit_state_dict
@@ -27,101 +26,98 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
-class TensorRef:
-    """One tensor of the exported model: its name there, and where it is read from."""
+class Unit:
+    """The committed tensors of one shard: ``(file, name)`` of each, the exit file's among them."""
 
-    out: str
-    """Name in the exported model (``model.layers.5.mlp.up_proj.weight``)."""
-    file: str
-    """Run-relative committed file holding it."""
-    name: str
-    """Its name in that file."""
+    tensors: tuple[tuple[str, str], ...]
     nbytes: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class ShardPlan:
-    """The exported model's tensors, shard by shard (in order: embeddings, layers, head)."""
+    """The exported model's units, in order (embeddings, layers, head); fills its index as shards are written."""
 
-    shards: tuple[tuple[TensorRef, ...], ...]
-
-    @property
-    def total_size(self) -> int:
-        """Bytes of every tensor (the index's ``metadata.total_size``)."""
-        return sum(ref.nbytes for shard in self.shards for ref in shard)
+    units: tuple[Unit, ...]
+    exit_path: str
+    """Run-relative path of the exit's LL + head file (the rest are committed layers and embeddings)."""
+    weight_map: dict[str, str] = field(default_factory=dict)
+    total_size: int = 0
 
     @property
     def largest(self) -> int:
-        """Bytes of the largest shard: about what the export holds in memory at once."""
-        return max((sum(ref.nbytes for ref in shard) for shard in self.shards), default=0)
+        """Bytes of the largest unit: about what the export holds in memory at once."""
+        return max((unit.nbytes for unit in self.units), default=0)
 
     def file_name(self, index: int) -> str:
         """HF's shard name: ``model-00001-of-00012.safetensors``."""
-        return f"model-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
+        return f"model-{index + 1:05d}-of-{len(self.units):05d}.safetensors"
 
     def index(self) -> dict:
-        """The body of ``model.safetensors.index.json``."""
-        weight_map = {ref.out: self.file_name(i) for i, shard in enumerate(self.shards) for ref in shard}
-        return {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        """The body of ``model.safetensors.index.json`` (after every shard is written)."""
+        return {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
 
     def last_use(self) -> dict[str, int]:
-        """The last shard that reads each committed file (after it, the file's local copy can go)."""
-        return {ref.file: i for i, shard in enumerate(self.shards) for ref in shard}
+        """The last unit that reads each committed file (after it, the file's local copy can go)."""
+        return {path: i for i, unit in enumerate(self.units) for path, _ in unit.tensors}
 
 
-def plan_shards(plan: SegPropPlan, arch: ArchLayout, depth: int, sizes: Mapping[str, Mapping[str, int]],
-                exit_path: str) -> ShardPlan:
-    """The shards of the exit at ``depth``; ``sizes`` maps each committed file (run-relative; ``exit_path`` is the
-    exit's LL + head file) to its tensors' byte sizes."""
-    placeholders: dict[int, tuple[str, str, int]] = {}
-    committed: dict[str, torch.Tensor] = {}
-    exits: dict[str, torch.Tensor] = {}
-    for path, names in sizes.items():
-        for name, nbytes in names.items():
-            placeholder = torch.empty(0, device="meta")
-            (exits if path == exit_path else committed)[name] = placeholder
-            placeholders[id(placeholder)] = (path, name, nbytes)
-    state = exit_state_dict(plan, arch, depth, committed, exits)
-    refs = []
-    for out, tensor in state.items():
-        if id(tensor) not in placeholders:
-            raise RuntimeError(f"exit_state_dict made {out} a new tensor: the export can only copy committed ones")
-        refs.append(TensorRef(out, *placeholders[id(tensor)]))
-    return ShardPlan(_group(refs, arch))
-
-
-def _group(refs: list[TensorRef], arch: ArchLayout) -> tuple[tuple[TensorRef, ...], ...]:
-    """One shard per unit, in model order: embeddings, each decoder layer, then the rest (final norm, head)."""
+def plan_shards(arch: ArchLayout, sizes: Mapping[str, Mapping[str, int]], exit_path: str,
+                head_with_embedding: bool = False) -> ShardPlan:
+    """Units of the committed files ``sizes`` (run-relative path -> tensor name -> bytes; ``exit_path`` is the
+    exit's file): the embeddings, each decoder layer (by its original index, which keeps model order), then the
+    rest (final norm, head). ``head_with_embedding`` puts the head into the embeddings' unit: a tied exit's head
+    is checked against the embedding (and not stored) within one ``exit_state_dict`` call."""
     embed = tuple(path + "." for path in arch.embed_paths())
 
-    def unit(ref: TensorRef) -> tuple[int, int]:
-        if ref.out.startswith(embed):
+    def unit_of(name: str) -> tuple[int, int]:
+        if name.startswith(embed):
             return (0, 0)
-        if ref.out.startswith(arch.layers + "."):
-            return (1, int(ref.out[len(arch.layers) + 1:].split(".", 1)[0]))
-        return (2, 0)
+        if name.startswith(arch.layers + "."):
+            return (1, int(name[len(arch.layers) + 1:].split(".", 1)[0]))
+        return (0, 0) if head_with_embedding else (2, 0)
 
-    shards: dict[tuple[int, int], list[TensorRef]] = {}
-    for ref in sorted(refs, key=lambda r: r.out):
-        shards.setdefault(unit(ref), []).append(ref)
-    return tuple(tuple(shards[key]) for key in sorted(shards))
+    grouped: dict[tuple[int, int], list[tuple[str, str, int]]] = {}
+    for path in sorted(sizes):
+        for name, nbytes in sorted(sizes[path].items()):
+            grouped.setdefault(unit_of(name), []).append((path, name, nbytes))
+    units = tuple(Unit(tuple((p, n) for p, n, _ in grouped[key]), sum(b for _, _, b in grouped[key]))
+                  for key in sorted(grouped))
+    return ShardPlan(units, exit_path)
 
 
-def write_shards(shard_plan: ShardPlan, open_file: Callable[[str], TensorSource], put: Callable[[Path], None],
-                 work_dir: Path, done_with: Callable[[str], None] = lambda path: None) -> None:
-    """Write each shard into ``work_dir`` and hand it to ``put`` (which publishes it; the local file is removed
-    after), reading its tensors through ``open_file(committed path)``. ``done_with(path)`` hears when no later
-    shard needs a committed file."""
+def write_shards(shard_plan: ShardPlan, plan: SegPropPlan, arch: ArchLayout, depth: int,
+                 open_file: Callable[[str], TensorSource], put: Callable[[Path], None], work_dir: Path,
+                 done_with: Callable[[str], None] = lambda path: None, **state_options: Any) -> None:
+    """Write each unit's part of the exit at ``depth`` as a shard in ``work_dir`` and hand it to ``put`` (which
+    publishes it; the local file is removed after), reading tensors through ``open_file(committed path)``.
+    ``done_with(path)`` hears when no later unit needs a committed file; ``state_options`` are passed on to
+    ``exit_state_dict``."""
     last_use = shard_plan.last_use()
-    for index, shard in enumerate(shard_plan.shards):
-        tensors = {ref.out: open_file(ref.file).get(ref.name) for ref in shard}
+    for index, unit in enumerate(shard_plan.units):
+        committed = {name: open_file(path).get(name) for path, name in unit.tensors if path != shard_plan.exit_path}
+        exits = {name: open_file(path).get(name) for path, name in unit.tensors if path == shard_plan.exit_path}
+        state = exit_state_dict(plan, arch, depth, committed, exits, **state_options)
+        del committed, exits
         local = work_dir / shard_plan.file_name(index)
-        save_file(tensors, str(local), metadata={"format": "pt"})
-        del tensors  # freed before the next shard is read
-        put(local)
-        local.unlink(missing_ok=True)
+        if state:
+            save_file(state, str(local), metadata={"format": "pt"})
+        shard_plan.weight_map.update({name: local.name for name in state})
+        shard_plan.total_size += sum(tensor.nbytes for tensor in state.values())
+        del state  # freed before the next unit is read
+        if local.exists():
+            put(local)
+            local.unlink(missing_ok=True)
         for path in sorted(p for p, last in last_use.items() if last == index):
             done_with(path)
+    _check_every_shard_written(shard_plan)
+
+
+def _check_every_shard_written(shard_plan: ShardPlan) -> None:
+    written = set(shard_plan.weight_map.values())
+    missing = [shard_plan.file_name(i) for i in range(len(shard_plan.units)) if shard_plan.file_name(i) not in written]
+    if missing:  # a unit whose tensors the exit does not keep: the shard count in the names would be wrong
+        raise RuntimeError(f"the export kept no tensor of shard(s) {missing}: committed files hold tensors "
+                           "the exit does not use")
 
 
 def write_index(shard_plan: ShardPlan, work_dir: Path) -> Path:

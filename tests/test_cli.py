@@ -133,8 +133,10 @@ def test_status_shows_running_jobs_files(tmp_path, capsys, inputs):
     assert "tokenize since 2026-11-28T09:00:00Z: train 2/4 input files" in out
 
 
-def test_resumed_driver_rehashes_shards_it_did_not_write(tmp_path, inputs):
-    """A token shard corrupted in place (same size) is found by the next driver and regenerated, not read."""
+@pytest.mark.slow
+def test_resumed_driver_rehashes_shards_it_did_not_write(local_ray, tmp_path, inputs):
+    """A token shard corrupted in place (same size) is found by the next driver and regenerated, not read (the
+    hashes are computed by Ray tasks, hence the session's Ray)."""
     from segprop_ray.storage.shards import write_token_shards
     from segprop_ray.storage.snapcheck import commit_depth
     from helpers import corpus_blocks

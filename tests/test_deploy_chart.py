@@ -129,7 +129,7 @@ def test_kuberay_rules_and_name_checks_bite(spot_docs):
         {"head": {"rayStartParams": {"num-cpus": "8"}}},
         {"runId": "Run_1"},
         {"job": {"setOverrides": ["training.learning_rate=1e-4; rm -rf /"]}},
-        {"workerGroups": {"cpu": {"minReplicas": 0, "maxReplicas": 1, "terminationGracePeriodSeconds": 300,
+        {"workerGroups": {"extra": {"minReplicas": 0, "maxReplicas": 1, "terminationGracePeriodSeconds": 300,
                                   "resources": {"requests": {"cpu": "1"}, "limits": {"cpu": "1", "memory": "1Gi"}}}}},
         {"extraEnv": [{"name": "AWS_SECRET_ACCESS_KEY", "value": FAKE_SECRET}]},
         {"extraEnv": [{"name": "HF_TOKEN", "value": FAKE_SECRET}]},
@@ -363,6 +363,6 @@ def test_a_disabled_group_is_left_out_and_an_added_one_rendered():
     values = dc.deep_merge(dc.spot_values(), {"workerGroups": {"snapshot": {"enabled": False}, "trainer-ondemand": {"enabled": True}}})
     job = the_job(dc.manifests(dc.render_chart(values)))
     groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
-    assert sorted(groups) == ["trainer", "trainer-ondemand"]
+    assert sorted(groups) == ["cpu", "snapshot-ondemand", "trainer", "trainer-ondemand"]
     assert groups["trainer-ondemand"]["priority"] < groups["trainer"]["priority"]
     assert dc.validate_rayjob(job) == []

@@ -41,7 +41,7 @@ def test_every_value_is_documented():
 
 def test_documentation_check_bites():
     text = VALUES_YAML.read_text().replace("    # -- Most workers the autoscaler creates.\n", "", 1)
-    assert values_docs.values_doc_errors(text, SCHEMA) == ["workerGroups.snapshot.maxReplicas: no '# --' comment"]
+    assert values_docs.values_doc_errors(text, SCHEMA) == ["workerGroups.cpu.maxReplicas: no '# --' comment"]
 
 
 def test_readme_values_table_is_current():
@@ -94,7 +94,9 @@ def test_cluster_launcher_config():
     for node_type in spot.values():
         assert node_type["labels"]["ray.io/market-type"] == "spot"
         assert node_type["node_config"]["InstanceType"].startswith(("g", "p"))  # GPU families
-    for node_type in on_demand.values():
+    cpu_pools = {n: t for n, t in on_demand.items() if t["labels"]["segprop/pool"] == "cpu"}
+    assert cpu_pools and all(t["node_config"]["InstanceType"].startswith("m") for t in cpu_pools.values())
+    for node_type in (t for n, t in on_demand.items() if n not in cpu_pools):
         assert node_type["labels"]["ray.io/market-type"] == "on-demand"
         same_pool = [t for t in spot.values() if t["labels"]["segprop/pool"] == node_type["labels"]["segprop/pool"]]
         assert same_pool and all(node_type["priority"] < t["priority"] for t in same_pool)
@@ -112,7 +114,7 @@ def test_vm_run_config_matches_the_cluster_node_types():
     validate_config(raw)
     cluster = yaml.safe_load((DEPLOY / "cluster-aws.yaml").read_text())
     labels = [t.get("labels", {}) for t in cluster["available_node_types"].values()]
-    for stage in ("snapshot", "stage1", "segment"):
+    for stage in ("snapshot", "stage1", "segment", "cpu", "export"):
         selector = raw["resources"][stage]["label_selector"]
         assert any(selector.items() <= node.items() for node in labels), stage
 

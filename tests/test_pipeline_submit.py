@@ -168,3 +168,40 @@ def test_submit_refuses_a_local_run_dir_for_a_remote_cluster(tmp_path, capsys, r
 ])
 def test_local_addresses(address, local):
     assert is_local_address(address) is local
+
+
+@pytest.mark.slow
+def test_submit_refuses_while_the_cluster_runs_a_job_for_the_same_run_dir(local_ray, tmp_path, capsys):
+    from ray.job_submission import JobSubmissionClient
+
+    from segprop_ray.pipeline.submit import RUN_DIR_KEY
+
+    run_dir = f"{(tmp_path / 'run').as_uri()}/"
+    config = write_config(tmp_path / "config.yaml", pipeline_config(run_dir, "model", "train.jsonl", "eval.jsonl"))
+    client = JobSubmissionClient(local_ray.dashboard_url)
+    sleeper = f"{sys.executable} -c 'import time; time.sleep(300)'"
+    running = submit_when_ready(client, entrypoint=sleeper, metadata={RUN_DIR_KEY: run_dir.rstrip("/")})
+    other = submit_when_ready(client, entrypoint=sleeper, metadata={RUN_DIR_KEY: run_dir + "-other"})
+    try:
+        code, out, err = run_cli(capsys, "submit", str(config), "--address", local_ray.dashboard_url)
+    finally:
+        for job in (running, other):
+            client.stop_job(job)
+
+    line = one_line_error(err)
+    assert code == 2 and "submitted" not in out
+    assert f"already runs job {running} (" in line and f"for run_dir {run_dir}" in line and other not in line
+
+
+def submit_when_ready(client, timeout_s: float = 120, **job) -> str:
+    """``client.submit_job(**job)``, retried while a freshly started dashboard has no job agent yet."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.time() > deadline:
+                raise
+            time.sleep(1)

@@ -94,9 +94,41 @@ def test_dockerfile_builds_from_the_pinned_ray(ray_version):
     assert dockerfile_arg("RAY_VERSION") == ray_version
     text = DOCKERFILE.read_text()
     (base,) = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
-    assert base == "rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${VARIANT}"
+    assert base == "rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-cpu"  # one CUDA: torch's (see the next test)
     assert dockerfile_arg("PYTHON_TAG") == "py311"
     assert dockerfile_arg("VARIANT") == "gpu"
+
+
+def dockerfile_steps() -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    return [line.strip() for line in text.splitlines() if re.match(r"^[A-Z]+\s", line.strip())]
+
+
+def test_the_image_has_one_cuda():
+    """The base has no CUDA of its own (Ray's -gpu images carry a CUDA toolkit); the GPU build's CUDA is the one
+    torch's PyPI wheels bring, and only the CPU variant points pip at PyTorch's CPU index."""
+    steps = dockerfile_steps()
+    (base,) = [s for s in steps if s.startswith("FROM ")]
+    assert base.endswith("-cpu") and "gpu" not in base and "cu1" not in base
+    (torch_step,) = [s for s in steps if s.startswith("RUN ") and "torch==" in s]
+    assert 'if [ "${VARIANT}" = "cpu" ]' in torch_step and "whl/cpu" in torch_step
+    assert not any(word in " ".join(steps) for word in ("cuda-toolkit", "nvidia/cuda", "apt-get install cuda"))
+
+
+def test_dependencies_are_installed_before_the_code_is_copied():
+    """A code change rebuilds one layer: the pinned dependencies are installed from pyproject.toml and the
+    constraints alone, and the package after them without dependencies."""
+    steps = dockerfile_steps()
+    code = next(i for i, s in enumerate(steps) if s.startswith("COPY ") and "segprop_ray/" in s)
+    deps = next(i for i, s in enumerate(steps) if s.startswith("RUN ") and "-r /tmp/segprop/requirements.txt" in s)
+    assert deps < code
+    copied_before = " ".join(s for s in steps[:deps] if s.startswith("COPY "))
+    assert "pyproject.toml" in copied_before and "constraints.txt" in copied_before
+    assert "segprop_ray" not in copied_before and "README.md" not in copied_before
+    assert "-c /tmp/segprop/constraints.txt" in steps[deps]
+    (install,) = [s for s in steps[code:] if s.startswith("RUN ") and "pip install" in s]
+    assert "--no-deps /tmp/segprop" in install
 
 
 def test_dockerfile_torch_matches_the_project_pin():

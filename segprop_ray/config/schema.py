@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from segprop_ray.config.data import DataConfig
+from segprop_ray.config.placement import CpuWorkResources, ExportResources, StageModel, task_options
 from segprop_ray.config.training import TRAINING_FIELDS, Strict, TrainingConfig
 
 
@@ -140,15 +141,17 @@ class SnapshotResources(Strict):
     """Extra custom Ray resources per actor."""
     label_selector: dict[str, str] = {}
     """Ray node labels the actors must run on."""
+    fallback_label_selectors: list[dict[str, str]] = []
+    """Node labels tried in order when ``label_selector`` cannot be met (Ray's ``fallback_strategy``), e.g.
+    ``[{"segprop/pool": "snapshot", "ray.io/market-type": "on-demand"}]`` behind a spot selector."""
 
     def ray_options(self) -> dict[str, Any]:
-        """Ray's options for one actor or task of this kind: CPUs, GPUs, and the custom resources and node
-        labels when set."""
-        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        """Ray's options for one actor or task of this kind: CPUs, GPUs, and the custom resources, node labels
+        and fallback labels when set."""
+        options = {**task_options(self.num_cpus, self.label_selector, fallback=self.fallback_label_selectors),
+                   "num_gpus": self.num_gpus}
         if self.resources:
             options["resources"] = self.resources
-        if self.label_selector:
-            options["label_selector"] = self.label_selector
         return options
 
 
@@ -172,6 +175,19 @@ class ResourcesConfig(Strict):
     """Stage 2 segment training workers."""
     max_failures: int = Field(3, ge=0)
     """Worker failures Ray Train retries per iteration (preemptions have their own unlimited budget)."""
+    cpu: CpuWorkResources = CpuWorkResources()
+    """CPU work kept off the GPU nodes: tokenizing, checking committed files on resume, staging the model."""
+    export: ExportResources = ExportResources()
+    """The export task (the final model as sharded safetensors, written on a worker, not on the head)."""
+    worker_group_start_timeout_s: float | None = Field(None, gt=0)
+    """Seconds Ray Train waits for a worker group to start before retrying (a GPU pool scaling up from zero
+    and pulling a large image takes minutes). None: ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` if set, else 900."""
+    driver_lease_s: float = Field(120, ge=5)
+    """A driver holds its run directory by a lease renewed every quarter of this; a second driver refuses while
+    it is fresh, and takes it over once it is this many seconds old (its holder gone)."""
+    stage_model: StageModel = "auto"
+    """Copy the input model (config, tokenizer, safetensors) into the run directory once, for the workers to
+    read from there: ``auto`` unless the model and the run directory are both local paths, ``always``, ``never``."""
 
 
 class Config(Strict):

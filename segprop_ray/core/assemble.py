@@ -110,8 +110,20 @@ def write_model_dir(
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
     if dtype is not None:
         config.torch_dtype = str(dtype).removeprefix("torch.")
-    config.save_pretrained(out)
     save_tensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return write_model_files(out, config, tokenizer_dir, metadata)
+
+
+def write_model_files(
+    out_dir: str | Path,
+    config: Any,
+    tokenizer_dir: str | Path | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Everything of a model directory but its weights: ``config.json``, the tokenizer files, ``segprop.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():

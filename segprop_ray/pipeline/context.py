@@ -42,6 +42,8 @@ class JobContext:
     """Committed files the job may read: run-relative path -> sha256."""
     input_hash: str = ""
     """Expected weights hash of the shards the job reads (tokens, or the snapshot depth it starts from)."""
+    model_source: str = ""
+    """Where the job reads the input model: the run directory's staged copy (empty: the config's ``model``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for Ray (train_loop_config, actor constructor kwargs)."""
@@ -60,7 +62,7 @@ class JobContext:
     @cached_property
     def model_dir(self) -> str:
         """The input model as a local directory on this node."""
-        return str(resolve_model_dir(self.cfg.model, self.cfg.storage_options))
+        return str(resolve_model_dir(self.model_source or self.cfg.model, self.cfg.storage_options))
 
     def parts(self, device: torch.device) -> ModelParts:
         """Piece factory for the input model on ``device``."""

@@ -13,19 +13,22 @@ from typing import Any, Callable
 
 from segprop_ray.config import Config
 from segprop_ray.core.exits import RunExit
+from segprop_ray.pipeline.cluster import apply_train_settings, check_cluster, data_label_selector
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.pipeline.evaluations import Evaluations
+from segprop_ray.pipeline.export_job import run_export
 from segprop_ray.pipeline.failures import one_line_reason
 from segprop_ray.pipeline.prepare import RunSetup, prepare_run
 from segprop_ray.pipeline.progress import ProgressBoard, Throttle
 from segprop_ray.pipeline.runtime import connect
 from segprop_ray.pipeline.snapshot_job import run_snapshot_job
+from segprop_ray.pipeline.stage_job import ensure_staged, model_source
 from segprop_ray.pipeline.tokenize_job import tokenize_and_pack
 from segprop_ray.pipeline.train_job import run_trainer
-from segprop_ray.reporting.model_card import export_with_card
+from segprop_ray.pipeline.verify_job import check_committed
 from segprop_ray.storage.layout import SPLITS
 from segprop_ray.storage.manifest import LayerRecord, Manifest, ManifestStore, now
-from segprop_ray.storage.snapcheck import apply_retention, commit_depth, inspect_committed
+from segprop_ray.storage.snapcheck import apply_retention, commit_depth
 from segprop_ray.storage.snapshot_resume import clear_written, recorded_files
 from segprop_ray.storage.tokenize_state import clear_state
 from segprop_ray.storage.weights_store import snapshot_weights_hash
@@ -51,26 +54,38 @@ class Driver:
     def prepare(self) -> RunSetup:
         """Check everything cheap first (config vs model, data, run directory), then open or create the run."""
         self.setup = prepare_run(self.cfg, self.restart)
-        self.store = ManifestStore(self.setup.layout)
+        self.store = ManifestStore(self.setup.layout, guard=self.setup.lease.check)
         return self.setup
 
     def run(self) -> Manifest:
         """The whole pipeline; returns the final manifest."""
         if self.setup is None:
             self.prepare()
+        try:
+            self._start()
+            self._run_recording_failure()
+        finally:
+            self.setup.lease.release()
+        return self.manifest
+
+    def _start(self) -> None:
         connect(self.cfg)
+        check_cluster(self.cfg)
+        apply_train_settings(self.cfg)
         self.board = ProgressBoard.remote()
         self.evaluations = Evaluations(self)
         self._save(lambda m: setattr(m, "state", "running"))  # also when continuing a failed run
+
+    def _run_recording_failure(self) -> None:
         try:
             self._run_steps()
         except BaseException as error:
             self._save(lambda m: m.mark_failed(one_line_reason(error, with_type=True)))
             raise
-        return self.manifest
 
     def _run_steps(self) -> None:
         plan = self.setup.plan
+        ensure_staged(self)  # the input model into the run directory, once (a remote run directory)
         self.tokenize()
         self.evaluations.start_baseline()
         self.train_depth(plan.base_depth)
@@ -98,8 +113,7 @@ class Driver:
             return
         started = self._start_step(name)
         out = self.setup.layout.uri(self.setup.layout.export_dir(f"exit-{depth}"))
-        export_with_card(self.cfg.run_dir, out, depth, self.cfg.storage_options)
-        self._finish_step(name, started, {"uri": out})
+        self._finish_step(name, started, run_export(self._context(depth), depth, out))  # on a worker
         self.echo(f"exported exit {depth} (layers 0..{depth} + LL) to {out}")
 
     # -- tokens ---------------------------------------------------------------------------------
@@ -110,8 +124,9 @@ class Driver:
             return
         self.echo("tokenizing and packing the data (Ray Data)")
         started = self._start_step("tokenize")
-        splits, examples = tokenize_and_pack(self._context(depth=-1), setup.spec, setup.tokens_hash,
-                                             self._files_progress("tokenize"))
+        with data_label_selector(self.cfg.resources.cpu.label_selector):  # the CPU group, off the GPU nodes
+            splits, examples = tokenize_and_pack(self._context(depth=-1), setup.spec, setup.tokens_hash,
+                                                 self._files_progress("tokenize"))
         for split, written in splits.items():
             commit_depth(setup.layout, split, None, written.files, setup.tokens_hash, setup.spec)
             self.checked.add((split, None, setup.tokens_hash))
@@ -215,10 +230,10 @@ class Driver:
         key = (split, depth, expected)
         if key in self.checked:
             return True
-        # Shards this process did not write (a resumed run) are re-hashed against their marker once, so a
-        # corrupted file of the right size is regenerated rather than trained on.
-        marker, reason = inspect_committed(layout, split, depth, expected, tokens["num_blocks"], self.setup.spec,
-                                           verify_checksums=True)
+        # Shards this process did not write (a resumed run) are re-hashed against their marker once (by Ray tasks on
+        # workers: the driver reads no shard bytes), so a corrupted file of the right size is regenerated, not used.
+        marker, reason = check_committed(layout, split, depth, expected, tokens["num_blocks"], self.setup.spec,
+                                         self.cfg.resources.cpu.ray_options())
         if marker is not None:
             self.checked.add(key)
         if marker is None and layout.fs.exists(layout.commit_marker(split, depth)):
@@ -235,7 +250,7 @@ class Driver:
     def _context(self, depth: int, input_hash: str = "") -> JobContext:
         blocks = {split: info.get("num_blocks", 0) for split, info in self.manifest.tokens.items()}
         return JobContext(self.cfg.model_dump(mode="json"), depth, self.setup.spec.group_size, blocks,
-                          self.manifest.committed_files(), input_hash)
+                          self.manifest.committed_files(), input_hash, model_source(self.manifest))
 
     def _save(self, change: Callable[[Manifest], Any]) -> None:
         self.store.update(self.manifest, change)

@@ -17,6 +17,7 @@ from segprop_ray.storage.fs import cache_root, check_writable
 from segprop_ray.pipeline.data_checks import check_data
 from segprop_ray.storage.inputs import expand_inputs
 from segprop_ray.storage.layout import RunLayout
+from segprop_ray.storage.lease import RunLease
 from segprop_ray.storage.manifest import Manifest, ManifestStore, ModelInfo
 from segprop_ray.storage.models import model_config_dir
 from segprop_ray.storage.shard_format import ShardSpec
@@ -38,6 +39,8 @@ class RunSetup:
     spec: ShardSpec
     tokens_hash: str
     model_info: ModelInfo
+    lease: RunLease
+    """This driver's lease on the run directory (renewed in the background until released)."""
 
 
 def semantic_config(cfg: Config) -> dict[str, Any]:
@@ -68,10 +71,21 @@ def inspect_model(cfg: Config) -> tuple[ModelInfo, ModelParts]:
 
 
 def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
-    """Validate, then open or create the run in ``cfg.run_dir``."""
+    """Validate, take the run directory's driver lease (refused while another driver holds it), then open or
+    create the run in ``cfg.run_dir``."""
     check_inputs(cfg)
     check_writable(cfg.run_dir, cfg.storage_options)
     layout = RunLayout.open(cfg.run_dir, cfg.storage_options)
+    lease = RunLease(layout, cfg.resources.driver_lease_s)
+    lease.acquire()
+    try:
+        return _open_run(cfg, layout, lease.start_renewing(), restart)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _open_run(cfg: Config, layout: RunLayout, lease: RunLease, restart: bool) -> RunSetup:
     _check_conflict(cfg, layout, restart)
     info, parts = inspect_model(cfg)  # the config only: weights are fetched where they are used
     cfg.check_against_model(info.num_layers)
@@ -81,7 +95,7 @@ def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
     plan = SegPropPlan.from_config(cfg.segprop, info.num_layers)
     manifest = _open_manifest(cfg, layout, info, plan, spec, restart)
     tokens_hash = digest({"data": cfg.data.model_dump(mode="json"), "model": cfg.model, "spec": spec.to_dict()})
-    return RunSetup(layout, manifest, plan, spec, tokens_hash, info)
+    return RunSetup(layout, manifest, plan, spec, tokens_hash, info, lease)
 
 
 def check_inputs(cfg: Config) -> None:
@@ -137,7 +151,8 @@ def _wipe(layout: RunLayout) -> None:
     """Start over: the manifest goes first, so a crash mid-wipe leaves a directory seen as new."""
     fs = layout.fs
     fs.rm_file(layout.manifest)
-    for name in ("config.resolved.yaml", "tokens", "snapshots", "layers", "exits", "checkpoints", "export", "report"):
+    for name in ("config.resolved.yaml", "model", "tokens", "snapshots", "layers", "exits", "checkpoints", "export",
+                 "report"):
         path = layout.join(name)
         if fs.exists(path):
             fs.rm(path, recursive=True)

@@ -34,9 +34,9 @@ class Throttle:
         return True
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})
 class ProgressBoard:
-    """The latest progress record of each job, by name."""
+    """The latest progress record of each job, by name (on the head node, which lives as long as the job)."""
 
     def __init__(self) -> None:
         self.records: dict[str, dict[str, Any]] = {}

@@ -22,6 +22,8 @@ from segprop_ray.config import ConfigError, load_config
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 LOCAL_HOSTS = ("localhost", "::1", "0.0.0.0")
+RUN_DIR_KEY = "segprop-run-dir"
+"""Job metadata key naming the run directory of a submitted run (the Helm chart's RayJob sets it too)."""
 
 
 def enable_token_auth_if_available() -> None:
@@ -65,6 +67,7 @@ def submit_run(config: str, address: str, overrides: list[str], wait: bool = Tru
     from segprop_ray.pipeline.runtime import FORWARDED_ENV
 
     client = JobSubmissionClient(address)
+    check_no_job_for(client, cfg.run_dir, address)
     with tempfile.TemporaryDirectory() as staging:
         job_dir = Path(staging) / "job"  # a copy: the user's directory is never written to
         if working_dir is not None:
@@ -75,12 +78,29 @@ def submit_run(config: str, address: str, overrides: list[str], wait: bool = Tru
         job_id = client.submit_job(
             entrypoint=entrypoint(overrides, python),
             runtime_env={"working_dir": str(job_dir), "env_vars": env},
+            metadata={RUN_DIR_KEY: _same_run_dir(cfg.run_dir)},
             submission_id=f"segprop-{Path(cfg.run_dir).name}-{uuid.uuid4().hex[:8]}",
         )
     print(f"submitted job {job_id} to {address} (run_dir {cfg.run_dir})")
     if not wait:
         return 0
     return follow(client, job_id, poll_s)
+
+
+def check_no_job_for(client, run_dir: str, address: str) -> None:
+    """Refuse when the cluster already runs (or queues) a job for ``run_dir``: two drivers on one run directory
+    would fight over it (the second would stop at the driver lease, after its job started)."""
+    wanted = _same_run_dir(run_dir)
+    for job in client.list_jobs():
+        status = str(job.status).rsplit(".", 1)[-1]
+        if status not in TERMINAL and _same_run_dir((job.metadata or {}).get(RUN_DIR_KEY, "")) == wanted:
+            name = job.submission_id or job.job_id
+            raise ConfigError(f"the cluster at {address} already runs job {name} ({status}) for run_dir {run_dir}; "
+                              f"wait for it to end or stop it (ray job stop {name}) before submitting again")
+
+
+def _same_run_dir(run_dir: str) -> str:
+    return run_dir.strip().rstrip("/")
 
 
 def follow(client, job_id: str, poll_s: float = 2.0) -> int:

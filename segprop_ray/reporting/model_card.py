@@ -132,9 +132,10 @@ def _ranges(indices: list[int]) -> str:
 
 
 def export_with_card(run_dir: str, out: str, depth: str | int | None = None,
-                     storage_options: dict[str, Any] | None = None) -> tuple[int, str]:
-    """Export the exit at ``depth`` (a depth, ``best`` or ``final``) to ``out`` with its model card as README.md."""
+                     storage_options: dict[str, Any] | None = None, **options: Any) -> tuple[int, str]:
+    """Export the exit at ``depth`` (a depth, ``best`` or ``final``) to ``out`` with its model card as README.md
+    (``options``: :func:`~segprop_ray.reporting.export.export_model`'s ``model_source`` and ``memory_budget``)."""
     _, manifest = open_run(run_dir, storage_options)
     chosen = choose_depth(manifest, depth)
     card = model_card(manifest, chosen)
-    return export_model(run_dir, out, chosen, storage_options, extra_files={"README.md": card})
+    return export_model(run_dir, out, chosen, storage_options, extra_files={"README.md": card}, **options)

@@ -182,6 +182,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("SEGPROP_CACHE", Path.home() / ".cache" / "segprop_ray"))
 
 
+def scratch_dir() -> Path:
+    """Where large temporary files go (the export's shards, a model file being staged): ``tmp/`` in the node's
+    cache, which on a cluster is the cache volume rather than the container's own disk."""
+    path = cache_root() / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def redact_uri(uri: str) -> str:
     """``uri`` safe for logs: user:password@ and secret-looking query values replaced by ``***``."""
     parts = urlsplit(uri)

@@ -148,8 +148,10 @@ class Manifest(_Record):
 class ManifestStore:
     """Reads and atomically writes ``manifest.json`` of a run directory."""
 
-    def __init__(self, layout: RunLayout):
+    def __init__(self, layout: RunLayout, guard: Callable[[], None] | None = None):
         self.layout = layout
+        self.guard = guard
+        """Called before every write (the driver's lease check: a driver taken over must not write)."""
 
     def exists(self) -> bool:
         """Whether the run directory has a manifest."""
@@ -165,6 +167,8 @@ class ManifestStore:
 
     def write(self, manifest: Manifest) -> None:
         """Replace the manifest atomically (stamping :attr:`Manifest.updated`)."""
+        if self.guard is not None:
+            self.guard()
         manifest.updated = now()
         MANIFEST_FORMAT.write(self.layout.fs, self.layout.manifest, manifest.model_dump(mode="json"))
 

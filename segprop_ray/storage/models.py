@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from segprop_ray.storage import node_cache
 from segprop_ray.storage.errors import StorageError, one_line
 from segprop_ray.storage.fs import cache_root, redact_uri, resolve_filesystem, split_protocol
 
@@ -82,11 +83,14 @@ def _from_fsspec(model: str, storage_options: dict[str, Any] | None, cache_dir: 
     key = hashlib.sha256(repr((model, patterns)).encode()).hexdigest()[:16]
     target = Path(cache_dir or cache_root() / "models") / key
     if (target / ".complete").is_file():
+        node_cache.touch(target / ".complete")
         return target
     fs, root = _remote(model, storage_options)
     names = [p for p in _listing(fs, root, model) if any(Path(p).match(pat) for pat in patterns)]
     if not names:
         raise StorageError(f"model {redact_uri(model)}: no model files found")
+    if cache_dir is None:  # the node's cache: keep it under its size limit
+        node_cache.make_room(cache_root(), sum(fs.size(name) for name in names))
     staging = target.parent / f".{key}.{uuid.uuid4().hex}"
     try:
         staging.mkdir(parents=True)

@@ -14,6 +14,7 @@ of the embedding file and of layers 0..q.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from segprop_ray.core.layout import ArchLayout
 from segprop_ray.core.weights import SafetensorsSource, save_tensors
+from segprop_ray.storage import node_cache
 from segprop_ray.storage.errors import StorageError
 from segprop_ray.storage.fs import cache_root, file_sha256
 from segprop_ray.storage.layout import RunLayout
@@ -77,6 +79,8 @@ class WeightStore:
     def __init__(self, layout: RunLayout, cache_dir: str | Path | None = None):
         self.layout = layout
         self.cache_dir = Path(cache_dir or cache_root() / "weights")
+        self.node_cache = cache_dir is None
+        """Whether this is the node's cache, kept under its size limit (:mod:`segprop_ray.storage.node_cache`)."""
 
     def put(self, rel_path: str, tensors: Mapping[str, torch.Tensor]) -> str:
         """Write ``tensors`` to ``rel_path`` in the run directory (overwriting); returns the file's sha256."""
@@ -97,12 +101,16 @@ class WeightStore:
         """A local copy of ``rel_path`` whose content has hash ``sha256`` (downloaded once, then cached)."""
         cached = self.cache_dir / f"{sha256}.safetensors"
         if cached.exists():
+            node_cache.touch(cached)
             return cached
+        remote = self.layout.join(*rel_path.split("/"))
+        if self.node_cache:
+            node_cache.make_room(self.cache_dir.parent, self.layout.fs.size(remote))
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.cache_dir, delete=False, suffix=".part") as handle:
             partial = Path(handle.name)
         try:
-            self.layout.fs.get_file(self.layout.join(*rel_path.split("/")), str(partial))
+            self.layout.fs.get_file(remote, str(partial))
             found = _local_sha256(partial)
             if found != sha256:
                 raise StorageError(f"{self.layout.uri(self.layout.join(rel_path))}: sha256 {found[:12]} does not match "
@@ -115,3 +123,16 @@ class WeightStore:
     def source(self, files: Mapping[str, str]) -> SafetensorsSource:
         """A lazy tensor source over committed files given as ``{rel_path: sha256}``."""
         return SafetensorsSource([self.fetch(path, sha) for path, sha in files.items()])
+
+
+def safetensors_sizes(layout: RunLayout, rel_path: str) -> dict[str, int]:
+    """Tensor name -> bytes of a committed safetensors file, from its header alone (two range reads, no weights).
+
+    The format is an 8-byte little-endian header length, then a JSON header with each tensor's
+    ``data_offsets``.
+    """
+    path = layout.join(*rel_path.split("/"))
+    length = int.from_bytes(layout.fs.cat_file(path, start=0, end=8), "little")
+    header = json.loads(layout.fs.cat_file(path, start=8, end=8 + length))
+    return {name: entry["data_offsets"][1] - entry["data_offsets"][0] for name, entry in header.items()
+            if name != "__metadata__"}

@@ -112,20 +112,86 @@ characters are restricted by values.schema.json, so no quoting is needed).
 - name: AWS_REGION
   value: {{ . | quote }}
 {{- end }}
+{{- with .Values.huggingface.tokenSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . | quote }}
+      key: {{ $.Values.huggingface.tokenSecretKey | quote }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
 
+{{/* Where the node-local cache volume is mounted in worker pods. */}}
+{{- define "segprop.cacheDir" -}}
+/cache
+{{- end }}
+
+{{/* "true" when a worker group has a cache volume (cacheGiB or cacheVolume), else empty. */}}
+{{- define "segprop.hasCache" -}}
+{{- if or .cacheVolume (not (kindIs "invalid" .cacheGiB)) }}true{{ end }}
+{{- end }}
+
 {{/*
-Container resources with the GPUs of a group added to requests and limits.
-Arguments: dict "resources" <requests/limits> "gpus" <int> "gpuName" <resource name>.
+The cache volume's source: the group's cacheVolume, else an emptyDir limited to cacheGiB.
+Argument: the worker group's values.
+*/}}
+{{- define "segprop.cacheVolume" -}}
+{{- if .cacheVolume }}
+{{- toYaml .cacheVolume }}
+{{- else }}
+emptyDir:
+  sizeLimit: {{ printf "%dGi" (int .cacheGiB) | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment of a worker group's cache: segprop's node cache (SEGPROP_CACHE, kept under 90% of the
+volume by SEGPROP_CACHE_MAX_GB) and Hugging Face's (HF_HOME) on the cache volume.
+Argument: the worker group's values.
+*/}}
+{{- define "segprop.cacheEnv" -}}
+{{- if (include "segprop.hasCache" .) }}
+- name: SEGPROP_CACHE
+  value: "/cache/segprop"
+- name: HF_HOME
+  value: "/cache/huggingface"
+{{- if not (kindIs "invalid" .cacheGiB) }}
+- name: SEGPROP_CACHE_MAX_GB
+  value: {{ div (mul (int .cacheGiB) 9) 10 | toString | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Annotations of the head pod: the do-not-disrupt pair when asked for, then the user's. */}}
+{{- define "segprop.headAnnotations" -}}
+{{- $annotations := dict }}
+{{- if .Values.head.doNotDisrupt }}
+{{- $_ := set $annotations "karpenter.sh/do-not-disrupt" "true" }}
+{{- $_ := set $annotations "cluster-autoscaler.kubernetes.io/safe-to-evict" "false" }}
+{{- end }}
+{{- $annotations = merge (deepCopy (.Values.head.podAnnotations | default dict)) $annotations }}
+{{- if $annotations }}
+{{- toYaml $annotations }}
+{{- end }}
+{{- end }}
+
+{{/*
+Container resources with the GPUs of a group added to requests and limits, and its ephemeral storage
+to the requests (a request only: going past a limit would evict the pod).
+Arguments: dict "resources" <requests/limits> "gpus" <int> "gpuName" <resource name>
+"ephemeralStorage" <quantity or empty>.
 */}}
 {{- define "segprop.containerResources" -}}
 {{- $res := deepCopy .resources }}
 {{- if gt (int .gpus) 0 }}
 {{- $_ := set $res.requests .gpuName (toString .gpus) }}
 {{- $_ := set $res.limits .gpuName (toString .gpus) }}
+{{- end }}
+{{- with .ephemeralStorage }}
+{{- $_ := set $res.requests "ephemeral-storage" (toString .) }}
 {{- end }}
 {{- toYaml $res }}
 {{- end }}

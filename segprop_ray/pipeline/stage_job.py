@@ -1,0 +1,51 @@
+"""Staging the input model into the run directory once, as a Ray task on the CPU group.
+
+With a remote run directory (``resources.stage_model: auto``), the first step copies the model's
+config, tokenizer and safetensors files into ``<run_dir>/model/`` (:mod:`segprop_ray.storage.model_stage`);
+every job then reads the model from there into its node's cache instead of each GPU pod downloading
+it from the Hub. The copy runs on a worker of ``resources.cpu``, so the head only waits for it; a
+copy already complete for the same model (a resumed run) is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from segprop_ray.config import Config
+from segprop_ray.storage.fs import split_protocol
+from segprop_ray.storage.layout import RunLayout
+from segprop_ray.storage.manifest import Manifest
+from segprop_ray.storage.model_stage import stage_model, staged_copy
+
+STEP = "stage_model"
+
+
+def wants_staging(cfg: Config) -> bool:
+    """``resources.stage_model``: ``always``, ``never``, or (``auto``) whenever the run directory is not local."""
+    mode = cfg.resources.stage_model
+    return mode == "always" or (mode == "auto" and split_protocol(cfg.run_dir)[0] != "file")
+
+
+def model_source(manifest: Manifest) -> str:
+    """Where jobs read the model: the staged copy's URI once staged, else "" (the config's ``model``)."""
+    step = manifest.steps.get(STEP)
+    return str(step.outputs.get("uri", "")) if step is not None and step.status == "done" else ""
+
+
+def stage_task(model: str, layout: RunLayout, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Ray task: stage ``model`` into the run directory; returns the staged copy's marker."""
+    return stage_model(model, layout, storage_options)
+
+
+def ensure_staged(driver: Any) -> None:
+    """The driver's staging step: skipped when not wanted or when a complete copy of the model is there."""
+    cfg, layout = driver.cfg, driver.setup.layout
+    if not wants_staging(cfg) or (model_source(driver.manifest) and staged_copy(layout, cfg.model) is not None):
+        return
+    driver.echo("staging the input model into the run directory (once)")
+    started = driver._start_step(STEP)
+    task = ray.remote(stage_task).options(**cfg.resources.cpu.ray_options(), max_retries=2)
+    body = ray.get(task.remote(cfg.model, layout, cfg.storage_options))
+    driver._finish_step(STEP, started, {"uri": body["uri"], "files": len(body["files"]), "bytes": body["bytes"]})

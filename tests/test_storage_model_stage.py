@@ -1,0 +1,77 @@
+"""The input model staged once into the run directory (file:// and moto's S3), read back into a node cache that
+stays under its size limit."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from helpers import tiny_model_dir
+from segprop_ray.storage import node_cache
+from segprop_ray.storage.errors import StorageError
+from segprop_ray.storage.model_stage import STAGED_MARKER, stage_model, staged_copy, staged_dir
+from segprop_ray.storage.models import resolve_model_dir
+
+
+def test_the_model_is_staged_once_and_read_back_into_the_node_cache(tmp_path, run_layout, monkeypatch):
+    monkeypatch.setenv("SEGPROP_CACHE", str(tmp_path / "cache"))
+    model = tiny_model_dir(tmp_path)
+    (model / "pytorch_model.bin").write_bytes(b"pickled weights are never copied")
+
+    body = stage_model(str(model), run_layout)
+
+    originals = {p.name: p.read_bytes() for p in model.iterdir() if p.name != "pytorch_model.bin"}
+    assert body["files"] == {name: len(data) for name, data in originals.items()}
+    assert "model.safetensors" in body["files"] and body["uri"] == run_layout.uri(staged_dir(run_layout))
+    puts = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(run_layout.fs), "put_file", lambda fs, *args, **kw: puts.append(args))
+        assert stage_model(str(model), run_layout) == body and puts == []  # a resumed run stages nothing
+
+    local = resolve_model_dir(body["uri"])
+    assert {name: (local / name).read_bytes() for name in originals} == originals
+
+
+def test_an_incomplete_copy_or_another_model_is_staged_again(tmp_path, run_layout):
+    model = tiny_model_dir(tmp_path)
+    stage_model(str(model), run_layout)
+    weights = f"{staged_dir(run_layout)}/model.safetensors"
+    run_layout.fs.pipe_file(weights, b"torn")  # a copy cut short
+    assert staged_copy(run_layout, str(model)) is None
+    assert stage_model(str(model), run_layout)["files"]["model.safetensors"] == run_layout.fs.size(weights)
+    other = tiny_model_dir(tmp_path / "other", num_layers=2)
+    assert staged_copy(run_layout, str(other)) is None  # the marker names its source
+    assert stage_model(str(other), run_layout)["source"] == str(other)
+    assert run_layout.fs.exists(f"{staged_dir(run_layout)}/{STAGED_MARKER}")
+
+
+def test_a_directory_without_safetensors_is_refused(tmp_path, run_layout):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    with pytest.raises(StorageError, match="no safetensors weights to stage"):
+        stage_model(str(bare), run_layout)
+    assert staged_copy(run_layout, str(bare)) is None
+
+
+def test_the_node_cache_evicts_what_was_not_used_lately_and_refuses_past_its_limit(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    (root / "weights").mkdir(parents=True)
+    old, recent = root / "weights" / "old.safetensors", root / "weights" / "recent.safetensors"
+    old.write_bytes(b"x" * 600)
+    recent.write_bytes(b"y" * 600)
+    long_ago = time.time() - 2 * node_cache.IN_USE_S
+    os.utime(old, (long_ago, long_ago))
+    monkeypatch.setenv(node_cache.LIMIT_ENV, str(1500 / 2**30))  # 1500 bytes
+
+    node_cache.make_room(root, 800)  # 1200 used + 800 > 1500: the old entry goes
+
+    assert not old.exists() and recent.exists()
+    with pytest.raises(StorageError, match=r"cannot take .* GiB more: .* used in the last 600 s"):
+        node_cache.make_room(root, 1000)  # the recent entry may be in use: kept, and the fetch refused
+    assert recent.exists()
+    monkeypatch.delenv(node_cache.LIMIT_ENV)
+    node_cache.make_room(root, 10**12)  # no limit set: nothing happens
+    assert recent.exists()

@@ -187,7 +187,8 @@ class ResourcesConfig(Strict):
     it is fresh, and takes it over once it is this many seconds old (its holder gone)."""
     stage_model: StageModel = "auto"
     """Copy the input model (config, tokenizer, safetensors) into the run directory once, for the workers to
-    read from there: ``auto`` unless the model and the run directory are both local paths, ``always``, ``never``."""
+    read from there: ``auto`` when the run directory is not a local path or the model is a GGUF file (converted
+    once, on a CPU worker), ``always``, ``never`` (each node then reads, or converts, the model itself)."""
 
 
 class Config(Strict):
@@ -196,7 +197,8 @@ class Config(Strict):
     run_dir: str
     """Where everything of the run lives: a local path or any fsspec URI (``s3://bucket/prefix``)."""
     model: str
-    """The input model: a Hugging Face hub id, or a directory (local or ``s3://``)."""
+    """The input model: a Hugging Face hub id, a directory (local or ``s3://``), or a ``.gguf`` file (local or any
+    fsspec URI; dequantized to fp32 and staged once as safetensors; needs ``segprop_ray[gguf]``)."""
     storage_options: dict[str, Any] = {}
     """Extra fsspec options for the run directory and model (e.g. ``endpoint_url``, ``profile``).
     Credentials are better left to the standard AWS environment; these are never printed or saved."""

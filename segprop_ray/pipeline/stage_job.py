@@ -15,6 +15,7 @@ import ray
 
 from segprop_ray.config import Config
 from segprop_ray.storage.fs import split_protocol
+from segprop_ray.storage.gguf import is_gguf
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.manifest import Manifest
 from segprop_ray.storage.model_stage import stage_model, staged_copy
@@ -23,8 +24,11 @@ STEP = "stage_model"
 
 
 def wants_staging(cfg: Config) -> bool:
-    """``resources.stage_model``: ``always``, ``never``, or (``auto``) whenever the run directory is not local."""
+    """``resources.stage_model``: ``always``, ``never``, or (``auto``) whenever the run directory is not local or the
+    model is a GGUF file."""
     mode = cfg.resources.stage_model
+    if is_gguf(cfg.model):  # a GGUF file is converted once, and every job reads the converted copy
+        return mode != "never"
     return mode == "always" or (mode == "auto" and split_protocol(cfg.run_dir)[0] != "file")
 
 

@@ -20,7 +20,8 @@ from segprop_ray.storage.documents import DocumentFormat
 from segprop_ray.storage.errors import DocumentNotFound, StorageError, one_line
 from segprop_ray.storage.fs import redact_uri, resolve_filesystem, scratch_dir, split_protocol
 from segprop_ray.storage.layout import RunLayout
-from segprop_ray.storage.models import MODEL_FILE_PATTERNS
+from segprop_ray.storage.gguf import is_gguf
+from segprop_ray.storage.models import MODEL_FILE_PATTERNS, resolve_model_dir
 
 STAGED_DIR = "model"
 STAGED_MARKER = "_STAGED"
@@ -84,7 +85,12 @@ def _model_files(model: str, storage_options: dict[str, Any] | None) -> Iterator
     each file once copied: a local model's files are hard links or copies there)."""
     protocol, path = split_protocol(model)
     with tempfile.TemporaryDirectory(prefix="segprop-stage-", dir=scratch_dir()) as tmp:
-        if protocol == "file" and Path(path).is_dir():
+        if is_gguf(model):  # the dequantized model directory, converted on this (CPU) node
+            converted = resolve_model_dir(model, storage_options)
+            for local in sorted(converted.iterdir()):
+                if local.is_file() and _wanted(local.name):
+                    yield local.name, _linked(local, Path(tmp) / local.name)
+        elif protocol == "file" and Path(path).is_dir():
             for local in sorted(Path(path).iterdir()):
                 if local.is_file() and _wanted(local.name):
                     yield local.name, _linked(local, Path(tmp) / local.name)

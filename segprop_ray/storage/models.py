@@ -1,8 +1,10 @@
 """Resolving the ``model`` setting to a local Hugging Face model directory on this node.
 
 ``model`` is a local directory, a remote directory on any fsspec URI (``s3://bucket/models/x``,
-copied once into a local cache), or a Hugging Face hub id (fetched through ``huggingface_hub``'s
-own cache). Only config, tokenizer and safetensors files are fetched; pickled weights never are.
+copied once into a local cache), a Hugging Face hub id (fetched through ``huggingface_hub``'s
+own cache), or a ``.gguf`` file (local or remote, converted once into a local directory:
+:mod:`segprop_ray.storage.gguf`). Only config, tokenizer and safetensors files are fetched; pickled
+weights never are.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from segprop_ray.storage import node_cache
 from segprop_ray.storage.errors import StorageError, one_line
 from segprop_ray.storage.fs import cache_root, redact_uri, resolve_filesystem, split_protocol
+from segprop_ray.storage.gguf import gguf_model_dir, is_gguf
 
 MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
 """What a model directory is made of here: config, tokenizer and safetensors weights."""
@@ -33,6 +36,8 @@ def resolve_model_dir(model: str, storage_options: dict[str, Any] | None = None,
     node) each fetch into a private directory and the first to finish publishes it by a rename, so no
     reader ever sees a partly written file.
     """
+    if is_gguf(model):  # converted once per node: config and tokenizer, and the weights when asked for
+        return gguf_model_dir(model, storage_options, cache_dir, weights=any("safetensors" in p for p in patterns))
     protocol, path = split_protocol(model)
     if protocol == "file":
         local = Path(path)
@@ -51,7 +56,7 @@ def model_config_dir(model: str, storage_options: dict[str, Any] | None = None,
     A remote directory must also list safetensors weights; a hub model's are first fetched by the workers.
     """
     protocol, _ = split_protocol(model)
-    if protocol != "file":
+    if protocol != "file" and not is_gguf(model):
         fs, root = _remote(model, storage_options)
         if not any(name.endswith(".safetensors") for name in _listing(fs, root, model)):
             raise StorageError(f"model {redact_uri(model)}: no safetensors weights found")

@@ -114,6 +114,26 @@ def test_run_directory_of_another_config_is_refused_and_kept(tmp_path, capsys, i
     assert not (tmp_path / "cmp/runs/e2e").exists()
 
 
+def test_report_only_on_s3_reports_the_runs_present(tmp_path, capsys, inputs, s3_bucket):
+    from segprop_ray.storage.fs import resolve_filesystem
+
+    config, out = base_config(tmp_path, inputs), f"s3://{s3_bucket}/cmp"
+    setup = Driver(load_compare(config, runs=["segprop:p=0"], out=out).runs[0].cfg).prepare()  # a run, started
+    setup.lease.release()
+    store = ManifestStore(setup.layout)
+    store.update(store.read(), lambda m: m.layers.update({"0": record(0, "stage1", 2.5, 0.5)}))
+    code, stdout, _ = run_cli(capsys, "compare", str(config), "--out", out, "--runs", "segprop:p=0", "--runs", "e2e",
+                              "--report-only")
+    assert code == 0 and f"report.md: {out}/report/report.md" in stdout
+    fs, _ = resolve_filesystem(out)
+    markdown = fs.cat_file(f"{s3_bucket}/cmp/report/report.md").decode()
+    headings, rows = markdown_table(markdown, "Table 1: held-out loss (eval loss) by exit depth")
+    assert headings == ["depth", "segprop-p0"] and rows == [["0", "2.5000"]]  # e2e has no run directory yet
+    assert "`segprop-p0` (`segprop:p=0`): running" in markdown
+    assert fs.cat_file(f"{s3_bucket}/cmp/report/metric_vs_depth.png")[:8] == PNG_MAGIC
+    assert not fs.exists(f"{s3_bucket}/cmp/runs/e2e")
+
+
 # -- the report, from manifests -------------------------------------------------------------------------
 def record(depth: int, stage: str, eval_loss: float, accuracy: float | None, status: str = "done") -> LayerRecord:
     metrics = {"tokens": 1000 + depth, "world_size": 2, "wall_s": 10.0 + depth, "driver_wall_s": 15.0 + depth,
@@ -228,12 +248,12 @@ def test_compare_writes_table1_and_continues_an_interrupted_set(local_ray, tmp_p
     real_trainer = driver.run_trainer
     monkeypatch.setattr(driver, "run_trainer", counting)
     code, out, _ = run_cli(capsys, "compare", str(spec))
-    assert code == 0 and "[1/3] segprop-p0: done, skipped" in out and "[2/3] lw-p2: continuing" in out
     assert tree_state(runs / "segprop-p0") == finished  # the finished run: not a byte or an mtime changed
     assert tree_state(runs / "lw-p2" / "tokens") == lw_tokens  # the interrupted one resumed after its tokens
     manifests = {name: ManifestStore(RunLayout.open(str(runs / name))).read() for name in ("segprop-p0", "lw-p2", "e2e")}
     assert sorted(trained) == sorted([f"{manifests['lw-p2'].run_id}-depth2", f"{manifests['lw-p2'].run_id}-depth3",
                                       f"{manifests['e2e'].run_id}-depth{NUM_LAYERS - 1}"])
+    assert code == 0 and "[1/3] segprop-p0: done, skipped" in out and "[2/3] lw-p2: continuing" in out
     assert manifests["lw-p2"].steps["tokenize"].attempts == 1
     assert all(m.state == "done" for m in manifests.values())
     assert manifests["segprop-p0"].baseline and not manifests["lw-p2"].baseline and not manifests["e2e"].baseline

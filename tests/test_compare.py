@@ -186,6 +186,7 @@ def test_report_is_table1_with_a_column_per_run_and_the_compute_beside_each_scor
                           f"{2 * (1001 + 1002 + 1003):,}", f"{16 + 17 + 18:.1f}", "130.0 MiB"]
     assert per_run[1][4:6] == ["running", "3"] and per_run[1][-3] == f"{2 * (1001 + 1002 + 1003):,}"  # done work only
     assert "`segprop-p1` (`segprop:p=1`): done" in markdown and "![score by depth](metric_vs_depth.png)" in markdown
+    assert "- **input model**: eval loss 4.0000, accuracy 25.0% (scored by run `segprop-p1`)" in markdown
     table = list(csv.DictReader(io.StringIO(Path(written["table1.csv"]).read_text())))
     assert [row["depth"] for row in table] == ["1", "2", "3", "5"]
     assert float(table[0]["lw-p1 eval_loss"]) == 2.6 and table[3]["segprop-p1 accuracy"] == ""

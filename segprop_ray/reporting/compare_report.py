@@ -96,6 +96,8 @@ def build_compare_report(runs: Sequence[tuple[str, str, Manifest]], spec: dict[s
     manifests = [manifest for _, _, manifest in runs]
     first = manifests[0].model
     original = baseline_score(manifests)
+    if original:  # which run of the set scored it, by its name
+        original["run"] = next(name for name, _, manifest in runs if manifest.run_id == original["run_id"])
     return {"format": REPORT_FORMAT, "out": out and redact_uri(out), "spec": spec or {},
             "model": {"uri": first.uri, "architecture": first.architecture, "num_layers": first.num_layers},
             "runs": entries, "input_model": original, "table1": table1(entries, original, first.num_layers)}

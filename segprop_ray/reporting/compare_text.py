@@ -53,7 +53,7 @@ def _header(report: dict[str, Any]) -> str:
             f"{entry['run']['run_dir']}" for entry in report["runs"]]
     original = report["input_model"]
     scored = (f"eval loss {fmt('eval_loss', original.get('eval_loss'))}, accuracy {fmt('accuracy', original.get('accuracy'))} "
-              f"(scored in run `{original['run_id']}`)" if original else "not scored (no run has evaluation.baseline on)")
+              f"(scored by run `{original['run']}`)" if original else "not scored (no run has evaluation.baseline on)")
     facts = [("model", f"{model['uri']} ({model['architecture']}, {model['num_layers']} decoder layers)"),
              ("compare directory", report.get("out") or "-"), ("input model", scored)]
     lines = [f"- **{name}**: {value}" for name, value in facts] + ["- **runs**:"] + [f"  - {run}" for run in runs]

@@ -1,4 +1,4 @@
-"""The ``segprop`` command: run, status, export, submit, report and the embedded demo."""
+"""The ``segprop`` command: run, status, export, report, compare, submit and the embedded demo."""
 
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="another run (e.g. its lw or e2e counterpart) to draw beside it (repeatable)")
     report.add_argument("--out", default=None, help="output directory (default: the run's report/ directory)")
     _add_storage_options(report)
+    _add_compare(sub)
     submit = _command(sub, "submit", "submit `segprop run` to a Ray cluster through the Jobs API", _submit)
     submit.add_argument("config")
     submit.add_argument("--address", required=True, help="dashboard address, e.g. http://HEAD:8265")
@@ -85,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=".demo", help="directory for the model, data, config and run")
     _add_overrides(demo)
     return parser
+
+
+def _add_compare(sub: Any) -> None:
+    """`segprop compare`: its spec or config, the runs, the compare directory, overrides for every run."""
+    compare = _command(sub, "compare", "run a set of runs (modes, depths) on the same model and data, each resumable, "
+                       "and write one report of them (the paper's Table 1 and Figure 2)", _compare)
+    compare.add_argument("source", metavar="SPEC_OR_CONFIG",
+                         help="a compare spec (YAML with config:, runs:, optional out: and set:) or a run config")
+    compare.add_argument("--runs", action="append", default=[], metavar="MODE[:KEY=VALUE,...]",
+                         help="a run, e.g. segprop:p=1, lw:p=18, e2e, segprop:p=18,r=4,name=deep; keys p (base depth), "
+                              "r (last layers), name, or any config field (repeatable; replaces the spec's runs)")
+    compare.add_argument("--out", default=None, help="compare directory (local path or URI): runs/<name>/ and report/")
+    _add_overrides(compare)
+    compare.add_argument("--report-only", action="store_true",
+                         help="run nothing: write the report of the runs already in the compare directory")
 
 
 def _command(sub: Any, name: str, help_text: str, handler: Callable) -> argparse.ArgumentParser:
@@ -162,6 +178,18 @@ def _report(args: argparse.Namespace) -> int:
     from segprop_ray.reporting.report import write_report
 
     written = write_report(args.run_dir, args.out, args.compare, options)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from segprop_ray.config.compare import load_compare
+
+    compare = load_compare(args.source, args.runs, args.out, args.overrides)  # every run checked before Ray and torch
+    from segprop_ray.pipeline.compare import run_compare
+
+    written = run_compare(compare, report_only=args.report_only)
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0

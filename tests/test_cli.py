@@ -91,7 +91,7 @@ def test_console_script_is_installed():
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: segprop ")
-    for command in ("run", "status", "export", "submit", "report", "demo"):
+    for command in ("run", "status", "export", "submit", "report", "compare", "demo"):
         assert f"    {command} " in out.stdout, command
     out = subprocess.run([str(script), "status", "/no/such/run"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "holds no segprop run" in one_line_error(out.stderr)  # main()'s exit code

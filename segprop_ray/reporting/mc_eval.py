@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from segprop_ray.core.stack import Segment
-from segprop_ray.reporting.mc_items import (MCItem, PromptStyle, continuation, format_prompt, load_mc_items,
-                                            parse_item)
+from segprop_ray.reporting.mc_items import (MCItem, PromptStyle, chat_messages, continuation, format_prompt,
+                                            load_mc_items, parse_item)
 
 __all__ = ["MCItem", "load_mc_items", "parse_item", "format_prompt", "score_items", "logits_fn_of",
            "evaluate_exit_mc"]
@@ -38,19 +38,22 @@ class _Sequence:
     start: int
 
 
-def encode_option(tokenizer: Any, prompt: str, option: str, max_length: int | None = None) -> tuple[list[int], int]:
+def encode_option(tokenizer: Any, prompt: str, option: str, max_length: int | None = None,
+                  rendered: bool = False) -> tuple[list[int], int]:
     """``(ids, start)``: the tokens of prompt + continuation, and where the continuation starts.
 
     The pair is tokenized as one text, so merges across the boundary come out as the model saw them
     in training; when the prompt's own tokens are not a prefix of that, the continuation is tokenized
-    on its own. Over ``max_length``, the prompt is cut from the left.
+    on its own. Over ``max_length``, the prompt is cut from the left. ``rendered``: the prompt is a rendered chat
+    template (it holds its special tokens as text: none is added), and the continuation is the option's text as is.
     """
-    context = tokenizer(prompt)["input_ids"]
-    whole = tokenizer(prompt + continuation(option))["input_ids"]
+    special, tail_text = (False, option) if rendered else (True, continuation(option))
+    context = tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    whole = tokenizer(prompt + tail_text, add_special_tokens=special)["input_ids"]
     if whole[: len(context)] == context and len(whole) > len(context):
         tail = whole[len(context):]
     else:
-        tail = tokenizer(continuation(option), add_special_tokens=False)["input_ids"]
+        tail = tokenizer(tail_text, add_special_tokens=False)["input_ids"]
     if not tail:
         raise ValueError(f"option {option!r} tokenizes to nothing")
     if max_length is not None and len(context) + len(tail) > max_length:
@@ -61,14 +64,22 @@ def encode_option(tokenizer: Any, prompt: str, option: str, max_length: int | No
 
 
 def _sequences(tokenizer: Any, items: Sequence[MCItem], shots: Sequence[MCItem], max_length: int | None,
-               style: PromptStyle) -> list[_Sequence]:
+               style: PromptStyle, system: str | None = None) -> list[_Sequence]:
     sequences = []
     for index, item in enumerate(items):
-        prompt = format_prompt(item, shots, style)
+        prompt = _prompt(tokenizer, item, shots, style, system)
         for choice, option in enumerate(item.choices):
-            ids, start = encode_option(tokenizer, prompt, option, max_length)
+            ids, start = encode_option(tokenizer, prompt, option, max_length, rendered=style == "chat")
             sequences.append(_Sequence(index, choice, ids, start))
     return sequences
+
+
+def _prompt(tokenizer: Any, item: MCItem, shots: Sequence[MCItem], style: PromptStyle, system: str | None) -> str:
+    if style != "chat":
+        return format_prompt(item, shots, style)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("evaluation.prompt_style chat needs a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(chat_messages(item, shots, system), tokenize=False, add_generation_prompt=True)
 
 
 def continuation_logprobs(logits_fn: LogitsFn, batch: list[_Sequence], pad_id: int) -> list[tuple[float, int]]:
@@ -93,7 +104,8 @@ def continuation_logprobs(logits_fn: LogitsFn, batch: list[_Sequence], pad_id: i
 
 
 def score_items(logits_fn: LogitsFn, tokenizer: Any, items: Sequence[MCItem], shots: Sequence[MCItem] = (),
-                batch_size: int = 8, max_length: int | None = None, style: PromptStyle = "mmlu") -> dict[str, Any]:
+                batch_size: int = 8, max_length: int | None = None, style: PromptStyle = "mmlu",
+                system: str | None = None) -> dict[str, Any]:
     """Accuracy of ``logits_fn`` on ``items`` (``shots`` solved before each question, prompts in ``style``).
 
     ``batch_size`` counts (prompt, option) sequences per forward call; sequences are grouped by
@@ -104,7 +116,7 @@ def score_items(logits_fn: LogitsFn, tokenizer: Any, items: Sequence[MCItem], sh
     """
     if not items:
         raise ValueError("no multiple-choice items to score")
-    sequences = sorted(_sequences(tokenizer, items, shots, max_length, style), key=lambda s: -len(s.ids))
+    sequences = sorted(_sequences(tokenizer, items, shots, max_length, style, system), key=lambda s: -len(s.ids))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sums = [[0.0] * len(item.choices) for item in items]
     means = [[0.0] * len(item.choices) for item in items]
@@ -168,8 +180,9 @@ def evaluate_exit_mc(model_or_logits_fn: nn.Module | LogitsFn, tokenizer: Any, c
     shots, items = _split_shots(items, cfg_evaluation, storage_options)
     if cfg_evaluation.max_items:
         items = items[: cfg_evaluation.max_items]
-    style = cfg_evaluation.prompt_style
-    result = score_items(logits_fn_of(model_or_logits_fn), tokenizer, items, shots, batch_size, style=style)
+    style, system = cfg_evaluation.prompt_style, getattr(cfg_evaluation, "system_prompt", None)
+    result = score_items(logits_fn_of(model_or_logits_fn), tokenizer, items, shots, batch_size, style=style,
+                         system=system)
     return {"accuracy": result["accuracy"], "accuracy_norm": result["accuracy_norm"], "n": result["n"],
             "few_shot": len(shots)}
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Literal, Sequence
 from segprop_ray.storage.fs import redact_uri, resolve_filesystem
 
 LETTERS = string.ascii_uppercase
-PromptStyle = Literal["mmlu", "cloze"]
+PromptStyle = Literal["mmlu", "cloze", "chat"]
 
 
 @dataclass
@@ -100,7 +100,7 @@ def format_question(item: MCItem, style: PromptStyle = "mmlu") -> str:
     if style == "cloze":
         return item.question
     if style != "mmlu":
-        raise ValueError(f"unknown prompt style {style!r} (mmlu or cloze)")
+        raise ValueError(f"unknown prompt style {style!r} (mmlu or cloze; chat prompts need the tokenizer)")
     options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(item.choices))
     return f"Question: {item.question}\n{options}\nAnswer:"
 
@@ -108,6 +108,16 @@ def format_question(item: MCItem, style: PromptStyle = "mmlu") -> str:
 def continuation(choice: str) -> str:
     """The text scored for an option: a space, then the option's own text."""
     return f" {choice}"
+
+
+def chat_messages(item: MCItem, shots: Sequence[MCItem] = (), system: str | None = None) -> list[dict[str, str]]:
+    """The ``chat`` style prompt as messages: the system message, each shot as a user turn answered by its right
+    option, then the question; the scored continuation is the option's text as the assistant's reply."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for shot in shots:
+        messages += [{"role": "user", "content": shot.question},
+                     {"role": "assistant", "content": shot.choices[shot.answer]}]
+    return messages + [{"role": "user", "content": item.question}]
 
 
 def format_prompt(item: MCItem, shots: Sequence[MCItem] = (), style: PromptStyle = "mmlu") -> str:

@@ -135,16 +135,20 @@ class Page:
     rows: int
 
 
+def parse_page(data: bytes | memoryview, base: int, offset: int, width: int) -> Page:
+    """The page whose header is at file ``offset``, in ``data`` (which starts at file offset ``base``)."""
+    header, end = tc.decode_struct(data, offset - base)
+    return Page(base + end, check_page_header(header, width))
+
+
 def parse_pages(data: bytes | memoryview, base: int, chunk_offset: int, chunk_bytes: int, width: int) -> list[Page]:
     """The pages of a plain column chunk whose bytes ``[chunk_offset, chunk_offset + chunk_bytes)`` are in
     ``data`` (which starts at file offset ``base``); ValueError for anything but PLAIN uncompressed v1 pages
     of ``width``-byte values."""
     pages, offset = [], chunk_offset
     while offset < chunk_offset + chunk_bytes:
-        header, end = tc.decode_struct(data, offset - base)
-        body_offset, rows = end + base, check_page_header(header, width)
-        pages.append(Page(body_offset, rows))
-        offset = body_offset + rows * width
+        pages.append(parse_page(data, base, offset, width))
+        offset = pages[-1].body_offset + pages[-1].rows * width
     if offset != chunk_offset + chunk_bytes:
         raise ValueError(f"column chunk at {chunk_offset} ends at {offset}, footer says {chunk_offset + chunk_bytes}")
     return pages

@@ -41,11 +41,17 @@ KINDS = ("e2e", "seg_snap", "seg_recompute", "lw_snap", "snap_write", "read_shar
 
 
 def parse_variant(name: str, plan: BenchPlan) -> tuple[str, int]:
-    """``seg_snap@p3`` -> (``seg_snap``, 3); no suffix: the plan's default p."""
-    kind, _, depth = name.partition("@p")
+    """``seg_snap@p3`` -> (``seg_snap``, 3); no suffix: the plan's default p. ``snap_write@f2``: snap_write with 2
+    files at once (see :func:`files_at_once`)."""
+    kind, _, depth = name.split("@f")[0].partition("@p")
     if kind not in KINDS:
         raise SystemExit(f"unknown variant {name!r}; kinds: {', '.join(KINDS)}")
     return kind, int(depth) if depth else plan.prefix
+
+
+def files_at_once(name: str, plan: BenchPlan) -> int:
+    """Files snap_write writes at once: the ``@f<N>`` suffix, else ``--snap-files``."""
+    return int(name.split("@f")[1]) if "@f" in name else plan.snap_files
 
 
 def job_context(plan: BenchPlan, mode: str, prefix: int, depth: int, input_hash: str):
@@ -229,7 +235,7 @@ def run_variant(plan: BenchPlan, name: str, cold: bool = True) -> dict[str, Any]
         elif kind == "seg_recompute":
             result = run_recompute(plan, prefix, device)
         elif kind == "snap_write":
-            result = run_snap_write(plan, prefix, device)
+            result = run_snap_write(plan, prefix, device, files_at_once(name, plan))
         else:
             result = run_read_shards(plan, prefix, device)
     sync(device)

@@ -108,7 +108,8 @@ def test_gpu_snapcheck_dry_run(tmp_path: Path) -> None:
                      "snapcheck.tiny.cpu.json", "snapcheck2.tiny.cpu.json"]
     report = json.loads((out / "snapcheck.tiny.cpu.json").read_text())
     snap = report["snapcheck"]
-    assert len(snap["snap_write"]["ratio_to_reference_per_repeat"]) == 1 and snap["snap_write"]["time_vs_raw_copy_per_repeat"][0] > 0
+    write = snap["snap_write"]["snap_write"]
+    assert len(write["ratio_to_reference_per_repeat"]) == 1 and write["time_vs_raw_copy_per_repeat"][0] > 0
     assert [row["step"] for row in snap["read_shards"]] == ["project lw_snap", "project seg_snap", "reference lw_snap",
                                                            "reference seg_snap"]
     two = {r["variant"]: r for r in json.loads((out / "snapcheck2.tiny.cpu.json").read_text())["records"]}

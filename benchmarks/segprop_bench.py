@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta = machine_info(args.device)
     meta["args"] = vars(args)
     if args.reference_variants:
-        meta["reference_dir"] = str(bench_setup.reference_dir())
+        meta["reference_dir"] = os.path.relpath(bench_setup.reference_dir(), bench_setup.ROOT)
     records: list[dict[str, Any]] = []
     repeat = [0]
 

@@ -163,7 +163,7 @@ class S3PartSink:
 
     def _upload(self, number: int, data: bytearray) -> dict[str, Any]:
         out = self.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.key, UploadId=self._upload_id,
-                              PartNumber=number, Body=bytes(data))
+                              PartNumber=number, Body=data)  # botocore takes the bytearray as it is
         return {"PartNumber": number, "ETag": out["ETag"]}
 
     def _collect(self, future: Future) -> None:
@@ -171,12 +171,13 @@ class S3PartSink:
 
     def close(self) -> None:
         """Upload what is left and complete the upload (or PUT the whole object if it is smaller than a part)."""
+        del self._buffer[self._fill :]  # the last part: what was filled
         try:
             if self._upload_id is None:
-                self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self._buffer[: self._fill]))
+                self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=self._buffer)
             else:
                 if self._fill:
-                    self._submit(self._buffer[: self._fill])
+                    self._submit(self._buffer)
                 for future in self._pending:
                     self._collect(future)
                 self._pending = []

@@ -13,6 +13,7 @@ Never imports Ray.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -24,7 +25,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE / "reference"))
+REFERENCE_ENV = "SEGPROP_REFERENCE_DIR"
+"""Directory holding the reference loops (``gpu_reference_loops.py``); see :func:`reference_dir`."""
+REFERENCE_DIRS = (ROOT.parent / "shared" / "reference", ROOT / ".reference")
+"""Where the reference loops are looked for when ``SEGPROP_REFERENCE_DIR`` is not set: the shared reference
+beside the repository, then the git-ignored ``.reference/`` a device call carries (see gpu_check.sh)."""
 
 # Shapes the reference script does not have (its SHAPES gets them added at run time, see reference_shapes()).
 EXTRA_SHAPES: dict[str, dict[str, int]] = {
@@ -44,10 +49,28 @@ TOKENS_HASH = "bench-tokens"
 ENV_CACHE = "SEGPROP_CACHE"
 
 
-def reference_module():
-    """The reference script (``benchmarks/reference/gpu_reference_loops.py``) with the extra shapes added."""
-    import gpu_reference_loops as ref
+def reference_dir() -> Path:
+    """The directory of the reference loops: ``SEGPROP_REFERENCE_DIR`` (``--reference-dir``), else the first of
+    :data:`REFERENCE_DIRS` that has them; a one-line error naming where it looked otherwise."""
+    chosen = os.environ.get(REFERENCE_ENV)
+    candidates = [Path(chosen)] if chosen else list(REFERENCE_DIRS)
+    for directory in candidates:
+        if (directory / "gpu_reference_loops.py").is_file():
+            return directory.resolve()
+    raise SystemExit(f"gpu_reference_loops.py not found in {', '.join(map(str, candidates))}: pass --reference-dir "
+                     f"or set {REFERENCE_ENV} to the directory of the shared reference loops")
 
+
+def reference_module():
+    """The reference script (``gpu_reference_loops.py`` of :func:`reference_dir`, loaded as it is) with the extra
+    shapes added."""
+    if "gpu_reference_loops" not in sys.modules:
+        path = reference_dir() / "gpu_reference_loops.py"
+        spec = importlib.util.spec_from_file_location("gpu_reference_loops", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_reference_loops"] = module
+        spec.loader.exec_module(module)
+    ref = sys.modules["gpu_reference_loops"]
     for name, shape in EXTRA_SHAPES.items():
         ref.SHAPES.setdefault(name, shape)
     return ref
@@ -102,6 +125,8 @@ class BenchPlan:
     max_grad_norm: float = 1.0
     loss_chunk_tokens: int = 0
     threads: int = 0
+    snap_files: int = 1
+    """Files the snap_write variant writes at once (as ``resources.snapshot.files_per_actor``)."""
     files: dict[str, str] = field(default_factory=dict)
     """Exit files put in the run directory: run-relative path -> sha256."""
     snapshot_depths: list[int] = field(default_factory=list)
@@ -181,7 +206,8 @@ def make_plan(args: Any, work_dir: Path) -> BenchPlan:
                      warmup=args.warmup, prefix=prefix, r=args.r, num_layers=n, hidden_size=hidden,
                      group_size=group, groups_per_file=args.groups_per_file, train_blocks=train_blocks,
                      eval_blocks=args.batch, work_dir=str(work_dir), lr=args.lr, max_grad_norm=args.max_grad_norm,
-                     loss_chunk_tokens=args.loss_chunk_tokens, threads=args.threads)
+                     loss_chunk_tokens=args.loss_chunk_tokens, threads=args.threads,
+                     snap_files=getattr(args, "snap_files", 1))
 
 
 def prepare(plan: BenchPlan) -> BenchPlan:

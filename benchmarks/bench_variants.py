@@ -7,9 +7,8 @@
   prefix ``snapshot_spec(p)`` (embedder + layers 0..p) run under no_grad every step, fed from the token
   shards, trained with ``SegmentLoop``: what Stage 2 costs without SnapCheck.
 - ``lw_snap``: ``SegmentRun`` of an ``lw`` run (r = 0), from S[p].
-- ``snap_write``: the snapshot job's per-file work: ``transform_file`` S[p] -> S[p+1] with one committed layer,
-  through ``core.iteration.snapshot_forward``, the function ``SnapshotActor.apply`` calls.
-- ``read_shards``: the streaming reader alone over S[p] (``ReadStats``): how fast shards can feed a worker.
+- ``snap_write``, ``read_shards``: the snapshot job's per-file work and the streaming reader alone
+  (``bench_snapcheck``).
 
 A suffix ``@p<d>`` runs a stage-2 variant at prefix depth d instead of the default p.
 Run as ``python benchmarks/bench_variants.py PLAN.json VARIANT[,VARIANT...]`` (one JSON line per variant,
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_setup
+from bench_snapcheck import run_read_shards, run_snap_write
 from bench_probes import (SavedTensorProbe, StepTimer, TensorPeakProbe, load_average, peak_since_reset,
                           process_max_rss, reset_peak, rss_bytes, sync, threads, variant_flops)
 from bench_setup import TOKENS_HASH, BenchPlan, snapshot_hash
@@ -41,11 +41,17 @@ KINDS = ("e2e", "seg_snap", "seg_recompute", "lw_snap", "snap_write", "read_shar
 
 
 def parse_variant(name: str, plan: BenchPlan) -> tuple[str, int]:
-    """``seg_snap@p3`` -> (``seg_snap``, 3); no suffix: the plan's default p."""
-    kind, _, depth = name.partition("@p")
+    """``seg_snap@p3`` -> (``seg_snap``, 3); no suffix: the plan's default p. ``snap_write@f2``: snap_write with 2
+    files at once (see :func:`files_at_once`)."""
+    kind, _, depth = name.split("@f")[0].partition("@p")
     if kind not in KINDS:
         raise SystemExit(f"unknown variant {name!r}; kinds: {', '.join(KINDS)}")
     return kind, int(depth) if depth else plan.prefix
+
+
+def files_at_once(name: str, plan: BenchPlan) -> int:
+    """Files snap_write writes at once: the ``@f<N>`` suffix, else ``--snap-files``."""
+    return int(name.split("@f")[1]) if "@f" in name else plan.snap_files
 
 
 def job_context(plan: BenchPlan, mode: str, prefix: int, depth: int, input_hash: str):
@@ -195,69 +201,6 @@ def h2d_probe(plan: BenchPlan, device: torch.device, repeats: int = 5) -> dict[s
     return out
 
 
-# -- snapshot job and reader -------------------------------------------------------------------------
-def run_snap_write(plan: BenchPlan, prefix: int, device: torch.device) -> dict[str, Any]:
-    """S[p+1] = f_{p+1}(S[p]) for every file, as the snapshot job's actor does (warm-up: the eval split)."""
-    from segprop_ray.core.iteration import build_segment, snapshot_forward
-    from segprop_ray.storage.snapcheck import commit_depth, transform_file
-
-    depth = prefix + 1
-    ctx = job_context(plan, "segprop", prefix, depth, snapshot_hash(prefix))
-    start = time.perf_counter()
-    parts = ctx.parts(device)
-    weights = ctx.run_weights(ctx.plan(parts.num_layers), committed_layers=[depth], parts=parts)
-    producer = build_segment(parts, weights.snapshot_spec(depth), trainable=False)  # layer p+1 alone
-    build_s = time.perf_counter() - start
-    spent = {"fn_s": 0.0}
-
-    def apply(rows: dict[str, torch.Tensor]) -> torch.Tensor:  # = SnapshotActor.apply
-        begin = time.perf_counter()
-        cfg = ctx.cfg
-        result = snapshot_forward(producer, rows, cfg.snapcheck.dtype, cfg.training.bf16, device)
-        spent["fn_s"] += time.perf_counter() - begin
-        return result
-
-    spec = plan.spec()
-    written = {}
-    for split, count in (("eval", plan.eval_blocks), ("train", plan.train_blocks)):
-        spent["fn_s"] = 0.0
-        begin = time.perf_counter()
-        written[split] = [transform_file(ctx.layout, split, i, source_depth=prefix, depth=depth, fn=apply, spec=spec)
-                          for i in range(spec.num_files(count))]
-        wall = time.perf_counter() - begin
-    for split, infos in written.items():
-        commit_depth(ctx.layout, split, depth, infos, snapshot_hash(depth), spec)
-    tokens = plan.train_blocks * plan.seq
-    out_bytes = sum(info.bytes for info in written["train"])
-    return {"tokens": tokens, "wall_s": round(wall, 4), "tokens_per_s": round(tokens / wall, 1),
-            "median_step_s": None, "fn_s": round(spent["fn_s"], 4), "fn_share": round(spent["fn_s"] / wall, 4),
-            "io_s": round(wall - spent["fn_s"], 4), "files": len(written["train"]),
-            "written_mb_per_s": round(out_bytes / wall / 1e6, 1),  # about as many bytes are read from S[p]
-            "build_s": round(build_s, 3), "trainable_params": 0,
-            "frozen_params_in_forward": sum(p.numel() for p in producer.parameters())}
-
-
-def run_read_shards(plan: BenchPlan, prefix: int, device: torch.device) -> dict[str, Any]:
-    """The streaming reader alone over S[p]'s train split, in a training epoch's order (``ReadStats``)."""
-    from segprop_ray.core.data_order import BlockOrder
-    from segprop_ray.storage.layout import RunLayout
-    from segprop_ray.storage.reader import epoch_reader
-    from segprop_ray.storage.snapcheck import load_committed
-
-    layout = RunLayout.open(plan.run_dir)
-    marker = load_committed(layout, "train", prefix, snapshot_hash(prefix), plan.train_blocks, plan.spec())
-    order = BlockOrder(plan.train_blocks, plan.group_size, plan.batch, 0, True)
-    reader = epoch_reader(layout, marker, order, 0)
-    start = time.perf_counter()
-    rows = sum(len(batch["input_ids"]) for batch in reader)
-    wall = time.perf_counter() - start
-    stats = reader.stats
-    return {"tokens": rows * plan.seq, "wall_s": round(wall, 4), "tokens_per_s": round(rows * plan.seq / wall, 1),
-            "median_step_s": None, "bytes_read": stats.bytes_read, "groups_read": stats.groups_read,
-            "read_seconds": round(stats.read_seconds, 4), "wait_seconds": round(stats.wait_seconds, 4),
-            "gb_per_s": round(stats.bytes_read / wall / 1e9, 3), "trainable_params": 0}
-
-
 RUNNERS = {"e2e": run_segment_run, "seg_snap": run_segment_run, "lw_snap": run_segment_run}
 
 
@@ -292,7 +235,7 @@ def run_variant(plan: BenchPlan, name: str, cold: bool = True) -> dict[str, Any]
         elif kind == "seg_recompute":
             result = run_recompute(plan, prefix, device)
         elif kind == "snap_write":
-            result = run_snap_write(plan, prefix, device)
+            result = run_snap_write(plan, prefix, device, files_at_once(name, plan))
         else:
             result = run_read_shards(plan, prefix, device)
     sync(device)

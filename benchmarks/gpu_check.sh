@@ -6,7 +6,14 @@
 # first a 1-minute comparison of the plain and the chunked LM-head loss):
 #   bash benchmarks/gpu_check.sh                      # llama1b, then mistral7b_12l
 #   bash benchmarks/gpu_check.sh mistral7b            # full 32-layer 7B shape, batch 1 (a separate call)
-# with the device tool: run(command="bash benchmarks/gpu_check.sh", kind="nvidia-h200", timeout_s=600, carry=[".whl"])
+# with the device tool: run(command="bash benchmarks/gpu_check.sh", kind="nvidia-h200", timeout_s=600,
+#                            carry=[".whl", ".reference"])
+#
+# The reference loops (gpu_reference_loops.py of ../shared/reference) are not in the repository, and ../shared does
+# not travel to the device machine (only the repository does). Before the call, here, copy them into the
+# git-ignored .reference/ that `carry` takes along:
+#   rm -rf .reference && cp -r ../shared/reference .reference
+# The benchmark loads them from $SEGPROP_REFERENCE_DIR, else ../shared/reference, else .reference/.
 #
 # Before the call, on the CPU machine (the device image has torch, transformers, safetensors, pyarrow,
 # fsspec and PyYAML, but was not seen with pydantic, which segprop_ray.config needs):
@@ -31,6 +38,10 @@ if [ $# -eq 0 ]; then HEAD_SHAPE=${HEAD_SHAPE:-llama1b}; else HEAD_SHAPE=${HEAD_
 read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"   # more segprop_bench.py options, for dry runs
 WORK=${BENCH_WORK:-$PWD/.segprop-bench-work}   # on the machine's disk (not /tmp, which may be memory)
 export PYTHONUNBUFFERED=1 SEGPROP_CACHE="$WORK/cache"
+if [ -z "${SEGPROP_REFERENCE_DIR:-}" ] && [ ! -f ../shared/reference/gpu_reference_loops.py ] \
+    && [ -f .reference/gpu_reference_loops.py ]; then
+  export SEGPROP_REFERENCE_DIR=$PWD/.reference   # carried in by the device call
+fi
 mkdir -p "$OUT"
 
 PYDANTIC_OK='import pydantic, sys; sys.exit(tuple(map(int, pydantic.VERSION.split(".")[:2])) < (2, 7))'
@@ -50,6 +61,9 @@ try:
         print("note: ray is importable here; the benchmark does not use it")
 except ImportError:  # hidden on purpose (the dry-run test)
     pass
+sys.path.insert(0, "benchmarks")
+import bench_setup  # a one-line exit naming where it looked when the reference loops are not found
+print("reference loops:", bench_setup.reference_dir())
 import torch, transformers, pyarrow
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, pyarrow {pyarrow.__version__}, "
       f"cuda {torch.cuda.is_available()} {torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")

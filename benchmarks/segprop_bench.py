@@ -1,8 +1,9 @@
 """Training-step benchmark: the project's own workers against the reference loops, one device, one run.
 
 Times, with the project's code (``SegmentRun`` / ``SegmentLoop`` / ``ModelParts`` / the SnapCheck storage,
-on a real run directory), the variants of the reference script ``benchmarks/reference/gpu_reference_loops.py``
-(the CEO's anchor), and runs that script in the same command on the same device and shape:
+on a real run directory), the variants of the reference script ``gpu_reference_loops.py`` (the anchor of
+../shared/reference/, loaded from there unless ``--reference-dir`` or SEGPROP_REFERENCE_DIR say otherwise), and
+runs that script in the same command on the same device and shape:
 
   e2e            the whole model (SegmentRun of an e2e run, from token shards)
   seg_snap       Stage 2 step q = p+1 from SnapCheck shards S[p] (SegmentRun, streaming reader)
@@ -39,6 +40,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report  # noqa: E402
+import bench_snapcheck  # noqa: E402
 import bench_setup  # noqa: E402
 from bench_setup import SHAPE_DEFAULTS, BenchPlan, make_plan  # noqa: E402
 
@@ -73,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="torch intra-op threads (0: torch's default). Default 1 on CPU: on a shared 2-core VM two "
                          "threads stall at every op's barrier whenever another process runs (10x swings seen)")
     ap.add_argument("--groups-per-file", type=int, default=4)
+    ap.add_argument("--snap-files", type=int, default=1, help="files snap_write writes at once (files_per_actor)")
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="the project's default (HF's) is 1.0")
     ap.add_argument("--loss-chunk-tokens", type=int, default=0, help="training.loss_chunk_tokens (0: the default)")
@@ -81,7 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/segprop_bench.<shape>.<device>.json)")
+    ap.add_argument("--reference-dir", default=None, help="directory of gpu_reference_loops.py (default: "
+                                                          "$SEGPROP_REFERENCE_DIR, else ../shared/reference, else .reference)")
     args = ap.parse_args(argv)
+    if args.reference_dir:
+        os.environ[bench_setup.REFERENCE_ENV] = str(Path(args.reference_dir).resolve())  # for the variant processes
     args.shape = args.shape or ("llama1b" if args.device == "cuda" else "cpu_small")
     for key, value in SHAPE_DEFAULTS.get(args.shape, SHAPE_DEFAULTS["llama1b"]).items():
         if getattr(args, key) is None:
@@ -219,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = machine_info(args.device)
     meta["args"] = vars(args)
+    if args.reference_variants:
+        meta["reference_dir"] = os.path.relpath(bench_setup.reference_dir(), bench_setup.ROOT)
     records: list[dict[str, Any]] = []
     repeat = [0]
 
@@ -251,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     report = bench_report.build(plan, records)
+    report["snapcheck"] = bench_snapcheck.build(plan, records)
     print(bench_report.render(report))
+    print(bench_snapcheck.render(report["snapcheck"]))
     out.write_text(json.dumps({"meta": meta, "plan": asdict(plan), **report, "records": records}, indent=1))
     print(f"JSON: {out}")
     return report

@@ -86,3 +86,33 @@ def head_loss(report: dict) -> None:
     assert plain["peak_bytes"] >= 2 * logits_bytes  # fp32 logits and their log-softmax at least
     assert small["peak_bytes"] < plain["peak_bytes"] - logits_bytes
     assert small["loss_abs_diff"] < 1e-4 and max(small["grad_rel_diff"]) < 1e-2
+
+
+@pytest.mark.slow
+def test_gpu_snapcheck_dry_run(tmp_path: Path) -> None:
+    """benchmarks/gpu_snapcheck.sh at a tiny shape on CPU, Ray hidden: the snapshot and reader figures of each
+    step come out in one JSON per step (8 files at most come back from a device call), S3 through moto included."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HIDE_RAY)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "BENCH_WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
+           "DEVICE": "cpu", "SHAPES": "tiny", "PYTHONPATH": str(hook), "IO_ARGS": "--seq 64 --total-mb 8",
+           "BENCH_ARGS": "--seq 32 --batch 2 --steps 1 --warmup 1 --isolate none --threads 1"}
+    proc = subprocess.run(["bash", "benchmarks/gpu_snapcheck.sh"], cwd=ROOT, env=env, text=True, capture_output=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ray is hidden" not in proc.stdout + proc.stderr
+    names = sorted(path.name for path in out.iterdir())
+    assert names == ["gpu_snapcheck.log", "shard_io.h2048.cpu.json", "shard_io.h4096.cpu.json",
+                     "snapcheck.tiny.cpu.json", "snapcheck2.tiny.cpu.json"]
+    report = json.loads((out / "snapcheck.tiny.cpu.json").read_text())
+    snap = report["snapcheck"]
+    write = snap["snap_write"]["snap_write"]
+    assert len(write["ratio_to_reference_per_repeat"]) == 1 and write["time_vs_raw_copy_per_repeat"][0] > 0
+    assert [row["step"] for row in snap["read_shards"]] == ["project lw_snap", "project seg_snap", "reference lw_snap",
+                                                           "reference seg_snap"]
+    two = {r["variant"]: r for r in json.loads((out / "snapcheck2.tiny.cpu.json").read_text())["records"]}
+    assert two["snap_write"]["files_at_once"] == 2
+    io = json.loads((out / "shard_io.h4096.cpu.json").read_text())
+    assert {(r["target"], r["layout"], r["op"]) for r in io["results"]} >= {("local", "fsb", "write"), ("s3", "fsb", "read")}

@@ -63,6 +63,9 @@ def test_overrides_parse_yaml_values(tmp_path):
     (MINIMAL, ["training.max_steps=0"], "max_steps is 0"),
     (MINIMAL, ["model="], "config: model: must not be empty (got '')"),
     (MINIMAL, ["training"], "expected KEY=VALUE"),
+    (MINIMAL, ["resources.snapshot.files_per_actor=2"], "files_per_actor = 2 needs num_cpus >= 2"),
+    (MINIMAL, ["snapcheck.upload_part_mib=4"], "snapcheck.upload_part_mib: Input should be greater than or equal to 5"),
+    (MINIMAL, ["snapcheck.read_threads=0"], "snapcheck.read_threads: Input should be greater than or equal to 1"),
 ])
 def test_bad_configs_give_one_line_errors(raw, overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -133,3 +136,28 @@ def test_local_ray_too_small_for_a_job_is_refused(resources, message, monkeypatc
     else:
         with pytest.raises(ConfigError, match=re.escape(message)):
             validate_config(raw)
+
+
+def test_snapshot_pool_and_shard_io_settings():
+    """files_per_actor becomes Ray Data's concurrent calls per actor (never more actors than files need); the
+    snapcheck I/O settings reach the storage's write options in bytes."""
+    cfg = validate_config({**MINIMAL, "resources": {"snapshot": {"num_actors": 4, "num_cpus": 3, "files_per_actor": 3}},
+                           "snapcheck": {"upload_part_mib": 8, "upload_concurrency": 2}})
+    assert cfg.resources.snapshot.pool_options(7) == {"size": 3, "max_tasks_in_flight_per_actor": 3,
+                                                      "max_concurrent_calls_per_actor": 3,
+                                                      "enable_true_multi_threading": True}
+    assert cfg.resources.snapshot.pool_options(100)["size"] == 4
+    assert validate_config(MINIMAL).resources.snapshot.pool_options(5)["enable_true_multi_threading"] is False
+    options = cfg.snapcheck.write_options()
+    assert (options.upload_part_bytes, options.upload_concurrency) == (8 << 20, 2)
+
+
+def test_shard_io_settings_do_not_make_another_run():
+    """How shards are moved (threads, prefetch, upload parts) is not what a run computes; their layout is."""
+    from segprop_ray.pipeline.prepare import semantic_config
+
+    base = semantic_config(validate_config(MINIMAL))
+    tuned = {"read_threads": 8, "prefetch_groups": 4, "upload_part_mib": 16, "upload_concurrency": 8}
+    assert semantic_config(validate_config({**MINIMAL, "snapcheck": tuned})) == base
+    assert semantic_config(validate_config({**MINIMAL, "snapcheck": {"rows_per_group": 8}})) != base
+    assert "read_threads" not in base["snapcheck"] and "rows_per_group" in base["snapcheck"]

@@ -115,7 +115,8 @@ def test_worker_killed_mid_iteration_resumes_from_checkpoint(local_ray, tmp_path
 def test_failed_snapshot_job_keeps_finished_files(local_ray, tmp_path, monkeypatch):
     """S[0]'s job dies on its first eval file; the next attempt keeps every file recorded as finished (all of
     train; eval files the actor finished before the failure stopped the job, if any), writes only the others,
-    and the depth it commits is byte for byte the depth a job from scratch writes."""
+    and the depth it commits is byte for byte the depth a job from scratch writes (two files at once per actor,
+    its rate per actor in the step's outputs)."""
     from segprop_ray.storage.layout import RunLayout
     from segprop_ray.storage.snapcheck import delete_depth
 
@@ -153,10 +154,14 @@ def test_failed_snapshot_job_keeps_finished_files(local_ray, tmp_path, monkeypat
     layout = RunLayout.open(run_dir.as_uri())
     for split in ("train", "eval"):
         delete_depth(layout, split, BASE_DEPTH)
-    fresh = Driver(cfg)
+    two_at_once = validate_config(pipeline_config(run_dir.as_uri(), str(model), str(train), str(evaluation),
+                                                  resources={"snapshot": {"files_per_actor": 2, "num_cpus": 2}}))
+    fresh = Driver(two_at_once)  # the same depth again, two files at once through one actor
     fresh.prepare()
     fresh.ensure_snapshot(BASE_DEPTH)
-    assert fresh.manifest.steps[f"snapshot:{BASE_DEPTH}"].outputs["kept_files"] == {"train": 0, "eval": 0}
+    outputs = fresh.manifest.steps[f"snapshot:{BASE_DEPTH}"].outputs
+    assert outputs["kept_files"] == {"train": 0, "eval": 0}
+    assert (outputs["actors"], outputs["files_per_actor"]) == (1, 2) and outputs["bytes_per_s_per_actor"] > 0
     scratch = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.glob("snapshots/*/depth=*/part-*"))}
     assert resumed.keys() == scratch.keys() and len(resumed) > len(before)
     assert all(resumed[name] == scratch[name] for name in scratch)

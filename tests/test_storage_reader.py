@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -19,6 +20,10 @@ from segprop_ray.storage.snapcheck import commit_depth, load_committed, transfor
 T, H, N = 4, 8, 23
 SPEC = ShardSpec(seq_len=T, group_size=3, groups_per_file=2, hidden_size=H, dtype="bfloat16")
 IDS = torch.randint(0, 500, (N, T), generator=torch.Generator().manual_seed(3))  # (N, T) int64
+
+
+def reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(reader_module.THREAD_PREFIX)]
 
 
 def hidden_of(ids: torch.Tensor) -> torch.Tensor:
@@ -58,13 +63,13 @@ def test_skip_batches_resumes_without_reading_skipped_groups(committed, monkeypa
     order = BlockOrder(N, SPEC.group_size, batch_size=4, seed=11)
     full = order.epoch_batches(0)
     reads: list[tuple[str, int]] = []
-    original = reader_module.read_row_group
+    original = reader_module.read_rows
 
     def counting(fs, path, group_in_file, *args, **kwargs):
         reads.append((path.rsplit("/", 1)[-1], group_in_file))
         return original(fs, path, group_in_file, *args, **kwargs)
 
-    monkeypatch.setattr(reader_module, "read_row_group", counting)
+    monkeypatch.setattr(reader_module, "read_rows", counting)
     resumed = list(epoch_reader(layout, marker, order, 0, skip_batches=2))
     assert [batch["block_id"].tolist() for batch in resumed] == full[2:]
     stream = [block for batch in full for block in batch]
@@ -89,13 +94,13 @@ def test_token_reader_and_sequential_evaluation(committed):
 def test_wait_time_is_tracked(committed, monkeypatch):
     """Reads slowed to 50 ms a group, consumed at once: the consumer's wait and the read time show it."""
     layout, _, marker = committed
-    original = reader_module.read_row_group
+    original = reader_module.read_rows
 
     def slow(*args, **kwargs):
         time.sleep(0.05)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(reader_module, "read_row_group", slow)
+    monkeypatch.setattr(reader_module, "read_rows", slow)
     reader = epoch_reader(layout, marker, BlockOrder(N, 3, 4, seed=0), 0, prefetch_groups=2)
     assert sum(1 for _ in reader) == len(reader)
     groups = reader.stats.groups_read
@@ -110,14 +115,14 @@ def test_read_errors_reach_the_consumer_and_threads_stop(committed):
     reader = sequential_reader(layout, marker, batch_size=4)
     with pytest.raises(StorageError, match="part-00001.parquet"):
         list(reader)
-    assert not [t for t in threading.enumerate() if t.name == "segprop-shard-prefetch"]
+    assert not reader_threads()
 
 
 def test_breaking_out_early_stops_the_prefetch_thread(committed):
     layout, _, marker = committed
     for batch in sequential_reader(layout, marker, batch_size=1, prefetch_groups=1):
         break
-    assert not [t for t in threading.enumerate() if t.name == "segprop-shard-prefetch"]
+    assert not reader_threads()
 
 
 def test_mismatched_order_is_rejected(committed):
@@ -153,3 +158,34 @@ def test_footers_are_read_once_per_file_content(committed, monkeypatch):
     batches = list(epoch_reader(layout, regenerated, order, 0))
     assert len(reads) == 2 * len(marker.files)
     assert torch.equal(batches[0]["hidden"], (2 * hidden_of(IDS[batches[0]["block_id"]])).to(torch.bfloat16))
+
+
+def test_threaded_reader_yields_the_single_threaded_batches_for_every_seed_and_resume(committed, monkeypatch):
+    """Four reading threads, three groups ahead, groups finishing in random order: for every seed, rank, epoch
+    and resume position the batches are the single-threaded reader's, block for block and bit for bit, and both
+    are BlockOrder's."""
+    layout, _, marker = committed
+    original, jitter = reader_module.read_rows, random.Random(0)
+
+    def jittered(*args, **kwargs):  # reads finish out of submission order on the reading threads
+        time.sleep(jitter.random() * 0.004)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reader_module, "read_rows", jittered)
+    for seed in range(5):
+        for world_size, rank in ((1, 0), (2, 1)):
+            order = BlockOrder(N, SPEC.group_size, batch_size=4, seed=seed, world_size=world_size, rank=rank)
+            for epoch in (0, 1):
+                full = order.epoch_batches(epoch)
+                for skip in range(len(full) + 1):
+                    single = list(epoch_reader(layout, marker, order, epoch, skip, prefetch_groups=1, read_threads=1))
+                    threaded = list(epoch_reader(layout, marker, order, epoch, skip, prefetch_groups=3, read_threads=4))
+                    assert [batch["block_id"].tolist() for batch in threaded] == full[skip:]
+                    assert [batch["block_id"].tolist() for batch in single] == full[skip:]
+                    for one, many in zip(single, threaded):
+                        assert one.keys() == many.keys()
+                        for key in one:
+                            assert torch.equal(one[key].view(torch.int16) if key == "hidden" else one[key],
+                                               many[key].view(torch.int16) if key == "hidden" else many[key]), key
+                        assert torch.equal(many["hidden"], hidden_of(IDS[many["block_id"]]).to(torch.bfloat16))
+    assert not reader_threads()

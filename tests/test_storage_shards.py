@@ -138,29 +138,25 @@ def test_block_id_arithmetic():
 
 
 def test_a_failing_storage_write_surfaces_and_leaves_no_file(tmp_path, monkeypatch):
+    """A write that fails on the writer's thread (disk full after 1000 bytes) is raised in the caller, and the
+    partial file is removed."""
     from segprop_ray.storage.layout import RunLayout
+    from segprop_ray.storage.shard_sinks import LocalSink
 
     layout = RunLayout.open(str(tmp_path / "run"))
-    real_open = layout.fs.open
+    real_write, written = LocalSink.write, [0]
 
-    class FailingFile:
-        def __init__(self, file):
-            self.file, self.written = file, 0
+    def failing(self, segment):
+        written[0] += len(segment)
+        if written[0] > 1000:
+            raise OSError("disk full")
+        return real_write(self, segment)
 
-        def write(self, data):
-            self.written += len(data)
-            if self.written > 1000:
-                raise OSError("disk full")
-            return self.file.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.file, name)
-
-    monkeypatch.setattr(layout.fs, "open", lambda path, mode="rb", **kw: FailingFile(real_open(path, mode, **kw)))
+    monkeypatch.setattr(LocalSink, "write", failing)
     with pytest.raises(OSError, match="disk full"):
         write_hidden_file(layout, SPEC, special_bf16(6), token_ids(6))
     monkeypatch.undo()
-    assert not layout.fs.exists(layout.shard_file("train", 3, 0))
+    assert written[0] > 1000 and not layout.fs.exists(layout.shard_file("train", 3, 0))
 
 
 def test_packed_token_blocks_round_trip_with_positions_and_kinds(run_layout):

@@ -9,7 +9,7 @@ import torch
 
 from segprop_ray.storage.documents import read_json, write_json_atomic
 from segprop_ray.storage.shard_format import ShardSpec
-from segprop_ray.storage.shards import write_token_shards
+from segprop_ray.storage.shards import read_row_group, write_token_shards
 from segprop_ray.storage.snapcheck import (apply_retention, commit_depth, committed_depths, delete_depth,
                                            inspect_committed, load_committed, transform_file)
 from segprop_ray.storage.reader import sequential_reader
@@ -195,7 +195,7 @@ def test_next_row_group_is_read_while_the_current_one_is_computed(run_layout, mo
 
     commit_tokens(run_layout, tokens())
     second_read = threading.Event()
-    original = snapcheck_module.read_row_group
+    original = snapcheck_module.read_rows
 
     def reading(fs, path, group, *args, **kwargs):
         if group == 1:
@@ -209,9 +209,9 @@ def test_next_row_group_is_read_while_the_current_one_is_computed(run_layout, mo
             overlapped.append(second_read.wait(timeout=10))  # group 1's read starts before group 0 is done
         return embed(rows)
 
-    monkeypatch.setattr(snapcheck_module, "read_row_group", reading)
+    monkeypatch.setattr(snapcheck_module, "read_rows", reading)
     info = transform_file(run_layout, "train", 0, source_depth=None, depth=2, fn=slow_embed, spec=SPEC)
     assert overlapped == [True] and info.rows == SPEC.rows_per_file
     for group in range(SPEC.groups_per_file):  # and every group was computed from its own rows
-        rows = original(run_layout.fs, run_layout.shard_file("train", 2, 0), group, SPEC)
+        rows = read_row_group(run_layout.fs, run_layout.shard_file("train", 2, 0), group, SPEC)
         assert torch.equal(rows["hidden"], embed({"input_ids": rows["input_ids"]}).to(torch.bfloat16))

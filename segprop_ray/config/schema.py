@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from segprop_ray.config.data import DataConfig
 from segprop_ray.config.placement import CpuWorkResources, ExportResources, StageModel, task_options
 from segprop_ray.config.training import TRAINING_FIELDS, Strict, TrainingConfig
+from segprop_ray.storage.shard_sinks import WriteOptions
 
 
 class SegPropConfig(Strict):
@@ -65,6 +66,10 @@ class ExitConfig(Strict):
     """Global criterion deciding whether to train the next layer."""
 
 
+SNAPCHECK_IO_FIELDS = frozenset({"read_threads", "prefetch_groups", "upload_part_mib", "upload_concurrency"})
+"""SnapCheck settings of how shards are moved, not what they hold: changing them continues a run."""
+
+
 class SnapCheckConfig(Strict):
     """Activation snapshots of the frozen prefix (SnapCheck)."""
 
@@ -77,7 +82,25 @@ class SnapCheckConfig(Strict):
     keep_depths: int = Field(2, ge=1)
     """Committed snapshot depths kept on storage; older ones are deleted."""
     compression: Literal["none", "zstd", "lz4", "snappy"] = "none"
-    """Parquet compression of shards (activation bits compress poorly; ``none`` reads fastest)."""
+    """Parquet compression of shards (activation bits compress poorly; ``none`` reads fastest, and only ``none``
+    shards are written and read without copies in Python, see BENCHMARKS.md)."""
+    read_threads: int = Field(4, ge=1, le=64)
+    """Threads reading shard row groups for a training worker, each a whole group straight into the batches'
+    tensors (page-locked on CUDA). More than one keeps a fast step fed where one group's read takes longer than
+    the steps it feeds (the layer-wise step at 7B needs about 1.6 GB/s)."""
+    prefetch_groups: int = Field(2, ge=1, le=64)
+    """Row groups read ahead of the one the worker takes batches from. A worker holds about prefetch_groups + 1
+    groups (about 64 MiB each by default) of reads in memory."""
+    upload_part_mib: int = Field(64, ge=5, le=5120)
+    """Part size of the S3 multipart uploads of shard files, in MiB (S3 needs at least 5 MiB for all but the last
+    part)."""
+    upload_concurrency: int = Field(4, ge=1, le=64)
+    """Parts of one shard file uploaded to S3 at once. A file being written holds about upload_concurrency + 1
+    parts in memory."""
+
+    def write_options(self) -> WriteOptions:
+        """How the storage writes this run's shard files."""
+        return WriteOptions(upload_part_bytes=self.upload_part_mib << 20, upload_concurrency=self.upload_concurrency)
 
 
 class EvaluationConfig(Strict):
@@ -140,7 +163,14 @@ class SnapshotResources(Strict):
     num_cpus: float = Field(1, ge=0)
     """CPUs per actor."""
     num_gpus: float = Field(0, ge=0)
-    """GPUs per actor (0: CPU)."""
+    """GPUs per actor (0: CPU). A fraction (0.5) puts several actors on one GPU, each with its own copy of the
+    layer(s)."""
+    files_per_actor: int = Field(1, ge=1, le=64)
+    """Shard files one actor writes at once (Ray Data's concurrent calls per actor), all through the actor's one
+    copy of the layer(s) on its device. Each file in flight keeps its own reading, writing and hashing threads
+    busy beside the shared forward, so a GPU's fast forward is not left waiting on one file's storage I/O. Needs a
+    CPU per file in flight (``num_cpus >= files_per_actor``). The snapshot step's outputs in the manifest give
+    ``bytes_per_s_per_actor``: the figure to size this and ``num_actors`` by, against the bytes/s training reads."""
     resources: dict[str, float] = {}
     """Extra custom Ray resources per actor."""
     label_selector: dict[str, str] = {}
@@ -148,6 +178,20 @@ class SnapshotResources(Strict):
     fallback_label_selectors: list[dict[str, str]] = []
     """Node labels tried in order when ``label_selector`` cannot be met (Ray's ``fallback_strategy``), e.g.
     ``[{"segprop/pool": "snapshot", "ray.io/market-type": "on-demand"}]`` behind a spot selector."""
+
+    @model_validator(mode="after")
+    def _a_cpu_per_file_in_flight(self) -> "SnapshotResources":
+        if self.files_per_actor > max(1.0, self.num_cpus):
+            raise ValueError(f"files_per_actor = {self.files_per_actor} needs num_cpus >= {self.files_per_actor} "
+                             f"(a CPU for each file in flight), got num_cpus = {self.num_cpus:g}")
+        return self
+
+    def pool_options(self, num_files: int) -> dict[str, Any]:
+        """``ActorPoolStrategy`` arguments: the pool (never more actors than files) and its calls per actor."""
+        actors = max(1, min(self.num_actors, -(-num_files // self.files_per_actor)))
+        return {"size": actors, "max_tasks_in_flight_per_actor": self.files_per_actor,
+                "max_concurrent_calls_per_actor": self.files_per_actor,
+                "enable_true_multi_threading": self.files_per_actor > 1}
 
     def ray_options(self) -> dict[str, Any]:
         """Ray's options for one actor or task of this kind: CPUs, GPUs, and the custom resources, node labels

@@ -197,7 +197,7 @@ class Driver:
             self.checked.add((split, depth, expected))
             deleted = apply_retention(layout, split, self.cfg.snapcheck.keep_depths, protect=[depth])
             self.checked = {key for key in self.checked if key[:2] not in {(split, d) for d in deleted}}
-        outputs = _snapshot_outputs(files.written, time.time() - started)
+        outputs = {**_snapshot_outputs(files.written, time.time() - started), **files.sizing()}
         self._finish_step(f"snapshot:{depth}", started, {**outputs, "kept_files": {s: len(files.kept[s]) for s in SPLITS}})
 
     def _snapshot_progress(self, depth: int) -> Callable[[str, Any], None]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from segprop_ray.config import Config, RunConflict, config_to_yaml
+from segprop_ray.config.schema import SNAPCHECK_IO_FIELDS
 from segprop_ray.core.parts import ModelParts
 from segprop_ray.core.plan import SegPropPlan
 from segprop_ray.core.self_check import check_model_family
@@ -48,6 +49,7 @@ def semantic_config(cfg: Config) -> dict[str, Any]:
     data = cfg.model_dump(mode="json", exclude=WHERE_NOT_WHAT)
     for section in ("training", "stage1"):
         data[section] = {k: v for k, v in data[section].items() if k not in HOW_NOT_WHAT}
+    data["snapcheck"] = {k: v for k, v in data["snapcheck"].items() if k not in SNAPCHECK_IO_FIELDS}
     return data
 
 

@@ -64,11 +64,11 @@ class SegmentRun:
         return marker
 
     def _batches(self, order: BlockOrder):
-        with_hidden = self.source_depth is not None
+        with_hidden, snap = self.source_depth is not None, self.ctx.cfg.snapcheck
 
         def batches(epoch: int, skip: int):
-            return iter(epoch_reader(self.ctx.layout, self.train_marker, order, epoch, skip, with_hidden=with_hidden,
-                                     pin_memory=self.device.type == "cuda"))
+            return iter(epoch_reader(self.ctx.layout, self.train_marker, order, epoch, skip, snap.prefetch_groups,
+                                     with_hidden, self.device.type == "cuda", snap.read_threads))
 
         return batches
 
@@ -78,7 +78,8 @@ class SegmentRun:
         count = min(limit, self.eval_marker.total_rows) if limit else self.eval_marker.total_rows
         size = self.args.per_device_eval_batch_size
         batches = [list(range(start, min(start + size, count))) for start in range(0, count, size)]
-        reader = ShardBatchReader(self.ctx.layout, self.eval_marker, batches, with_hidden=self.source_depth is not None)
+        reader = ShardBatchReader(self.ctx.layout, self.eval_marker, batches, with_hidden=self.source_depth is not None,
+                                  read_threads=self.ctx.cfg.snapcheck.read_threads)
         return evaluate_loss(self.model, iter(reader), self.device, self.args.bf16)
 
     def train(self) -> None:

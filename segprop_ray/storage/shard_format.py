@@ -171,26 +171,36 @@ def parse_shard_metadata(schema: pa.Schema, where: str) -> dict[str, Any]:
     return {"format": SHARD_FORMAT.name, "format_version": SHARD_FORMAT.version, **body}
 
 
-def encode_input_ids(input_ids: torch.Tensor | np.ndarray, seq_len: int, name: str = "input_ids"
-                     ) -> pa.FixedSizeBinaryArray:
-    """(n, T) integers (token ids or positions) -> one fixed_size_binary(T*4) value per block (int32 little-endian)."""
+def input_ids_values(input_ids: torch.Tensor | np.ndarray, seq_len: int, name: str = "input_ids") -> np.ndarray:
+    """(n, T) integers (token ids or positions) checked and as a C-contiguous (n, T) little-endian int32 array."""
     ids = _as_numpy(input_ids)
     if ids.ndim != 2 or ids.shape[1] != seq_len:
         raise ValueError(f"{name} must be (n, {seq_len}), got {tuple(ids.shape)}")
     if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
         raise ValueError(f"{name} do not fit in int32")
-    ids32 = np.ascontiguousarray(ids, dtype=TOKEN_DTYPE)  # (n, T) int32
+    return np.ascontiguousarray(ids, dtype=TOKEN_DTYPE)  # (n, T) int32
+
+
+def encode_input_ids(input_ids: torch.Tensor | np.ndarray, seq_len: int, name: str = "input_ids"
+                     ) -> pa.FixedSizeBinaryArray:
+    """(n, T) integers (token ids or positions) -> one fixed_size_binary(T*4) value per block (int32 little-endian)."""
+    ids32 = input_ids_values(input_ids, seq_len, name)  # (n, T) int32
     return _fixed_binary(ids32, ids32.shape[0], seq_len * TOKEN_DTYPE.itemsize)
 
 
-def encode_token_kind(kinds: torch.Tensor | np.ndarray, seq_len: int) -> pa.FixedSizeBinaryArray:
-    """(n, T) token kinds (0, 1, 2) -> one fixed_size_binary(T) value per block."""
+def token_kind_values(kinds: torch.Tensor | np.ndarray, seq_len: int) -> np.ndarray:
+    """(n, T) token kinds (0, 1, 2) checked and as a C-contiguous (n, T) uint8 array."""
     values = _as_numpy(kinds)
     if values.ndim != 2 or values.shape[1] != seq_len:
         raise ValueError(f"token_kind must be (n, {seq_len}), got {tuple(values.shape)}")
     if values.size and (values.min() < 0 or values.max() > 2):
         raise ValueError("token_kind values must be 0 (pad), 1 (context) or 2 (target)")
-    packed = np.ascontiguousarray(values, dtype=KIND_DTYPE)  # (n, T) uint8
+    return np.ascontiguousarray(values, dtype=KIND_DTYPE)  # (n, T) uint8
+
+
+def encode_token_kind(kinds: torch.Tensor | np.ndarray, seq_len: int) -> pa.FixedSizeBinaryArray:
+    """(n, T) token kinds (0, 1, 2) -> one fixed_size_binary(T) value per block."""
+    packed = token_kind_values(kinds, seq_len)  # (n, T) uint8
     return _fixed_binary(packed, packed.shape[0], seq_len)
 
 
@@ -198,14 +208,25 @@ def _as_numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
     return values.cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
 
 
-def encode_hidden(hidden: torch.Tensor, spec: ShardSpec) -> pa.FixedSizeBinaryArray:
-    """(n, T, H) float activations -> cast to ``spec.dtype`` -> one fixed_size_binary value per block (raw bits)."""
+def check_hidden(hidden: torch.Tensor, spec: ShardSpec) -> None:
+    """ValueError unless ``hidden`` is (n, T, H) for ``spec``."""
     expected = (spec.seq_len, spec.hidden_size)
     if hidden.dim() != 3 or tuple(hidden.shape[1:]) != expected:
         raise ValueError(f"hidden must be (n, {expected[0]}, {expected[1]}), got {tuple(hidden.shape)}")
+
+
+def hidden_values(hidden: torch.Tensor, spec: ShardSpec) -> np.ndarray:
+    """(n, T, H) float activations cast to ``spec.dtype``, as a C-contiguous array of their raw bits (no copy
+    when they already are a contiguous CPU tensor of that dtype)."""
+    check_hidden(hidden, spec)
     torch_dtype, carrier, _ = HIDDEN_DTYPES[spec.dtype]
     cast = hidden.detach().to(device="cpu", dtype=torch_dtype).contiguous()  # (n, T, H) bf16 | fp32
-    bits = cast.view(torch.int16).numpy() if torch_dtype == torch.bfloat16 else cast.numpy()  # (n, T, H) i2 | f4
+    return cast.view(torch.int16).numpy() if torch_dtype == torch.bfloat16 else cast.numpy()  # (n, T, H) i2 | f4
+
+
+def encode_hidden(hidden: torch.Tensor, spec: ShardSpec) -> pa.FixedSizeBinaryArray:
+    """(n, T, H) float activations -> cast to ``spec.dtype`` -> one fixed_size_binary value per block (raw bits)."""
+    bits = hidden_values(hidden, spec)  # (n, T, H) i2 | f4
     return _fixed_binary(bits, bits.shape[0], spec.hidden_row_bytes)
 
 

@@ -1,7 +1,9 @@
 """Reading shard files (format: :mod:`segprop_ray.storage.shard_format`) on any fsspec filesystem.
 
-:func:`read_footer` reads what a reader keeps per file; :func:`read_row_group` reads one row group as
-torch tensors without holding the file open; :func:`describe_shard` says what a file is from its footer.
+:func:`read_footer` reads what a reader keeps per file; :func:`read_row_group` reads one row group with pyarrow as
+torch tensors without holding the file open (any shard, compressed ones included; the readers use
+:func:`~segprop_ray.storage.shard_rows.read_rows`, which reads the plain layout without copies in Python);
+:func:`describe_shard` says what a file is from its footer.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """Writing shard files (format: :mod:`segprop_ray.storage.shard_format`) on any fsspec filesystem.
 
-A :class:`ShardWriter` streams one file a row group at a time and hashes what it writes as it goes;
-token shards of a whole split are written with :func:`write_token_shards`. The reading side lives in
-:mod:`segprop_ray.storage.shard_read` and is re-exported here.
+A :class:`ShardWriter` streams one file a row group at a time. Each group is handed to the writer's own
+thread, which lays out its pages and passes them to the storage (:mod:`segprop_ray.storage.shard_sinks`)
+while the caller computes the next group; the bytes are sha256-hashed on the way. Uncompressed shards
+(the default) are laid out by :mod:`segprop_ray.storage.parquet_plain`, which writes pyarrow's exact bytes
+straight from the tensors' memory; compressed ones by pyarrow. Token shards of a whole split are written
+with :func:`write_token_shards`. The reading side lives in :mod:`segprop_ray.storage.shard_read` and is
+re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import queue
-import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,12 +21,17 @@ import pyarrow.parquet as pq
 import torch
 
 from segprop_ray.core.blocks import TokenBlocks
-from segprop_ray.storage.fs import ensure_parent_dir, is_local
 from segprop_ray.storage.layout import RunLayout
-from segprop_ray.storage.shard_format import (DATA_PAGE_BYTES, ShardSpec, encode_hidden, encode_input_ids,
-                                              encode_token_kind, shard_schema)
+from segprop_ray.storage.parquet_plain import PlainFileEncoder, matches_pyarrow, writer_options
+from segprop_ray.storage.shard_format import (DATA_PAGE_BYTES, ShardSpec, check_hidden, hidden_values,
+                                              input_ids_values, shard_schema, token_kind_values)
 from segprop_ray.storage.shard_read import (ShardFooter, describe_shard, read_footer, read_row_group,  # noqa: F401
                                             read_token_shards)
+from segprop_ray.storage.shard_sinks import HashedOutput, WriteOptions, OrderedWorker, open_sink
+
+ENGINES = ("auto", "plain", "arrow")
+"""``plain``: pages laid out here from the tensors' memory (uncompressed shards only); ``arrow``: pyarrow's
+writer; ``auto``: ``plain`` where it is exact (see :func:`~segprop_ray.storage.parquet_plain.matches_pyarrow`)."""
 
 
 @dataclass(frozen=True)
@@ -50,80 +55,56 @@ class FileInfo:
         return cls(**{key: data[key] for key in cls.__dataclass_fields__})
 
 
-class _ChunkWorker:
-    """Applies ``consume`` to queued chunks, in order, on its own thread (bounded queue)."""
+class _ArrowEncoder:
+    """The pyarrow layout of a shard file (compressed shards, or where the plain layout is not exact here)."""
 
-    def __init__(self, consume: Any, depth: int, name: str) -> None:
-        self._consume, self._queue, self.error = consume, queue.Queue(maxsize=depth), None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+    def __init__(self, schema: pa.Schema, options: dict[str, Any]) -> None:
+        self.schema, self.options, self._writer = schema, options, None
 
-    def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self._consume(chunk)
-                except BaseException as error:  # noqa: BLE001 - re-raised by finish()
-                    self.error = error
+    def start(self, emit: Any) -> None:
+        """pyarrow writes the magic bytes itself."""
+        self._writer = pq.ParquetWriter(_EmitFile(emit), self.schema, **self.options)
 
-    def put(self, chunk: bytes) -> None:
-        """Queue ``chunk`` (blocks while the queue is full)."""
-        self._queue.put(chunk)
+    def group(self, columns: dict[str, np.ndarray], emit: Any) -> None:
+        """One row group through ``ParquetWriter.write_table``."""
+        arrays = [pa.array(values) if field.name == "block_id" else
+                  pa.FixedSizeBinaryArray.from_buffers(field.type, len(values), [None, pa.py_buffer(values)])
+                  for field, values in zip(self.schema, columns.values())]
+        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema), row_group_size=len(arrays[0]))
 
-    def finish(self) -> None:
-        """Wait for the queued chunks; raise the first error."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        if self.error is not None:
-            raise self.error
+    def finish(self, emit: Any) -> None:
+        """The footer."""
+        self._writer.close()
 
 
-class HashingFile:
-    """A write-only file-like object that forwards bytes to ``file`` while counting and sha256-hashing them.
+class _EmitFile:
+    """The write-only file object pyarrow writes into: every chunk goes to ``emit`` (copied unless immutable)."""
 
-    Hashing and writing each run on a background thread (bounded queues of ``depth`` chunks), so they
-    overlap with each other and with Parquet encoding in the caller's thread. pyarrow hands over
-    immutable ``bytes``; other buffers are copied. :meth:`finish` drains both and re-raises any error.
-    """
+    closed = False
 
-    def __init__(self, file: Any, depth: int = 2) -> None:
-        self.file = file
-        self.sha256 = hashlib.sha256()
-        self.bytes_written = 0
-        self.closed = False
-        self._workers = (_ChunkWorker(self.sha256.update, depth, "segprop-shard-hash"),
-                         _ChunkWorker(file.write, depth, "segprop-shard-write"))
+    def __init__(self, emit: Any) -> None:
+        self.emit, self.position = emit, 0
 
     def write(self, data: Any) -> int:
-        """Queue ``data`` for hashing and writing; returns its length."""
-        for worker in self._workers:
-            if worker.error is not None:
-                raise worker.error
+        """Pass ``data`` on; returns its length."""
         chunk = data if isinstance(data, bytes) else bytes(memoryview(data).cast("B"))
-        for worker in self._workers:
-            worker.put(chunk)
-        self.bytes_written += len(chunk)
+        self.emit(chunk)
+        self.position += len(chunk)
         return len(chunk)
 
-    def finish(self) -> None:
-        """Wait until every queued byte is hashed and written; raise the first background error."""
-        for worker in self._workers:
-            worker.finish()
-
     def tell(self) -> int:
-        """Bytes written so far (queued included)."""
-        return self.bytes_written
+        """Bytes written so far."""
+        return self.position
 
     def flush(self) -> None:
-        """Nothing to flush here: :meth:`finish` drains, the underlying file is closed by its owner."""
+        """Nothing buffered here."""
 
     def writable(self) -> bool:
         """Always True."""
         return True
 
     def close(self) -> None:
-        """Mark closed (the underlying file is closed by :class:`ShardWriter` after :meth:`finish`)."""
+        """Mark closed (the sink is closed by :class:`ShardWriter`)."""
         self.closed = True
 
 
@@ -131,36 +112,45 @@ class ShardWriter:
     """Context manager writing one shard file, one row group of ``spec.group_size`` blocks per :meth:`write_group`.
 
     Block ids are implied by the file index (file ``f`` starts at block ``f * spec.rows_per_file``); only
-    the split's last group may be short. Rewriting a path overwrites it; on an error the partial file is
-    discarded (an S3 multipart upload is aborted). :attr:`info` is the :class:`FileInfo` after a clean exit.
+    the split's last group may be short. Groups are written on the writer's thread while the caller goes on
+    (at most ``options.groups_in_flight`` queued): tensors handed to :meth:`write_group` must not be changed
+    afterwards. Rewriting a path overwrites it; on an error the partial file is discarded (an S3 multipart
+    upload is aborted). :attr:`info` is the :class:`FileInfo` after a clean exit.
     """
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, spec: ShardSpec, kind: str, split: str,
-                 depth: int | None, file_index: int, data_page_bytes: int = DATA_PAGE_BYTES) -> None:
+                 depth: int | None, file_index: int, data_page_bytes: int = DATA_PAGE_BYTES,
+                 options: WriteOptions | None = None, engine: str = "auto") -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.fs, self.path, self.spec, self.kind, self.file_index = fs, path, spec, kind, file_index
-        self.data_page_bytes = data_page_bytes
+        self.data_page_bytes, self.options = data_page_bytes, options or WriteOptions()
         self.schema = shard_schema(spec, kind, split, depth, file_index)
+        self.engine = engine if engine != "auto" else "plain" if spec.compression == "none" and matches_pyarrow() \
+            else "arrow"
+        if self.engine == "plain" and spec.compression != "none":
+            raise ValueError(f"the plain layout writes uncompressed shards only, not {spec.compression}")
         self.first_block = file_index * spec.rows_per_file
         self.rows = 0
         self.info: FileInfo | None = None
         self._finished = False
 
     def __enter__(self) -> "ShardWriter":
-        ensure_parent_dir(self.fs, self.path)
-        self._file = self.fs.open(self.path, "wb")
-        self._hashing = HashingFile(self._file)
         row_bytes = self.spec.hidden_row_bytes if self.kind == "hidden" else self.spec.seq_len * 4
-        self._writer = pq.ParquetWriter(
-            self._hashing, self.schema, compression=self.spec.compression, use_dictionary=False,
-            write_statistics=False, data_page_size=self.data_page_bytes,
-            write_batch_size=max(1, self.data_page_bytes // row_bytes))  # pages stay small even for huge groups
+        self._sink = open_sink(self.fs, self.path, self.options)
+        self._output = HashedOutput(self._sink)
+        self._encoder = PlainFileEncoder(self.schema, self.data_page_bytes, row_bytes) if self.engine == "plain" \
+            else _ArrowEncoder(self.schema, writer_options(self.data_page_bytes, row_bytes, self.spec.compression))
+        self._thread = OrderedWorker(lambda job: job(), self.options.groups_in_flight, "segprop-shard-write")
+        self._thread.put(lambda: self._encoder.start(self._output.write))
         return self
 
     def write_group(self, input_ids: torch.Tensor | np.ndarray, hidden: torch.Tensor | None = None,
                     block_ids: torch.Tensor | np.ndarray | None = None, position_ids: Any = None,
                     token_kind: Any = None) -> None:
         """Append one row group: ``input_ids`` (n, T), ``hidden`` (n, T, H) for snapshot shards, and the rows'
-        ``position_ids`` and ``token_kind`` (n, T) (default: one text sequence per block, every token a target)."""
+        ``position_ids`` and ``token_kind`` (n, T) (default: one text sequence per block, every token a target).
+        Returns once the group is queued (blocks while ``groups_in_flight`` groups wait)."""
         n, seq_len = len(input_ids), self.spec.seq_len
         expected = np.arange(self.first_block + self.rows, self.first_block + self.rows + n, dtype=np.int64)
         self._check_group(n, hidden, block_ids, expected)
@@ -168,14 +158,20 @@ class ShardWriter:
             text = TokenBlocks.of_text(torch.as_tensor(np.asarray(input_ids)))
             position_ids = text.position_ids if position_ids is None else position_ids
             token_kind = text.token_kind if token_kind is None else token_kind
-        columns = {"block_id": pa.array(expected), "input_ids": encode_input_ids(input_ids, seq_len),
-                   "position_ids": encode_input_ids(position_ids, seq_len, "position_ids"),
-                   "token_kind": encode_token_kind(token_kind, seq_len)}
+        columns: dict[str, Any] = {"block_id": expected.astype("<i8"), "input_ids": input_ids_values(input_ids, seq_len),
+                                   "position_ids": input_ids_values(position_ids, seq_len, "position_ids"),
+                                   "token_kind": token_kind_values(token_kind, seq_len)}
         if self.kind == "hidden":
-            columns["hidden"] = encode_hidden(hidden, self.spec)
-        self._writer.write_table(pa.Table.from_pydict(columns, schema=self.schema), row_group_size=n)
+            check_hidden(hidden, self.spec)
+        self._thread.put(lambda: self._write(columns, hidden))
         self.rows += n
         self._finished = n < self.spec.group_size
+
+    def _write(self, columns: dict[str, Any], hidden: torch.Tensor | None) -> None:
+        """On the writer's thread: cast the activations to their storage bits, lay out and store the group."""
+        if hidden is not None:
+            columns["hidden"] = hidden_values(hidden, self.spec)  # (n, T, H) raw bits
+        self._encoder.group(columns, self._output.write)
 
     def _check_group(self, n: int, hidden: Any, block_ids: Any, expected: np.ndarray) -> None:
         if self._finished or self.rows + n > self.spec.rows_per_file or not 0 < n <= self.spec.group_size:
@@ -192,35 +188,20 @@ class ShardWriter:
             self._abort()
             return
         try:
-            self._writer.close()
-            self._hashing.finish()
-            self._file.close()
-            if is_local(self.fs):
-                _fsync_local(self.path)
+            self._thread.put(lambda: self._encoder.finish(self._output.write))
+            self._thread.finish()
+            sha256 = self._output.finish()
+            self._sink.close()
         except BaseException:
             self._abort()
             raise
-        self.info = FileInfo(self.path.rsplit("/", 1)[-1], self.rows, self._hashing.bytes_written,
-                             self._hashing.sha256.hexdigest(), self.first_block, self.first_block + self.rows - 1)
+        self.info = FileInfo(self.path.rsplit("/", 1)[-1], self.rows, self._output.bytes_written, sha256,
+                             self.first_block, self.first_block + self.rows - 1)
 
     def _abort(self) -> None:
-        for step in (self._writer.close, self._hashing.finish, getattr(self._file, "discard", None),
-                     self._file.close):
-            try:
-                if step is not None:
-                    step()
-            except Exception:  # noqa: BLE001 - best effort: the file is being thrown away
-                pass
-        if is_local(self.fs) and self.fs.exists(self.path):
-            self.fs.rm_file(self.path)
-
-
-def _fsync_local(path: str) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+        self._thread.finish(raise_error=False)
+        self._output.abandon()
+        self._sink.abort()
 
 
 def write_token_file(layout: RunLayout, split: str, file_index: int, blocks: TokenBlocks | torch.Tensor | np.ndarray,

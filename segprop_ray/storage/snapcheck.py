@@ -22,7 +22,9 @@ from segprop_ray.storage.errors import DocumentNotFound, StorageError
 from segprop_ray.storage.fs import file_sha256
 from segprop_ray.storage.layout import RunLayout, depth_of_dir
 from segprop_ray.storage.shard_format import ShardSpec
-from segprop_ray.storage.shards import FileInfo, ShardWriter, read_footer, read_row_group
+from segprop_ray.storage.shard_rows import read_rows
+from segprop_ray.storage.shard_sinks import WriteOptions
+from segprop_ray.storage.shards import FileInfo, ShardWriter, read_footer
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +66,27 @@ class CommitMarker:
 
 
 def transform_file(layout: RunLayout, split: str, file_index: int, *, source_depth: int | None, depth: int,
-                   fn: HiddenFn, spec: ShardSpec) -> FileInfo:
+                   fn: HiddenFn, spec: ShardSpec, options: WriteOptions | None = None,
+                   pin_memory: bool = False) -> FileInfo:
     """Write snapshot file ``file_index`` of ``depth`` as ``fn`` applied to the same file of ``source_depth``
-    (``None``: the token shards), one row group at a time: the next group is read while ``fn`` runs and
-    the encoded bytes are hashed and written on background threads, so memory stays bounded by two groups.
+    (``None``: the token shards), one row group at a time, three groups at work at once: group k+1 is read
+    (into page-locked memory with ``pin_memory``, for a GPU's ``fn``) while ``fn`` computes group k, and group
+    k-1 is laid out, hashed and stored (an S3 upload in parallel parts, see ``options``) by the writer's
+    threads meanwhile, so memory stays bounded by a few groups.
 
-    ``fn``'s output is cast to ``spec.dtype``. Rewriting overwrites the file; the depth's stale marker is
-    removed first. This is the per-file work of the snapshot job.
+    ``fn``'s output is cast to ``spec.dtype`` and must not be changed afterwards. Rewriting overwrites the file;
+    the depth's stale marker is removed first. This is the per-file work of the snapshot job.
     """
     source, target = layout.shard_file(split, source_depth, file_index), layout.shard_file(split, depth, file_index)
     footer = read_footer(layout.fs, source)
     source_spec = _spec_of(footer.description, source)
     _check_same_geometry(source_spec, spec, describe_path(layout.fs, source))
     _remove_marker(layout, split, depth)
-    def read(group: int) -> dict[str, torch.Tensor]:
-        return read_row_group(layout.fs, source, group, source_spec, footer=footer)
 
-    with ShardWriter(layout.fs, target, spec, "hidden", split, depth, file_index) as writer, \
+    def read(group: int) -> dict[str, torch.Tensor]:
+        return read_rows(layout.fs, source, group, source_spec, footer, pin_memory=pin_memory)
+
+    with ShardWriter(layout.fs, target, spec, "hidden", split, depth, file_index, options=options) as writer, \
             ThreadPoolExecutor(1, thread_name_prefix="segprop-snapshot-read") as reader:
         pending = reader.submit(read, 0) if footer.num_row_groups else None
         for group in range(footer.num_row_groups):

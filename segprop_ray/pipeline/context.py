@@ -42,6 +42,13 @@ class JobContext:
     """Committed files the job may read: run-relative path -> sha256."""
     input_hash: str = ""
     """Expected weights hash of the shards the job reads (tokens, or the snapshot depth it starts from)."""
+    part: str = "layer"
+    """What a training job trains of its layers: ``layer``, or the ``attn`` / ``mlp`` half of layer ``depth``."""
+
+    @property
+    def key(self) -> str:
+        """The iteration's key in the plan and the manifest (``<depth>`` or ``<depth>-attn``)."""
+        return f"{self.depth}-attn" if self.part == "attn" else str(self.depth)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for Ray (train_loop_config, actor constructor kwargs)."""
@@ -88,7 +95,7 @@ class JobContext:
         chosen = {p: self.files[p] for p in paths if p in self.files}
         return WeightStore(self.layout).source(chosen) if chosen else DictSource({})
 
-    def run_weights(self, plan: SegPropPlan, committed_layers: list[int], tied: bool = False,
+    def run_weights(self, plan: SegPropPlan, committed_layers: list[int | str], tied: bool = False,
                     parts: ModelParts | None = None) -> RunWeights:
         """Weight sources for this job: the input model (under its modules' names), the committed files it needs,
         and exits on demand (``tied``: the model ties its head to the embedding, see :class:`RunWeights`)."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from segprop_ray.core.assemble import exit_config, exit_state_dict, write_model_dir
 from segprop_ray.core.parts import ModelParts
-from segprop_ray.core.plan import SegPropPlan, exit_is_tied
+from segprop_ray.core.plan import exit_is_tied
 from segprop_ray.core.weights import ChainSource, SafetensorsSource
 from segprop_ray.storage.errors import StorageError
 from segprop_ray.storage.fs import publish_dir
@@ -74,7 +74,7 @@ def export_model(run_dir: str, out: str, depth: str | int | None = None, storage
 
     hf_config = AutoConfig.from_pretrained(model_dir)
     parts = ModelParts(hf_config)
-    plan = SegPropPlan(manifest.model.num_layers, manifest.base_depth, manifest.last_layers, manifest.mode)
+    plan = manifest.plan()
     files = manifest.committed_files()
     needed = [EMBED_FILE] + [layer_file(i) for i in range(depth + 1)]
     store = WeightStore(layout)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from segprop_ray.reporting.report import depth_rows
-from segprop_ray.reporting.report_text import examples_text, iteration_wall_s
+from segprop_ray.reporting.report_text import examples_text, iteration_wall_s, segments_text
 from segprop_ray.reporting.stages import stage_rows
 from segprop_ray.storage.manifest import Manifest
 
@@ -21,8 +21,13 @@ def layer_rows(manifest: Manifest) -> list[dict[str, Any]]:
     As in report.json, ``wall_s`` is the training loop's time and ``driver_wall_s`` the driver's time for
     the iteration (Ray Train start-up included); ``tokens_per_s`` is over training time.
     """
-    return [{**row, "total_steps": manifest.layers[str(row["depth"])].metrics.get("total_steps")}
-            for row in depth_rows(manifest)]
+    return [{**row, "total_steps": record.metrics.get("total_steps")}
+            for row, record in zip(depth_rows(manifest), manifest.records())]
+
+
+def summary_of(manifest: Manifest) -> dict[str, Any]:
+    """The segment settings of a run, as :func:`~segprop_ray.reporting.report_text.segments_text` reads them."""
+    return {"segment_layers": manifest.segment_layers, "granularity": manifest.granularity, "adapter": manifest.adapter}
 
 
 def running_steps(manifest: Manifest) -> list[str]:
@@ -56,19 +61,19 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
     blocks = ", ".join(f"{split} {info.get('num_blocks')}" for split, info in manifest.tokens.items()) or "not yet"
     console.print(f"[bold]{manifest.run_id}[/bold]  state: {manifest.state}  mode: {manifest.mode}  "
                   f"model: {manifest.model.uri} ({manifest.model.num_layers} layers)  p={manifest.base_depth} "
-                  f"r={manifest.last_layers}  blocks: {blocks}")
+                  f"r={manifest.last_layers}{segments_text(summary_of(manifest))}  blocks: {blocks}")
     if manifest.examples:
         console.print(f"data: {examples_text(manifest.examples)}")
     quiet = _staleness(manifest)
     if quiet:
         console.print(f"[yellow]{quiet}[/yellow]")
     table = Table(show_lines=False)
-    for title in ("depth", "stage", "status", "steps", "train loss", "eval loss", "ppl", "acc", "exit (iter / global)",
+    for title in ("depth", "stage", "segment", "status", "steps", "train loss", "eval loss", "ppl", "acc", "exit (iter / global)",
                   "wall s", "train s", "train tok/s", "read wait"):
-        table.add_column(title, justify="right" if title not in ("stage", "status", "exit (iter / global)") else "left")
+        table.add_column(title, justify="right" if title not in ("stage", "segment", "status", "exit (iter / global)") else "left")
     for row in layer_rows(manifest):
         steps = _steps_cell(row)
-        table.add_row(str(row["depth"]), row["stage"], row["status"], steps, _num(row["train_loss"]),
+        table.add_row(str(row["depth"]), row["stage"], row["segment"], row["status"], steps, _num(row["train_loss"]),
                       _num(row["eval_loss"]), _num(row["perplexity"], 2), _pct(row["accuracy"]),
                       f"{row['iteration_exit'] or '-'} / {row['global_exit'] or '-'}",
                       _num(iteration_wall_s(row), 1), _num(row["wall_s"], 1), _num(row["tokens_per_s"], 0),

@@ -12,7 +12,8 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from segprop_ray.core.plan import iteration_order
+from segprop_ray.core.adapter_spec import LoraSpec
+from segprop_ray.core.plan import SegPropPlan, iteration_order
 from segprop_ray.storage.documents import DocumentFormat
 from segprop_ray.storage.errors import DocumentNotFound
 from segprop_ray.storage.layout import RunLayout
@@ -121,6 +122,15 @@ class Manifest(_Record):
     updated: str | None = None
     """When the manifest was last written (a running driver writes it at least every step, and every 10 s
     while an iteration trains)."""
+
+    def plan(self) -> SegPropPlan:
+        """The run's layer plan, as it was made from the config."""
+        adapter = None
+        if self.adapter is not None:
+            targets = self.adapter.get("target_modules")
+            adapter = LoraSpec(**{**self.adapter, "target_modules": tuple(targets) if isinstance(targets, list) else targets})
+        return SegPropPlan(self.model.num_layers, self.base_depth, self.last_layers, self.mode, self.segment_layers,
+                           self.granularity, adapter)
 
     def layer(self, depth: int) -> LayerRecord | None:
         """The record of ``depth``, if any."""

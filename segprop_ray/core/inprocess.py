@@ -97,7 +97,7 @@ class InProcessRun:
         args = self.cfg.training_for(stage)
         torch.manual_seed(segment_seed(args.seed, depth))
         segment = build_training_segment(self.parts, self.weights, it, args)
-        self.observe("built", it.key if it.half else depth, segment)
+        self.observe("built", exit_id(it), segment)
         order = BlockOrder(len(self.train_ids), self.group_size, args.per_device_train_batch_size, args.seed, self.cfg.data.shuffle)
 
         def batches(epoch: int, skip: int) -> Iterator[dict]:
@@ -110,7 +110,7 @@ class InProcessRun:
         exit_rule = IterationExit.from_config(self.cfg.exit.layer, args)
         loop = SegmentLoop(segment, args, batches, order.batches_per_epoch(), self.device, exit_rule, LoopHooks(evaluate=evaluate))
         state = loop.run()
-        self.observe("trained", it.key if it.half else depth, segment)
+        self.observe("trained", exit_id(it), segment)
         committed, exit_weights = split_trained(segment, self.parts, self.plan)
         self.result.committed.update(committed)
         self.result.exits[exit_id(it)] = exit_weights

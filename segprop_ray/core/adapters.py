@@ -85,7 +85,9 @@ def add_lora(segment: nn.Module, spec: LoraSpec, model_type: str) -> list[LoraTa
 
 
 def lora_targets(segment: nn.Module) -> list[LoraTarget]:
-    """The segment's PEFT LoRA layers."""
+    """The segment's PEFT LoRA layers (none, without importing PEFT, when it has no adapter parameter)."""
+    if not any(LORA_TAG in name for name, _ in segment.named_parameters()):
+        return []
     from peft.tuners.lora import LoraLayer
 
     return [LoraTarget(path, float(module.scaling[ADAPTER]), bool(module.fan_in_fan_out))

@@ -11,7 +11,7 @@ import math
 from rich.console import Console
 
 from segprop_ray.reporting.model_card import model_card
-from segprop_ray.reporting.report import build_report, depth_rows, exit_rows, run_label
+from segprop_ray.reporting.report import build_report, depth_rows, exit_rows, run_label, write_report_files
 from segprop_ray.reporting.report_text import markdown_report
 from segprop_ray.reporting.status import render_status, status_json
 from test_reporting_report import e2e_manifest, layer_record, segprop_manifest
@@ -29,7 +29,7 @@ def halves_manifest():
     return manifest
 
 
-def test_an_attention_half_is_a_row_but_no_exit():
+def test_an_attention_half_is_a_row_but_no_exit(tmp_path):
     manifest = halves_manifest()
     rows = depth_rows(manifest)
     assert [(row["depth"], row["segment"], row["part"]) for row in rows] == [
@@ -39,6 +39,8 @@ def test_an_attention_half_is_a_row_but_no_exit():
     assert manifest.committed_depths() == [2, 3]
     data = build_report(manifest, "/runs/halves", [("/runs/e2e", e2e_manifest())])
     assert list(data["histories"]) == ["2", "3-attn", "3"]
+    written = write_report_files(tmp_path, data)
+    assert {"loss_curves.png", "metric_vs_depth.png"} <= set(written)
     text = markdown_report(data)
     assert "| 3 | stage2 | layer 3 attn |" in text and "| 3 | stage2 | layer 3 mlp |" in text
     assert "last layers r = 2, Stage 2 in attention and MLP halves" in text

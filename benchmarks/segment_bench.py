@@ -72,6 +72,7 @@ STARTUP_SHAPES = {"cpu_small": (12, 1, 2), "llama1b": (16, 1, 2), "mistral7b": (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command's options, with the shape's defaults filled in (p = 1, r = 2, the training-step bench's settings)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--shape", default=None, help="cpu_small (CPU default), llama1b (CUDA default), mistral7b_12l")
@@ -216,6 +217,7 @@ def measure(args: argparse.Namespace, plan_path: Path, save) -> list[dict[str, A
 
 
 def summary_line(record: dict[str, Any]) -> str:
+    """One printed line per measured variant (or its error)."""
     if "error" in record:
         lines = record["error"].strip().splitlines()
         return f"{record['variant']:<12} {'OUT OF MEMORY' if record.get('oom') else 'ERROR'} {lines[-1] if lines else ''}"
@@ -243,6 +245,7 @@ def _time(record: dict[str, Any]) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Prepare the run directory, measure every variant in a process of its own, write the JSON."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--run":  # the per-variant process
         plan = BenchPlan.load(argv[1])
@@ -260,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     startup_counts = {shape: startups(*layout) for shape, layout in STARTUP_SHAPES.items()}
 
     def save(records: list[dict[str, Any]]) -> None:
+        """Write what is measured so far."""
         meta["load_at_end"] = os.getloadavg()[0]
         out.write_text(json.dumps({"meta": meta, "startups": startup_counts, "best": best(records),
                                    "records": records}, indent=1))

@@ -190,3 +190,31 @@ def test_targets_matching_nothing_are_refused_in_one_line(llama):
     weights = RunWeights(plan, parts.base_source(llama), DictSource({}), lambda d: None)
     with pytest.raises(ValueError, match=r"^segprop.adapter.target_modules \('lm_head',\) matches no linear module"):
         build_training_segment(parts, weights, plan.iteration(P), cfg.training)
+
+
+def test_a_tied_model_stays_tied_under_lora(tmp_path, blocks):
+    """LoRA leaves the LM head and the embedding frozen: every exit of a tied model, Stage 2's too, exports tied."""
+    from segprop_ray.demo.tiny_model import make_tiny_model
+
+    tied = make_tiny_model(tmp_path / "tied", "llama", num_layers=N_LAYERS, hidden=32, tie_word_embeddings=True)
+    result = run_inprocess(str(tied), *blocks, make_config(tied, segprop={"adapter": ADAPTER}, exit={"run": {"max_depth": P + 1}}))
+    assert exit_is_tied(result.plan, P + 1, True)
+    model = exported(result, tied, P + 1, tmp_path / "exit")
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_segment_settings_the_model_cannot_take_are_refused_in_one_line(tmp_path, llama):
+    from test_core_families import family_config
+
+    from segprop_ray.core.layout import UnsupportedArchitecture
+    from segprop_ray.pipeline.plan_checks import check_segments
+
+    cfg = make_config(llama, segprop={"adapter": {"target_modules": ["lm_head", "embed_tokens"]}})
+    parts = ModelParts(AutoConfig.from_pretrained(llama))
+    with pytest.raises(ValueError, match=r"^segprop.adapter.target_modules \('lm_head', 'embed_tokens'\) matches no "
+                                         r"linear module of the llama decoder layers$"):
+        check_segments(cfg, parts, SegPropPlan.from_config(cfg.segprop, parts.num_layers))
+    cohere = ModelParts(family_config("cohere"))
+    halves = make_config(llama, segprop={"granularity": "sublayer"})
+    with pytest.raises(UnsupportedArchitecture, match=r"^segprop.granularity sublayer is not supported for cohere"):
+        check_segments(halves, cohere, SegPropPlan.from_config(halves.segprop, cohere.num_layers))

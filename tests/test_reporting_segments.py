@@ -46,7 +46,9 @@ def test_an_attention_half_is_a_row_but_no_exit(tmp_path):
     assert "last layers r = 2, Stage 2 in attention and MLP halves" in text
     console = Console(file=io.StringIO(), width=200)
     render_status(manifest, console)
-    assert "layer 3 attn" in console.file.getvalue()
+    table = [[cell.strip() for cell in line.strip("│").split("│")] for line in console.file.getvalue().splitlines()
+             if line.startswith("│")]
+    assert [row[:3] for row in table] == [["2", "stage1", "0-2"], ["3", "stage2", "3 attn"], ["3", "stage2", "3 mlp"]]
     assert [row["segment"] for row in json.loads(status_json(manifest))["layers"]][1] == "layer 3 attn"
 
 

@@ -68,12 +68,12 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
     if quiet:
         console.print(f"[yellow]{quiet}[/yellow]")
     table = Table(show_lines=False)
-    for title in ("depth", "stage", "segment", "status", "steps", "train loss", "eval loss", "ppl", "acc", "exit (iter / global)",
+    for title in ("depth", "stage", "layers", "status", "steps", "train loss", "eval loss", "ppl", "acc", "exit (iter / global)",
                   "wall s", "train s", "train tok/s", "read wait"):
-        table.add_column(title, justify="right" if title not in ("stage", "segment", "status", "exit (iter / global)") else "left")
-    for row in layer_rows(manifest):
+        table.add_column(title, justify="right" if title not in ("stage", "layers", "status", "exit (iter / global)") else "left")
+    for row, record in zip(layer_rows(manifest), manifest.records()):
         steps = _steps_cell(row)
-        table.add_row(str(row["depth"]), row["stage"], row["segment"], row["status"], steps, _num(row["train_loss"]),
+        table.add_row(str(row["depth"]), row["stage"], _layers_cell(record), row["status"], steps, _num(row["train_loss"]),
                       _num(row["eval_loss"]), _num(row["perplexity"], 2), _pct(row["accuracy"]),
                       f"{row['iteration_exit'] or '-'} / {row['global_exit'] or '-'}",
                       _num(iteration_wall_s(row), 1), _num(row["wall_s"], 1), _num(row["tokens_per_s"], 0),
@@ -107,6 +107,15 @@ def _staleness(manifest: Manifest) -> str:
         return ""
     return (f"no update for {quiet.total_seconds() / 60:,.0f} min: if no driver is running any more, "
             "run the same command again to continue")
+
+
+def _layers_cell(record: Any) -> str:
+    """What an iteration trained, short: ``0-2`` (Stage 1's prefix), ``all`` (E2E), ``3-4``, ``5 attn``."""
+    if record.stage == "e2e":
+        return "all"
+    first = 0 if record.stage == "stage1" else (record.first if record.first is not None else record.depth)
+    span = str(first) if first == record.depth else f"{first}-{record.depth}"
+    return span if record.part == "layer" else f"{span} {record.part}"
 
 
 def _steps_cell(row: dict[str, Any]) -> str:

@@ -69,10 +69,9 @@ def test_demo_prints_the_per_layer_table(demo):
     header = [line for line in output.splitlines() if line.startswith(f"{manifest.run_id}  state: done")]
     assert len(header) == 1 and "mode: segprop" in header[0] and "(8 layers)  p=2 r=2" in header[0]
     rows = table_rows(output)
-    assert [row[:5] for row in rows] == [[str(d), "stage1" if d == 2 else "stage2", "0-2" if d == 2 else str(d), "done",
-                                          "4"] for d in DEPTHS]
-    assert [row[6] for row in rows] == [f"{manifest.layer(d).eval_loss:.4f}" for d in DEPTHS]
-    assert rows[-1][9] == "max_steps / last_layer" and all(row[9] == "max_steps / continue" for row in rows[:-1])
+    assert [row[:4] for row in rows] == [[str(d), "stage1" if d == 2 else "stage2", "done", "4"] for d in DEPTHS]
+    assert [row[5] for row in rows] == [f"{manifest.layer(d).eval_loss:.4f}" for d in DEPTHS]
+    assert rows[-1][8] == "max_steps / last_layer" and all(row[8] == "max_steps / continue" for row in rows[:-1])
     assert f"final model: exit {FINAL}" in output
     assert f"report: {out}/run/report/report.md" in output
     assert f"final model (Hugging Face format): {out}/run/export/exit-{FINAL}" in output

@@ -68,12 +68,14 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
     if quiet:
         console.print(f"[yellow]{quiet}[/yellow]")
     table = Table(show_lines=False)
-    for title in ("depth", "stage", "layers", "status", "steps", "train loss", "eval loss", "ppl", "acc", "exit (iter / global)",
-                  "wall s", "train s", "train tok/s", "read wait"):
+    segmented = manifest.segment_layers > 1 or manifest.granularity != "layer"  # else every row is one layer
+    titles = ("depth", "stage", *(("layers",) if segmented else ()), "status", "steps", "train loss", "eval loss", "ppl",
+              "acc", "exit (iter / global)", "wall s", "train s", "train tok/s", "read wait")
+    for title in titles:
         table.add_column(title, justify="right" if title not in ("stage", "layers", "status", "exit (iter / global)") else "left")
     for row, record in zip(layer_rows(manifest), manifest.records()):
         steps = _steps_cell(row)
-        table.add_row(str(row["depth"]), row["stage"], _layers_cell(record), row["status"], steps, _num(row["train_loss"]),
+        table.add_row(str(row["depth"]), row["stage"], *((_layers_cell(record),) if segmented else ()), row["status"], steps, _num(row["train_loss"]),
                       _num(row["eval_loss"]), _num(row["perplexity"], 2), _pct(row["accuracy"]),
                       f"{row['iteration_exit'] or '-'} / {row['global_exit'] or '-'}",
                       _num(iteration_wall_s(row), 1), _num(row["wall_s"], 1), _num(row["tokens_per_s"], 0),

@@ -58,7 +58,7 @@ def test_overrides_parse_yaml_values(tmp_path):
     (MINIMAL, ["segprop.last_layers=-1"], "segprop.last_layers: Input should be greater than or equal to 0"),
     (MINIMAL, ["segprop.basedepth=3"], "unknown key 'segprop.basedepth'"),
     (MINIMAL, ["learning_rate=1"], "unknown key 'learning_rate'"),
-    (MINIMAL, ["segprop.mode=fast"], "segprop.mode: Input should be 'segprop', 'lw' or 'e2e'"),
+    (MINIMAL, ["segprop.mode=fast"], "segprop.mode: Input should be 'segprop', 'lw', 'e2e' or 'lora'"),
     (MINIMAL, ["stage1.lr=3"], "unknown training field(s) ['lr']"),
     (MINIMAL, ["training.max_steps=0"], "max_steps is 0"),
     (MINIMAL, ["model="], "config: model: must not be empty (got '')"),
@@ -66,6 +66,14 @@ def test_overrides_parse_yaml_values(tmp_path):
     (MINIMAL, ["resources.snapshot.files_per_actor=2"], "files_per_actor = 2 needs num_cpus >= 2"),
     (MINIMAL, ["snapcheck.upload_part_mib=4"], "snapcheck.upload_part_mib: Input should be greater than or equal to 5"),
     (MINIMAL, ["snapcheck.read_threads=0"], "snapcheck.read_threads: Input should be greater than or equal to 1"),
+    (MINIMAL, ["segprop.granularity=sublayer", "segprop.segment_layers=2"], "granularity sublayer trains the halves "
+     "of one layer at a time: it needs segment_layers 1"),
+    (MINIMAL, ["segprop.mode=e2e", "segprop.segment_layers=2"], "segment_layers and granularity apply to Stage 2, "
+     "which mode e2e does not have"),
+    (MINIMAL, ["segprop.mode=e2e", "segprop.adapter={r: 4}"], "adapter with mode e2e: use mode lora"),
+    (MINIMAL, ["segprop.adapter={type: ia3}"], "segprop.adapter.type: Input should be 'lora'"),
+    (MINIMAL, ["training.optim=adafactor"], "training.optim: Input should be 'adamw_torch' or 'adamw_8bit'"),
+    (MINIMAL, ["training.head_loss=liger"], "training.head_loss: Input should be 'auto', 'chunked' or 'fused'"),
 ])
 def test_bad_configs_give_one_line_errors(raw, overrides, message):
     with pytest.raises(ConfigError) as err:

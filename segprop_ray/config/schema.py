@@ -11,13 +11,40 @@ from segprop_ray.config.data import DataConfig
 from segprop_ray.config.placement import CpuWorkResources, ExportResources, StageModel, task_options
 from segprop_ray.config.training import TRAINING_FIELDS, Strict, TrainingConfig
 from segprop_ray.storage.shard_sinks import WriteOptions
+from segprop_ray.core.adapter_spec import LoraSpec
+from segprop_ray.core.plan import MODES, SegPropPlan
+
+
+class AdapterConfig(Strict):
+    """LoRA adapters (through PEFT, with ``LoraConfig``'s names and defaults) trained instead of full weights."""
+
+    type: Literal["lora"] = "lora"
+    """The adapter kind (LoRA)."""
+    r: int = Field(8, ge=1)
+    """Rank of the low-rank update."""
+    alpha: float = Field(8.0, gt=0)
+    """PEFT's ``lora_alpha``: the update is scaled by ``alpha / r``."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """PEFT's ``lora_dropout``: dropout on each adapter's input while training."""
+    target_modules: list[str] | str | None = None
+    """Linear modules of the decoder layers that get adapters, as PEFT reads them: names matched against the end of
+    each module's path (``[q_proj, v_proj]``), ``all-linear``, or a regular expression matched against the whole path
+    (``model.layers.*.mlp.*``); None: PEFT's default for the family (``q_proj``, ``v_proj`` for Llama). The
+    embedding and the LM head never get adapters (they stay frozen)."""
+
+    def spec(self) -> LoraSpec:
+        """The adapter as the core reads it."""
+        targets = tuple(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        return LoraSpec(self.r, self.alpha, self.dropout, targets)
 
 
 class SegPropConfig(Strict):
-    """The algorithm: which layers form the base prefix, which form LL, and which mode runs."""
+    """The algorithm: which layers form the base prefix, which form LL, how Stage 2 is segmented, and which mode
+    runs."""
 
-    mode: Literal["segprop", "lw", "e2e"] = "segprop"
-    """``segprop`` (the paper), ``lw`` (layer-wise, LM head only, i.e. r = 0) or ``e2e`` (full fine-tuning)."""
+    mode: Literal["segprop", "lw", "e2e", "lora"] = "segprop"
+    """``segprop`` (the paper), ``lw`` (layer-wise, LM head only, i.e. r = 0), ``e2e`` (full fine-tuning) or
+    ``lora`` (end-to-end LoRA fine-tuning: ``adapter``, PEFT's default LoRA when unset)."""
     base_depth: int = Field(0, ge=0)
     """p: Stage 1 trains decoder layers 0..p (inclusive) with LL; Stage 2 starts at layer p + 1."""
     last_layers: int = Field(2, ge=0)
@@ -25,11 +52,38 @@ class SegPropConfig(Strict):
     ll_baseline: Literal["input", "stage1"] = "input"
     """Weights LL's decoder layers are reset to at the start of every Stage 2 iteration:
     the input model's (``input``) or those trained in Stage 1 (``stage1``)."""
+    segment_layers: int = Field(1, ge=1)
+    """k: consecutive middle layers each Stage 2 iteration trains together with LL (the last segment may be
+    shorter). Snapshots and exits exist only at segment boundaries; k times fewer Ray Train start-ups for k times
+    the trainable set."""
+    granularity: Literal["layer", "sublayer"] = "layer"
+    """``sublayer``: every middle layer is two Stage 2 iterations, its attention half then its MLP half (each with
+    its norm; the other half frozen), both reading the same snapshot (needs ``segment_layers`` 1)."""
+    adapter: AdapterConfig | None = None
+    """LoRA adapters trained in Stage 1 and every Stage 2 iteration instead of full weights, merged into the
+    committed layers and exits (``mode: lora``: the adapter of the LoRA baseline)."""
+
+    def adapter_spec(self) -> LoraSpec | None:
+        """The adapter the run trains: ``adapter``, PEFT's default LoRA in ``lora`` mode when unset, else None."""
+        if self.adapter is not None:
+            return self.adapter.spec()
+        return LoraSpec() if self.mode == "lora" else None
+
+    @model_validator(mode="after")
+    def _segments_fit_the_mode(self) -> "SegPropConfig":
+        end_to_end = MODES[self.mode].end_to_end
+        if end_to_end and (self.segment_layers != 1 or self.granularity != "layer"):
+            raise ValueError(f"segment_layers and granularity apply to Stage 2, which mode {self.mode} does not have")
+        if self.granularity == "sublayer" and self.segment_layers != 1:
+            raise ValueError("granularity sublayer trains the halves of one layer at a time: it needs segment_layers 1")
+        if self.mode == "e2e" and self.adapter is not None:
+            raise ValueError("adapter with mode e2e: use mode lora for end-to-end LoRA fine-tuning")
+        return self
 
     @property
     def effective_last_layers(self) -> int:
-        """r as the algorithm uses it: 0 in ``lw`` mode."""
-        return 0 if self.mode == "lw" else self.last_layers
+        """r as the algorithm uses it: 0 in ``lw`` mode (and in the end-to-end modes)."""
+        return self.last_layers if MODES[self.mode].uses_last_layers else 0
 
 
 class LayerExitConfig(Strict):
@@ -50,7 +104,8 @@ class RunExitConfig(Strict):
     target_loss: float | None = None
     """Stop once an exit's eval loss is at or below this value."""
     patience_layers: int = Field(0, ge=0)
-    """Stop when the exit's eval loss has not improved by ``min_delta`` over this many layers (0: off)."""
+    """Stop when the exit's eval loss has not improved by ``min_delta`` over this many exits (0: off): layers, or
+    segments of ``segprop.segment_layers``."""
     min_delta: float = Field(0.0, ge=0)
     """Improvement of the exit eval loss that counts as progress for ``patience_layers``."""
     max_depth: int | None = Field(None, ge=0)
@@ -293,7 +348,7 @@ class Config(Strict):
     def _layer_exit_needs_evaluations(self) -> "Config":
         layer = self.exit.layer
         setting = "exit.layer.patience" if layer.patience else "exit.layer.target_loss" if layer.target_loss is not None else ""
-        stages = ["e2e"] if self.segprop.mode == "e2e" else ["stage1", "stage2"]
+        stages = ["e2e"] if MODES[self.segprop.mode].end_to_end else ["stage1", "stage2"]
         if setting and all(self.training_for(stage).eval_steps == 0 for stage in stages):
             raise ValueError(f"{setting} needs training.eval_steps > 0: an iteration evaluated only at its end "
                              "cannot stop early")
@@ -310,7 +365,7 @@ class Config(Strict):
             "the snapshot job (snapshot.num_actors x snapshot.num_cpus)": res.snapshot.num_actors * res.snapshot.num_cpus,
             "Stage 1 (stage1 workers x their CPUs)": res.stage1.cpus_needed,
         }
-        if self.segprop.mode != "e2e":
+        if not MODES[self.segprop.mode].end_to_end:
             needs["Stage 2 (segment workers x their CPUs)"] = res.segment.cpus_needed
         job, need = max(needs.items(), key=lambda item: item[1])
         if need > res.num_cpus:
@@ -326,7 +381,7 @@ class Config(Strict):
     def check_against_model(self, num_layers: int) -> None:
         """Reject settings impossible for a model of ``num_layers`` decoder layers (one-line ValueError)."""
         p, r, mode = self.segprop.base_depth, self.segprop.effective_last_layers, self.segprop.mode
-        if mode == "e2e":
+        if MODES[mode].end_to_end:
             return
         if p + r > num_layers - 2:
             raise ValueError(
@@ -336,3 +391,7 @@ class Config(Strict):
         max_depth = self.exit.run.max_depth
         if max_depth is not None and max_depth < p:
             raise ValueError(f"exit.run.max_depth = {max_depth} is shallower than segprop.base_depth = {p}")
+        exits = SegPropPlan.from_config(self.segprop, num_layers).exit_depths
+        if max_depth is not None and max_depth < exits[-1] and max_depth not in exits:
+            raise ValueError(f"exit.run.max_depth = {max_depth} is not a segment boundary with segprop.segment_layers "
+                             f"= {self.segprop.segment_layers} (exits at {', '.join(map(str, exits))})")

@@ -71,6 +71,15 @@ class TrainingConfig(Strict):
     loss_chunk_tokens: int = Field(0, ge=0)
     """Tokens per chunk of the LM-head loss: only one chunk's logits exist at a time (0: as many as make
     1 GiB of fp32 logits, 2,092 tokens at a 128k vocabulary). Smaller saves memory, larger saves time."""
+    head_loss: Literal["auto", "chunked", "fused"] = "auto"
+    """How the LM-head loss is computed: ``chunked`` (a chunk of tokens at a time, ``loss_chunk_tokens``; the CPU
+    path and the reference), ``fused`` (Liger Kernel's fused linear + cross-entropy on CUDA: no logits chunk workspace;
+    needs ``segprop_ray[cuda]``; falls back to chunked for logit math the kernel cannot express), or ``auto``: fused
+    on CUDA when the kernel imports, else chunked. Both give the same loss within bf16 rounding."""
+    optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
+    """The optimizer, with HF's names: ``adamw_torch`` (torch's AdamW, fused on CUDA) or ``adamw_8bit``
+    (bitsandbytes' 8-bit AdamW: 2 bytes of optimizer state per parameter instead of 8; CUDA only, needs
+    ``segprop_ray[cuda]``)."""
     max_eval_blocks: int = Field(0, ge=0)
     """Evaluate on at most this many blocks during training (0: all); final exit metrics use all."""
     load_best_model_at_end: bool | None = None

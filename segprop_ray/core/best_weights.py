@@ -13,11 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-FULL = StateDictOptions(full_state_dict=True)
-"""Gather full tensors on every rank (the copy is moved to CPU memory right after)."""
-FULL_LOAD = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+FULL = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+"""Gather full tensors of the trainable parameters on every rank (the copy is moved to CPU memory right after)."""
 
 
 class BestWeights:
@@ -42,7 +41,9 @@ class BestWeights:
         """Load the kept weights into ``model``; False when there are none to put back."""
         if not self.enabled or self.tensors is None:
             return False
-        set_model_state_dict(model, self.tensors, options=FULL_LOAD)
+        from segprop_ray.core.training import load_trainable  # training imports this module
+
+        load_trainable(model, self.tensors)
         return True
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -117,12 +117,14 @@ class RunExit:
         return depth, exit_losses[depth]
 
     def _layers_without_improvement(self, exit_losses: dict[int, float], depth: int) -> int:
-        """Layers since the last exit that improved on all earlier ones by ``min_delta``."""
+        """Exits since the last one that improved on all earlier ones by ``min_delta``: layers, or segments when a
+        Stage 2 iteration trains several layers (its exits are the segment boundaries)."""
         best, last_improved = None, None
-        for d in sorted(k for k in exit_losses if k <= depth):
+        depths = sorted(k for k in exit_losses if k <= depth)
+        for d in depths:
             if best is None or exit_losses[d] < best - self.min_delta:
                 best, last_improved = exit_losses[d], d
-        return 0 if last_improved is None else depth - last_improved
+        return 0 if last_improved is None else len([d for d in depths if d > last_improved])
 
 
 def _fmt(value: float | None) -> str:

@@ -15,9 +15,10 @@ import torch
 from segprop_ray.core.blocks import TokenBlocks
 from segprop_ray.core.data_order import BlockOrder, default_group_size
 from segprop_ray.core.exits import IterationExit, RunExit
-from segprop_ray.core.iteration import RunWeights, build_segment, snapshot_forward, split_trained
+from segprop_ray.core.iteration import (RunWeights, build_segment, build_training_segment, exit_id, snapshot_forward,
+                                        split_trained)
 from segprop_ray.core.parts import ModelParts
-from segprop_ray.core.plan import SegPropPlan, segment_seed
+from segprop_ray.core.plan import Iteration, SegPropPlan, segment_seed
 from segprop_ray.core.step_inputs import evaluate_loss
 from segprop_ray.core.training import LoopHooks, SegmentLoop
 from segprop_ray.core.weights import DictSource
@@ -29,14 +30,15 @@ class InProcessResult:
 
     plan: SegPropPlan
     committed: dict[str, torch.Tensor] = field(default_factory=dict)
-    exits: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    exits: dict[int | str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """LL + head of every iteration, by exit depth (an attention half's under ``<depth>-attn``)."""
     iterations: list[dict[str, Any]] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def final_depth(self) -> int:
         """Deepest committed exit."""
-        return max(self.exits)
+        return max(depth for depth in self.exits if isinstance(depth, int))
 
 
 def group_size_for(snapcheck: Any, seq_len: int, hidden_size: int) -> int:
@@ -66,33 +68,36 @@ class InProcessRun:
                                   cfg.segprop.ll_baseline, self.parts.tied)
 
     def run(self, log: Callable[[str], None] = lambda _: None) -> InProcessResult:
-        """Stage 1, then Stage 2 layer by layer until the global exit stops it."""
-        p = self.plan.base_depth
-        self.train_depth(p, None, None)
-        log(f"stage 1 done: exit {p} eval loss {self.result.iterations[-1]['eval_loss']:.4f}")
-        if self.plan.mode == "e2e":
+        """Stage 1, then Stage 2 segment by segment until the global exit stops it."""
+        first, *stage2 = self.plan.iterations
+        self.train_depth(first, None, None)
+        log(f"{first.label} done: exit {first.last} eval loss {self.result.iterations[-1]['eval_loss']:.4f}")
+        if not stage2:
             return self.result
+        p = self.plan.base_depth
         snap_train, snap_eval = self.snapshot(p, self.train_ids, None), self.snapshot(p, self.eval_ids, None)
         run_exit = RunExit.from_config(self.cfg.exit.run)
-        for q in self.plan.middle_layers:
-            self.train_depth(q, snap_train, snap_eval)
-            log(f"layer {q} done: exit eval loss {self.result.iterations[-1]['eval_loss']:.4f}")
-            snap_train, snap_eval = self.snapshot(q, self.train_ids, snap_train), self.snapshot(q, self.eval_ids, snap_eval)
-            losses = {it["depth"]: it["eval_loss"] for it in self.result.iterations}
-            decision = run_exit.decide(losses, q, self.plan.last_depth)
+        for it in stage2:
+            self.train_depth(it, snap_train, snap_eval)
+            log(f"{it.label} done: eval loss {self.result.iterations[-1]['eval_loss']:.4f}")
+            if not it.commits_depth:
+                continue  # an attention half: its MLP half reads the same snapshot
+            snap_train, snap_eval = self.snapshot(it.last, self.train_ids, snap_train), self.snapshot(it.last, self.eval_ids, snap_eval)
+            losses = {r["depth"]: r["eval_loss"] for r in self.result.iterations if r["part"] != "attn"}
+            decision = run_exit.decide(losses, it.last, self.plan.last_depth)
             self.result.decisions.append(asdict(decision))
             if not decision.continue_training:
                 break
         return self.result
 
-    def train_depth(self, depth: int, snap_train: torch.Tensor | None, snap_eval: torch.Tensor | None) -> None:
-        """Train the segment that commits ``depth`` and record committed and exit weights."""
-        stage = self.plan.stage_of(depth)
+    def train_depth(self, it: Iteration | int, snap_train: torch.Tensor | None, snap_eval: torch.Tensor | None) -> None:
+        """Train iteration ``it`` (a depth: the iteration that commits it) and record committed and exit weights."""
+        it = self.plan.iteration(it) if isinstance(it, int) else it
+        depth, stage = it.last, it.stage
         args = self.cfg.training_for(stage)
         torch.manual_seed(segment_seed(args.seed, depth))
-        segment = build_segment(self.parts, self.weights.training_spec(depth), trainable=True,
-                                loss_chunk_tokens=args.loss_chunk_tokens)
-        self.observe("built", depth, segment)
+        segment = build_training_segment(self.parts, self.weights, it, args)
+        self.observe("built", exit_id(it), segment)
         order = BlockOrder(len(self.train_ids), self.group_size, args.per_device_train_batch_size, args.seed, self.cfg.data.shuffle)
 
         def batches(epoch: int, skip: int) -> Iterator[dict]:
@@ -105,13 +110,14 @@ class InProcessRun:
         exit_rule = IterationExit.from_config(self.cfg.exit.layer, args)
         loop = SegmentLoop(segment, args, batches, order.batches_per_epoch(), self.device, exit_rule, LoopHooks(evaluate=evaluate))
         state = loop.run()
-        self.observe("trained", depth, segment)
+        self.observe("trained", exit_id(it), segment)
         committed, exit_weights = split_trained(segment, self.parts, self.plan)
         self.result.committed.update(committed)
-        self.result.exits[depth] = exit_weights
+        self.result.exits[exit_id(it)] = exit_weights
         self.weights.committed = DictSource(self.result.committed)
         eval_loss = evaluate(0) if args.max_eval_blocks else state.kept_eval_loss()
-        self.result.iterations.append({"stage": stage, "depth": depth, "steps": state.step, "eval_loss": eval_loss,
+        self.result.iterations.append({"stage": stage, "depth": depth, "key": it.key, "part": it.part,
+                                       "label": it.label, "steps": state.step, "eval_loss": eval_loss,
                                        "history": state.history, "decision": state.decision,
                                        "kept_step": state.kept_step})
 

@@ -13,10 +13,13 @@ from typing import Callable
 
 import torch
 
+from segprop_ray.core.adapters import lora_targets, merge_lora_state
+from segprop_ray.core.fused_head_loss import resolve_head_loss
 from segprop_ray.core.optim import autocast_context
 from segprop_ray.core.parts import ModelParts, SegmentSpec
-from segprop_ray.core.plan import SegPropPlan, snapshot_spec, split_exit_weights, stage1_spec, stage2_spec
+from segprop_ray.core.plan import Iteration, SegPropPlan, snapshot_spec, split_exit_weights, stage1_spec, stage2_spec
 from segprop_ray.core.stack import Segment
+from segprop_ray.core.trainable import make_trainable
 from segprop_ray.core.weights import ChainSource, TensorSource
 
 
@@ -29,47 +32,73 @@ class RunWeights:
     """The input model."""
     committed: TensorSource
     """Committed weights so far (embedder, prefix and middle layers), under original names."""
-    exit_weights: Callable[[int], TensorSource]
-    """LL layers + head kept as exit ``depth``."""
+    exit_weights: Callable[[int | str], TensorSource]
+    """LL layers + head kept by an iteration, by :func:`exit_id` (exit ``depth``, or ``<depth>-attn``)."""
     ll_baseline: str = "input"
     """``input``: LL layers restart from the input model each iteration; ``stage1``: from Stage 1's."""
     tied: bool = False
     """The model ties its LM head to the embedding: Stage 1 (and E2E) train them as one tensor."""
 
-    def training_spec(self, depth: int) -> SegmentSpec:
-        """The segment trained to commit ``depth``: Stage 1 at the base depth, else a Stage 2 iteration."""
-        if depth == self.plan.base_depth:
+    def training_spec(self, it: Iteration | int) -> SegmentSpec:
+        """The segment iteration ``it`` trains (a depth: the iteration that commits it): Stage 1 (or E2E), else a
+        Stage 2 segment whose layers start from the input model (an MLP half: from its attention half's commit)."""
+        it = self.plan.iteration(it) if isinstance(it, int) else it
+        if it.stage != "stage2":
             return stage1_spec(self.plan, self.base, self.tied)
-        head = self.exit_weights(depth - 1)  # the head committed by the previous iteration
+        previous = self.plan.iterations[self.plan.iterations.index(it) - 1]
+        head = self.exit_weights(exit_id(previous))  # the head committed by the previous iteration
         ll = self.base if self.ll_baseline == "input" else self.exit_weights(self.plan.base_depth)
-        return stage2_spec(self.plan, depth, self.base, ll, head)
+        layers = ChainSource(self.committed, self.base) if it.part == "mlp" else self.base
+        return stage2_spec(self.plan, it.layers, layers, ll, head)
 
     def snapshot_spec(self, depth: int) -> SegmentSpec:
-        """The producer of S[depth]: embedder + prefix for the base depth, else committed layer ``depth`` alone."""
+        """The producer of S[depth]: embedder + prefix for the base depth, else the committed layers of the segment
+        that ends at ``depth``."""
         source = ChainSource(self.committed, self.base)
-        if depth == self.plan.base_depth:
+        it = self.plan.iteration(depth)
+        if it.stage != "stage2":
             return snapshot_spec(self.plan.prefix_layers, source, embed=True)
-        return snapshot_spec([depth], source, embed=False)
+        return snapshot_spec(it.layers, source, embed=False)
 
 
-def build_segment(parts: ModelParts, spec: SegmentSpec, trainable: bool, loss_chunk_tokens: int = 0) -> Segment:
+def exit_id(it: Iteration) -> int | str:
+    """The name an iteration's exit weights are kept under: its depth, or ``<depth>-attn`` for an attention half."""
+    return it.last if it.commits_depth else it.key
+
+
+def build_segment(parts: ModelParts, spec: SegmentSpec, trainable: bool, loss_chunk_tokens: int = 0,
+                  head_loss: str = "chunked") -> Segment:
     """Materialise a segment; all its parameters train when ``trainable``, else none.
 
-    ``loss_chunk_tokens``: tokens per LM-head loss chunk (0: the default size, see ``core.head_loss``).
+    ``loss_chunk_tokens``: tokens per LM-head loss chunk (0: the default size, see ``core.head_loss``);
+    ``head_loss``: ``training.head_loss`` (``auto``, ``chunked`` or ``fused``), resolved for the device and the
+    family's logit math (:func:`~segprop_ray.core.fused_head_loss.resolve_head_loss`).
     """
     segment = parts.segment(spec)
     segment.loss_chunk_tokens = loss_chunk_tokens or None
+    if segment.head is not None:
+        segment.head.loss_kind = resolve_head_loss(head_loss, parts.device, segment.head.logit_math)
     segment.requires_grad_(trainable)
     return segment if trainable else segment.eval()
 
 
+def build_training_segment(parts: ModelParts, weights: RunWeights, it: Iteration, args: object) -> Segment:
+    """The segment iteration ``it`` trains, with only what it trains left trainable (one half of its layer with
+    ``granularity: sublayer``; LoRA adapters with ``segprop.adapter``)."""
+    segment = build_segment(parts, weights.training_spec(it), trainable=True,
+                            loss_chunk_tokens=args.loss_chunk_tokens, head_loss=args.head_loss)  # type: ignore[attr-defined]
+    make_trainable(segment, weights.plan, it, parts.layout, parts.config.model_type)
+    return segment
+
+
 def split_trained(segment: Segment, parts: ModelParts, plan: SegPropPlan, state: dict | None = None) -> tuple[dict, dict]:
-    """(committed tensors, exit tensors) of a trained segment, as CPU copies under original names.
+    """(committed tensors, exit tensors) of a trained segment, as CPU copies under original names, LoRA adapters
+    merged into their weights.
 
     ``state``: the segment's full state dict when it trained wrapped (DDP/FSDP); default: its own.
     """
-    named = segment.to_original_names(state) if state is not None else segment.original_state_dict()
-    tensors = {k: v.detach().to("cpu", copy=True) for k, v in named.items()}
+    local = merge_lora_state(state if state is not None else segment.state_dict(), lora_targets(segment))
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in segment.to_original_names(local).items()}
     return split_exit_weights(tensors, parts.layout, plan)
 
 

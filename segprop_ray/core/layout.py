@@ -68,6 +68,26 @@ class ModelMath:
 
 
 @dataclass(frozen=True)
+class LayerHalves:
+    """Which submodules of a decoder layer (paths inside the layer) form its attention half and its MLP half, each
+    with the norms it applies: what a ``granularity: sublayer`` iteration trains of the layer, the rest frozen."""
+
+    attn: tuple[str, ...]
+    mlp: tuple[str, ...]
+
+    def of(self, part: str) -> tuple[str, ...]:
+        """The submodules of half ``part`` (``attn`` or ``mlp``)."""
+        return {"attn": self.attn, "mlp": self.mlp}[part]
+
+    def half_of(self, name: str) -> str | None:
+        """The half a parameter (its name inside the layer) belongs to, or None if to neither."""
+        for part in ("attn", "mlp"):
+            if name.startswith(tuple(prefix + "." for prefix in self.of(part))):
+                return part
+        return None
+
+
+@dataclass(frozen=True)
 class ArchLayout:
     """Module paths of one architecture family, relative to the ``*ForCausalLM`` model, and its model-level math."""
 
@@ -90,6 +110,8 @@ class ArchLayout:
     """What the HF forward computes outside the split modules."""
     known: bool = True
     """From the table (tested here) rather than assumed from the usual module names."""
+    halves: LayerHalves | None = None
+    """The attention and MLP halves of a decoder layer (None: not described; ``sublayer`` is refused)."""
 
     def layer_path(self, index: int) -> str:
         """Path of decoder layer ``index``, e.g. ``model.layers.3``."""
@@ -107,17 +129,22 @@ class ArchLayout:
 _ROPE_DECODER = dict(
     embed="model.embed_tokens", layers="model.layers", norm="model.norm", rotary="model.rotary_emb"
 )
+_SEQUENTIAL_HALVES = LayerHalves(attn=("input_layernorm", "self_attn"), mlp=("post_attention_layernorm", "mlp"))
+_GEMMA2_HALVES = LayerHalves(attn=("input_layernorm", "self_attn", "post_attention_layernorm"),
+                             mlp=("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"))
+_ROPE_DECODER_HALVES = dict(_ROPE_DECODER, halves=_SEQUENTIAL_HALVES)
 _GEMMA_EMBED = dict(embed_scale=_sqrt_hidden_unless_scaled, embed_scale_in_dtype=True)
 _GEMMA = ModelMath(**_GEMMA_EMBED, softcap_field="final_logit_softcapping")
 
 LAYOUTS: dict[str, ArchLayout] = {
-    **{family: ArchLayout(family, **_ROPE_DECODER) for family in
+    **{family: ArchLayout(family, **_ROPE_DECODER_HALVES) for family in
        ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "mixtral", "qwen3_moe")},
-    "gemma": ArchLayout("gemma", **_ROPE_DECODER, math=ModelMath(**_GEMMA_EMBED)),
-    "gemma2": ArchLayout("gemma2", **_ROPE_DECODER, math=_GEMMA),
-    "gemma3_text": ArchLayout("gemma3_text", **_ROPE_DECODER, math=_GEMMA),
-    "granite": ArchLayout("granite", **_ROPE_DECODER, math=ModelMath(embed_scale=_config_field("embedding_multiplier"),
-                                                                     logit_divisor_field="logits_scaling")),
+    "gemma": ArchLayout("gemma", **_ROPE_DECODER_HALVES, math=ModelMath(**_GEMMA_EMBED)),
+    "gemma2": ArchLayout("gemma2", **_ROPE_DECODER, math=_GEMMA, halves=_GEMMA2_HALVES),
+    "gemma3_text": ArchLayout("gemma3_text", **_ROPE_DECODER, math=_GEMMA, halves=_GEMMA2_HALVES),
+    "granite": ArchLayout("granite", **_ROPE_DECODER_HALVES,
+                          math=ModelMath(embed_scale=_config_field("embedding_multiplier"),
+                                         logit_divisor_field="logits_scaling")),
     "cohere": ArchLayout("cohere", **_ROPE_DECODER, math=ModelMath(logit_scale=_config_field("logit_scale"))),
     "cohere2": ArchLayout("cohere2", **_ROPE_DECODER, math=ModelMath(logit_scale=_config_field("logit_scale"))),
     "gpt2": ArchLayout(
@@ -127,8 +154,10 @@ LAYOUTS: dict[str, ArchLayout] = {
         norm="transformer.ln_f",
         pos_embed="transformer.wpe",
         embed_dropout="transformer.drop",
+        halves=LayerHalves(attn=("ln_1", "attn"), mlp=("ln_2", "mlp")),
     ),
 }
+"""Cohere's layers run attention and MLP side by side on one shared norm: no halves are described for them."""
 
 
 class UnsupportedArchitecture(ValueError):
@@ -151,6 +180,19 @@ def resolve_layout(model: nn.Module) -> ArchLayout:
             "(expected model.embed_tokens / model.layers / model.norm / lm_head or a table entry in core/layout.py)"
         )
     return layout
+
+
+def check_halves(layout: ArchLayout, layer: nn.Module) -> LayerHalves:
+    """The layout's halves, checked against a decoder layer: every parameter in exactly one half. A one-line
+    :class:`UnsupportedArchitecture` for a family whose halves are not described (or do not cover the layer)."""
+    if layout.halves is None:
+        raise UnsupportedArchitecture(f"segprop.granularity sublayer is not supported for {layout.family}: its "
+                                      "decoder layer's attention and MLP halves are not described in core/layout.py")
+    loose = [name for name, _ in layer.named_parameters() if layout.halves.half_of(name) is None]
+    if loose:
+        raise UnsupportedArchitecture(f"segprop.granularity sublayer: {layout.family} layer parameters "
+                                      f"{', '.join(loose[:3])} belong to neither half described in core/layout.py")
+    return layout.halves
 
 
 def _has_module(model: nn.Module, path: str) -> bool:

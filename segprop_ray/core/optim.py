@@ -1,9 +1,15 @@
-"""AdamW and its learning-rate schedule, with Hugging Face ``TrainingArguments`` semantics."""
+"""AdamW and its learning-rate schedule, with Hugging Face ``TrainingArguments`` semantics.
+
+``optim`` takes HF's names: ``adamw_torch`` (torch's AdamW, fused on CUDA) or ``adamw_8bit``
+(bitsandbytes' 8-bit AdamW: its two moments in 8 bits, 2 bytes per parameter instead of 8; CUDA only).
+"""
 
 from __future__ import annotations
 
+import importlib
 import math
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -35,6 +41,10 @@ class TrainArgs(Protocol):
     loss_chunk_tokens: int
     keeps_best: bool
     """Whether a segment ends with the weights of its best evaluation (``load_best_model_at_end``)."""
+    head_loss: str
+    """``auto``, ``chunked`` or ``fused`` (see :mod:`segprop_ray.core.fused_head_loss`)."""
+    optim: str
+    """``adamw_torch`` or ``adamw_8bit`` (HF's names, see :data:`OPTIMIZERS`)."""
 
 
 def total_steps(args: TrainArgs, batches_per_epoch: int) -> int:
@@ -66,17 +76,51 @@ def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(module: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of ``module`` (fused on CUDA)."""
+@dataclass(frozen=True)
+class OptimizerKind:
+    """An optimizer ``optim`` names: where its class lives and what it needs."""
+
+    module: str
+    cls: str
+    package: str
+    cuda_only: bool
+    extra: Callable[[bool], dict]
+    """Extra keyword arguments, given whether the parameters are on CUDA."""
+
+
+OPTIMIZERS: dict[str, OptimizerKind] = {
+    "adamw_torch": OptimizerKind("torch.optim", "AdamW", "torch", False, lambda cuda: {"fused": cuda or None}),
+    "adamw_8bit": OptimizerKind("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", True, lambda cuda: {}),
+}
+
+
+def optimizer_unavailable(name: str, on_cuda: bool) -> str | None:
+    """Why optimizer ``name`` cannot run (None: it can): unknown, CUDA-only on CPU, or its package missing."""
+    kind = OPTIMIZERS.get(name)
+    if kind is None:
+        return f"training.optim {name!r} is not one of {', '.join(OPTIMIZERS)}"
+    if kind.cuda_only and not on_cuda:
+        return f"training.optim {name} runs on CUDA only (its {kind.package} kernels): use adamw_torch on CPU"
+    try:
+        importlib.import_module(kind.module)
+    except ImportError as error:
+        return f"training.optim {name} needs {kind.package} ({error}; pip install 'segprop_ray[cuda]')"
+    return None
+
+
+def build_optimizer(module: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+    """The optimizer ``args.optim`` names (AdamW, fused on CUDA, by default) over the trainable parameters of
+    ``module``; a one-line ValueError where it cannot run."""
     groups = decay_groups(module, args.weight_decay)
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(
-        groups,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-        fused=on_cuda or None,
-    )
+    name = getattr(args, "optim", "adamw_torch")
+    reason = optimizer_unavailable(name, on_cuda)
+    if reason is not None:
+        raise ValueError(reason)
+    kind = OPTIMIZERS[name]
+    cls = getattr(importlib.import_module(kind.module), kind.cls)
+    return cls(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+               **kind.extra(on_cuda))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, steps: int):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from segprop_ray.core.blocks import all_positions_index
+from segprop_ray.core.fused_head_loss import fused_linear_cross_entropy
 from segprop_ray.core.head_loss import NO_MATH, LogitMath, linear_cross_entropy
 from segprop_ray.core.hf_compat import attention_masks, call_decoder_layer, layer_attention_type, rotary_embeddings
 
@@ -51,6 +52,8 @@ class LMHead(nn.Module):
         self.norm = norm
         self.proj = proj
         self.logit_math = logit_math or NO_MATH
+        self.loss_kind = "chunked"
+        """``chunked`` (:mod:`.head_loss`) or ``fused`` (:mod:`.fused_head_loss`, CUDA), set when the segment is built."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.logit_math.apply(self.proj(self.norm(hidden)))  # (B, T, H) -> (B, T, V)
@@ -70,6 +73,9 @@ class LMHead(nn.Module):
         chosen = hidden.reshape(batch * seq_len, width).index_select(0, predict_at)  # (N, H)
         targets = input_ids.reshape(-1).index_select(0, predict_at + 1)  # (N,): the next token of each
         normalizer = float(num_items) if num_items is not None else max(len(predict_at), 1)
+        if self.loss_kind == "fused" and torch.is_grad_enabled() and len(predict_at):
+            return fused_linear_cross_entropy(self.norm(chosen), self.proj.weight, self.proj.bias, targets, normalizer,
+                                              self.logit_math)
         return linear_cross_entropy(self.norm(chosen), self.proj.weight, self.proj.bias, targets, chunk_tokens,
                                     normalizer=normalizer, logit_math=self.logit_math)
 

@@ -29,7 +29,8 @@ from segprop_ray.core.optim import TrainArgs, autocast_context, build_optimizer,
 from segprop_ray.core.step_inputs import data_parallel_world, model_inputs, step_items
 
 Batch = dict[str, torch.Tensor]
-FULL_LOAD = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+FULL_LOAD = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=False)
+"""Loading a checkpoint: full tensors on every rank; frozen parameters are not in it (see :func:`load_trainable`)."""
 BatchSource = Callable[[int, int], Iterator[Batch]]  # (epoch, batches to skip) -> micro-batches
 
 
@@ -220,7 +221,9 @@ class SegmentLoop:
             self.state.decision = asdict(decision)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly where the loop is (weights under local names).
+        """Everything needed to continue exactly where the loop is: the trainable weights under local names (frozen
+        ones are rebuilt from their sources, so a LoRA segment's checkpoint holds only its adapters), and the
+        optimizer state.
 
         Full (unsharded) CPU copies, also under DDP or FSDP: every rank must call it (a collective there).
         """
@@ -238,7 +241,7 @@ class SegmentLoop:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_dict` (every rank loads the same full state)."""
-        set_model_state_dict(self.model, state["model"], options=FULL_LOAD)
+        load_trainable(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL_LOAD)
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = LoopState(**state["loop"])
@@ -254,7 +257,22 @@ def perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 50.0))
 
 
-def full_state_options(device: torch.device) -> StateDictOptions:
+def full_state_options(device: torch.device, trainable_only: bool = True) -> StateDictOptions:
     """Options to gather a full (unsharded) state dict: into CPU memory from a GPU; on CPU as it is (FSDP cannot
-    offload tensors that are already there)."""
-    return StateDictOptions(full_state_dict=True, cpu_offload=device.type == "cuda")
+    offload tensors that are already there); the trainable parameters only unless ``trainable_only`` is False."""
+    return StateDictOptions(full_state_dict=True, cpu_offload=device.type == "cuda", ignore_frozen_params=trainable_only)
+
+
+def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load the trainable parameters saved by :meth:`SegmentLoop.state_dict` (or kept as best weights) into ``model``;
+    a name that is not one of its trainable parameters, or a trainable parameter left out, is an error."""
+    result = set_model_state_dict(model, tensors, options=FULL_LOAD)
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+    missing = [name for name in result.missing_keys if name not in frozen and not _is_buffer(model, name)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint does not fit the segment: missing {missing[:3]}, "
+                           f"unexpected {list(result.unexpected_keys)[:3]}")
+
+
+def _is_buffer(model: nn.Module, name: str) -> bool:
+    return name in dict(model.named_buffers())

@@ -44,6 +44,13 @@ class JobContext:
     """Expected weights hash of the shards the job reads (tokens, or the snapshot depth it starts from)."""
     model_source: str = ""
     """Where the job reads the input model: the run directory's staged copy (empty: the config's ``model``)."""
+    part: str = "layer"
+    """What a training job trains of its layers: ``layer``, or the ``attn`` / ``mlp`` half of layer ``depth``."""
+
+    @property
+    def key(self) -> str:
+        """The iteration's key in the plan and the manifest (``<depth>`` or ``<depth>-attn``)."""
+        return f"{self.depth}-attn" if self.part == "attn" else str(self.depth)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for Ray (train_loop_config, actor constructor kwargs)."""
@@ -90,10 +97,11 @@ class JobContext:
         chosen = {p: self.files[p] for p in paths if p in self.files}
         return WeightStore(self.layout).source(chosen) if chosen else DictSource({})
 
-    def run_weights(self, plan: SegPropPlan, committed_layers: list[int], parts: ModelParts,
+    def run_weights(self, plan: SegPropPlan, committed_layers: list[int | str], parts: ModelParts,
                     tied: bool = False) -> RunWeights:
         """Weight sources for this job: the input model (under the names of ``parts``' modules), the committed files
-        it needs, and exits on demand (``tied``: the model ties its head to the embedding, see :class:`RunWeights`)."""
+        it needs (layers by index, halves by key such as ``5-attn``), and exits on demand (``tied``: the model ties
+        its head to the embedding, see :class:`RunWeights`)."""
         base = parts.base_source(self.model_dir)
         paths = [EMBED_FILE] + [layer_file(i) for i in committed_layers]
         committed = self.source(paths)

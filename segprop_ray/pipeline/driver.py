@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from segprop_ray.config import Config
 from segprop_ray.core.exits import RunExit
+from segprop_ray.core.plan import Iteration
 from segprop_ray.pipeline.cluster import apply_train_settings, check_cluster, data_label_selector
 from segprop_ray.pipeline.context import JobContext
 from segprop_ray.pipeline.evaluations import Evaluations
@@ -90,14 +91,16 @@ class Driver:
         self.evaluations.start_baseline()
         self.train_depth(plan.base_depth)
         self.evaluations.start(plan.base_depth)
-        if plan.mode != "e2e":
-            for depth in plan.middle_layers:
-                if not self._continue_after(depth - 1):
+        if not plan.spec.end_to_end:
+            for it in plan.iterations[1:]:  # Stage 2's segments (an MLP half continues its layer's attention half)
+                source = plan.source_depth(it)
+                if it.part != "mlp" and not self._continue_after(source):
                     break
-                self.ensure_snapshot(depth - 1)
-                self.train_depth(depth)
-                self.evaluations.collect()  # exit depth-1 was scored while layer `depth` trained
-                self.evaluations.start(depth)
+                self.ensure_snapshot(source)
+                self.train_depth(it.key)
+                if it.commits_depth:
+                    self.evaluations.collect()  # the previous exit was scored while this segment trained
+                    self.evaluations.start(it.last)
             else:
                 self._continue_after(plan.last_depth)  # records the closing "last_layer" decision
         self.evaluations.collect()
@@ -138,22 +141,22 @@ class Driver:
         self.echo("blocks: " + ", ".join(f"{k} {v['num_blocks']}" for k, v in tokens.items()) + _truncation(examples))
 
     # -- training -------------------------------------------------------------------------------
-    def train_depth(self, depth: int) -> None:
-        """Train and commit ``depth`` (Stage 1 at the base depth), unless already committed."""
-        record, name = self.manifest.layer(depth), f"{self.manifest.run_id}-depth{depth}"
+    def train_depth(self, key: int | str) -> None:
+        """Train and commit the iteration ``key`` of the plan (a depth: the iteration that commits it, Stage 1 at
+        the base depth; ``<q>-attn``: layer q's attention half), unless already committed."""
+        it = self.setup.plan.iteration(key)
+        record, name = self.manifest.layers.get(it.key), f"{self.manifest.run_id}-depth{it.key}"
         if record is not None and record.status == "done":
             self._drop_checkpoints(name)  # left behind if a driver died right after the commit
             return
-        stage = self.setup.plan.stage_of(depth)
-        source = None if stage != "stage2" else depth - 1
-        ctx = self._context(depth, input_hash=self._hash_of(source))
-        started = self._start_layer(depth, stage)
-        self.echo(f"training {_label(stage, depth)} (Ray Train)")
-        result = run_trainer(ctx, name=name, stage=stage, board=self.board, label=_label(stage, depth),
-                             on_progress=lambda record: self._save(lambda m: m.record_progress(depth, record)))
-        self._finish_layer(depth, stage, started, result)
+        ctx = self._context(it.last, input_hash=self._hash_of(self.setup.plan.source_depth(it)), part=it.part)
+        started = self._start_layer(it)
+        self.echo(f"training {it.label} (Ray Train)")
+        result = run_trainer(ctx, name=name, stage=it.stage, board=self.board, label=it.label,
+                             on_progress=lambda record: self._save(lambda m: m.record_progress(it.key, record)))
+        self._finish_layer(it, started, result)
         self._drop_checkpoints(name)
-        self.echo(f"committed {_label(stage, depth)}: eval loss {result['eval_loss']:.4f} after {result['steps']} steps "
+        self.echo(f"committed {it.label}: eval loss {result['eval_loss']:.4f} after {result['steps']} steps "
                   f"({result['decision']['reason']})")
 
     def _drop_checkpoints(self, name: str) -> None:
@@ -180,16 +183,17 @@ class Driver:
         """Make S[depth] committed for both splits with the committed weights, regenerating what is not."""
         if all(self._committed(split, depth) for split in SPLITS):
             return
-        base = self.setup.plan.base_depth
-        if depth > base:
-            self.ensure_snapshot(depth - 1)
+        plan = self.setup.plan
+        source = plan.source_depth(plan.iteration(depth))  # S[depth] is made from the previous exit's snapshot
+        if source is not None:
+            self.ensure_snapshot(source)
         layout, expected = self.setup.layout, self._hash_of(depth)
         recorded = {split: recorded_files(layout, split, depth, expected) for split in SPLITS}
         candidates = sum(map(len, recorded.values()))
         note = f": {candidates} file(s) of an earlier attempt to check" if candidates else ""
         self.echo(f"snapshot S[{depth}] (Ray Data){note}")
         started = self._start_step(f"snapshot:{depth}")
-        ctx = self._context(depth, input_hash=self._hash_of(None if depth == base else depth - 1))
+        ctx = self._context(depth, input_hash=self._hash_of(source))
         files = run_snapshot_job(ctx, self.setup.model_info.hidden_size, recorded, self._snapshot_progress(depth))
         for split in SPLITS:
             commit_depth(layout, split, depth, files.all(split), expected, self.setup.spec)
@@ -247,10 +251,10 @@ class Driver:
         return snapshot_weights_hash(self.manifest.committed_files(), depth)
 
     # -- bookkeeping ------------------------------------------------------------------------------
-    def _context(self, depth: int, input_hash: str = "") -> JobContext:
+    def _context(self, depth: int, input_hash: str = "", part: str = "layer") -> JobContext:
         blocks = {split: info.get("num_blocks", 0) for split, info in self.manifest.tokens.items()}
         return JobContext(self.cfg.model_dump(mode="json"), depth, self.setup.spec.group_size, blocks,
-                          self.manifest.committed_files(), input_hash, model_source(self.manifest))
+                          self.manifest.committed_files(), input_hash, model_source(self.manifest), part)
 
     def _save(self, change: Callable[[Manifest], Any]) -> None:
         self.store.update(self.manifest, change)
@@ -270,17 +274,18 @@ class Driver:
 
         self._save(change)
 
-    def _start_layer(self, depth: int, stage: str) -> float:
+    def _start_layer(self, it: Iteration) -> float:
         def change(m: Manifest) -> None:
-            record = m.layers.setdefault(str(depth), LayerRecord(depth=depth, stage=stage))
+            record = m.layers.setdefault(it.key, LayerRecord(depth=it.last, stage=it.stage, part=it.part,
+                                                             first=it.first, label=it.label))
             record.status, record.started = "running", record.started or now()
 
         self._save(change)
         return time.time()
 
-    def _finish_layer(self, depth: int, stage: str, started: float, result: dict[str, Any]) -> None:
+    def _finish_layer(self, it: Iteration, started: float, result: dict[str, Any]) -> None:
         def change(m: Manifest) -> None:
-            record = m.layers[str(depth)]
+            record = m.layers[it.key]
             for key in ("steps", "train_loss", "eval_loss", "perplexity", "decision", "history", "files", "exit_file",
                         "kept_step"):
                 setattr(record, key, result[key])
@@ -304,7 +309,3 @@ def _truncation(examples: dict[str, dict[str, int]]) -> str:
              + (f", {s['dropped']} dropped (no target token left)" if s["dropped"] else "")
              for stream, s in examples.items() if s["truncated"]]
     return "; " + "; ".join(notes) if notes else ""
-
-
-def _label(stage: str, depth: int) -> str:
-    return {"stage1": f"Stage 1 (layers 0..{depth} + LL)", "e2e": "E2E (all layers)"}.get(stage, f"layer {depth}")

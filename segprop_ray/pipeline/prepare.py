@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from segprop_ray.config import Config, RunConflict, config_to_yaml
@@ -16,6 +16,7 @@ from segprop_ray.core.plan import SegPropPlan
 from segprop_ray.core.self_check import check_model_family
 from segprop_ray.storage.fs import cache_root, check_writable
 from segprop_ray.pipeline.data_checks import check_data
+from segprop_ray.pipeline.plan_checks import check_devices, check_segments
 from segprop_ray.storage.inputs import expand_inputs
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.lease import RunLease
@@ -25,9 +26,9 @@ from segprop_ray.storage.shard_format import ShardSpec
 
 WHERE_NOT_WHAT = {"run_dir", "storage_options", "resources", "device", "evaluation"}
 """Config sections that say where and how a run executes, not what it computes: changing them continues the run."""
-HOW_NOT_WHAT = {"loss_chunk_tokens"}
+HOW_NOT_WHAT = {"loss_chunk_tokens", "head_loss"}
 """Training settings of the same kind (memory against speed; only float rounding differs): lowering the loss
-chunk after an out-of-memory error continues the run."""
+chunk after an out-of-memory error, or switching between the chunked and the fused head loss, continues the run."""
 
 
 @dataclass
@@ -59,16 +60,20 @@ def digest(data: Any) -> str:
 
 
 def inspect_model(cfg: Config) -> tuple[ModelInfo, ModelParts]:
-    """The input model's facts (one-line errors for a missing or unsupported model)."""
+    """The input model's facts (one-line errors for a missing or unsupported model, or segment settings it cannot
+    take)."""
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(model_config_dir(cfg.model, cfg.storage_options))
     parts = ModelParts(hf_config)
     check_model_family(hf_config, cache_root())  # exact on a small random copy, or refused here in one line
     arch = (getattr(hf_config, "architectures", None) or [type(parts.skeleton).__name__])[0]
+    cfg.check_against_model(parts.num_layers)
+    plan = SegPropPlan.from_config(cfg.segprop, parts.num_layers)
+    check_segments(cfg, parts, plan)
     info = ModelInfo(uri=cfg.model, architecture=arch, family=parts.layout.family, num_layers=parts.num_layers,
                      hidden_size=hf_config.hidden_size, vocab_size=hf_config.vocab_size, tied_embeddings=parts.tied,
-                     untied=parts.tied and cfg.segprop.mode != "e2e")
+                     untied=parts.tied and not plan.spec.end_to_end and plan.trains_head)
     return info, parts
 
 
@@ -76,6 +81,7 @@ def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
     """Validate, take the run directory's driver lease (refused while another driver holds it), then open or
     create the run in ``cfg.run_dir``."""
     check_inputs(cfg)
+    check_devices(cfg)
     check_writable(cfg.run_dir, cfg.storage_options)
     layout = RunLayout.open(cfg.run_dir, cfg.storage_options)
     lease = RunLease(layout, cfg.resources.driver_lease_s)
@@ -90,7 +96,6 @@ def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
 def _open_run(cfg: Config, layout: RunLayout, lease: RunLease, restart: bool) -> RunSetup:
     _check_conflict(cfg, layout, restart)
     info, parts = inspect_model(cfg)  # the config only: weights are fetched where they are used
-    cfg.check_against_model(info.num_layers)
     snap = cfg.snapcheck
     spec = ShardSpec.for_snapcheck(cfg.data.seq_len, info.hidden_size, snap.dtype, snap.rows_per_group,
                                    snap.groups_per_file, snap.compression)
@@ -138,7 +143,9 @@ def _open_manifest(cfg: Config, layout: RunLayout, info: ModelInfo, plan: SegPro
     if existing is not None:  # restarting (another config was refused by _check_conflict)
         _wipe(layout)
     manifest = Manifest(run_id=f"{plan.mode}-{config_hash[:10]}", config_hash=config_hash, config=semantic,
-                        mode=plan.mode, base_depth=plan.base_depth, last_layers=plan.last_layers, model=info,
+                        mode=plan.mode, base_depth=plan.base_depth, last_layers=plan.last_layers,
+                        segment_layers=plan.segment_layers, granularity=plan.granularity,
+                        adapter=asdict(plan.adapter) if plan.adapter is not None else None, model=info,
                         group_size=spec.group_size)
     store.write(manifest)
     layout.fs.pipe_file(layout.config_resolved, config_to_yaml(cfg).encode())

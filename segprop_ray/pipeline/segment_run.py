@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from segprop_ray.core.data_order import BlockOrder
 from segprop_ray.core.exits import IterationExit
-from segprop_ray.core.iteration import build_segment, split_trained
+from segprop_ray.core.iteration import build_training_segment, split_trained
 from segprop_ray.core.plan import segment_seed
 from segprop_ray.core.step_inputs import evaluate_loss
 from segprop_ray.core.training import LoopHooks, SegmentLoop, full_state_options, perplexity
@@ -35,19 +35,20 @@ class SegmentRun:
         cfg = ctx.cfg
         self.parts = ctx.parts(device)
         self.plan = ctx.plan(self.parts.num_layers)
-        self.stage = self.plan.stage_of(ctx.depth)
+        self.it = self.plan.iteration(ctx.key)
+        self.stage = self.it.stage
         self.args = cfg.training_for(self.stage)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(segment_seed(self.args.seed, ctx.depth))
-        weights = ctx.run_weights(self.plan, committed_layers=[], parts=self.parts, tied=self.parts.tied)
-        self.segment = build_segment(self.parts, weights.training_spec(ctx.depth), trainable=True,
-                                     loss_chunk_tokens=self.args.loss_chunk_tokens)
+        halves_before = [f"{ctx.depth}-attn"] if self.it.part == "mlp" else []  # the MLP half starts from them
+        weights = ctx.run_weights(self.plan, committed_layers=halves_before, parts=self.parts, tied=self.parts.tied)
+        self.segment = build_training_segment(self.parts, weights, self.it, self.args)
         # counted before FSDP shards the parameters
         self.trainable_params = sum(p.numel() for p in self.segment.parameters() if p.requires_grad)
         strategy = (cfg.resources.stage1 if self.stage != "stage2" else cfg.resources.segment).strategy
         self.model = wrap(self.segment, strategy) if wrap is not None and world > 1 else self.segment
-        self.source_depth = None if self.stage != "stage2" else ctx.depth - 1
+        self.source_depth = self.plan.source_depth(self.it)
         self.train_marker, self.eval_marker = (self._marker(split) for split in ("train", "eval"))
         order = BlockOrder(ctx.num_blocks["train"], ctx.group_size, self.args.per_device_train_batch_size,
                            self.args.seed, cfg.data.shuffle, world, rank)
@@ -91,20 +92,23 @@ class SegmentRun:
 
         Every rank must call it (gathering sharded weights is a collective); only ``write`` ranks write.
         """
-        state = get_model_state_dict(self.model, options=full_state_options(self.device))
+        state = get_model_state_dict(self.model, options=full_state_options(self.device, trainable_only=False))
         eval_loss = self.evaluate(0) if self.args.max_eval_blocks else self.loop.state.kept_eval_loss()
         if not write:
             return None
         committed, exit_weights = split_trained(self.segment, self.parts, self.plan, state)
         store = WeightStore(self.ctx.layout)
-        layers = {"stage1": self.plan.prefix_layers, "e2e": list(range(self.plan.num_layers))}.get(self.stage, [self.ctx.depth])
-        files = {path: store.put(path, tensors) for path, tensors in group_committed(committed, self.parts.layout, layers).items()}
-        exit_path = exit_file(self.ctx.depth)
+        layers = {"stage1": self.plan.prefix_layers, "e2e": list(range(self.plan.num_layers))}.get(self.stage, self.it.layers)
+        suffix = "" if self.it.commits_depth else "-attn"  # an attention half's layer is kept apart from the layer's
+        groups = group_committed(committed, self.parts.layout, layers, suffix)
+        files = {path: store.put(path, tensors) for path, tensors in groups.items()}
+        exit_path = exit_file(self.ctx.key)
         files[exit_path] = store.put(exit_path, exit_weights)
         state = self.loop.state
         train_losses = [r["train_loss"] for r in state.history if "train_loss" in r]
         return {
-            "depth": self.ctx.depth, "stage": self.stage, "steps": state.step, "history": state.history,
+            "depth": self.ctx.depth, "stage": self.stage, "part": self.it.part, "first": self.it.first,
+            "label": self.it.label, "steps": state.step, "history": state.history,
             "decision": state.decision, "eval_loss": eval_loss, "perplexity": perplexity(eval_loss),
             "train_loss": train_losses[-1] if train_losses else None, "files": files, "exit_file": exit_path,
             "kept_step": state.kept_step, "metrics": self.metrics(),

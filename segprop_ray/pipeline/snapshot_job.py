@@ -52,10 +52,11 @@ class SnapshotActor:
         self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
         parts = self.ctx.parts(self.device)
         plan = self.ctx.plan(parts.num_layers)
-        layers = plan.prefix_layers if self.ctx.depth == plan.base_depth else [self.ctx.depth]
+        it = plan.iteration(self.ctx.depth)  # the iteration that committed this depth: its layers produce S[depth]
+        layers = plan.prefix_layers if it.stage != "stage2" else it.layers
         weights = self.ctx.run_weights(plan, committed_layers=layers, parts=parts)
         self.producer = build_segment(parts, weights.snapshot_spec(self.ctx.depth), trainable=False)
-        self.source_depth = None if self.ctx.depth == plan.base_depth else self.ctx.depth - 1
+        self.source_depth = plan.source_depth(it)
         self.spec = self.ctx.spec(parts.config.hidden_size)
         self.weights_hash = self.ctx.snapshot_hash
         self.layout, self.write_options = self.ctx.layout, self.ctx.cfg.snapcheck.write_options()

@@ -10,7 +10,7 @@ from typing import Any
 
 from segprop_ray.core.assemble import exit_config, write_model_files
 from segprop_ray.core.parts import ModelParts
-from segprop_ray.core.plan import SegPropPlan, exit_is_tied
+from segprop_ray.core.plan import exit_is_tied
 from segprop_ray.core.weights import SafetensorsSource
 from segprop_ray.reporting.export_stream import INDEX_NAME, ShardPlan, plan_shards, write_index, write_shards
 from segprop_ray.storage.errors import StorageError
@@ -83,7 +83,7 @@ def export_model(run_dir: str, out: str, depth: str | int | None = None, storage
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(model_dir)
-    plan = SegPropPlan(manifest.model.num_layers, manifest.base_depth, manifest.last_layers, manifest.mode)
+    plan = manifest.plan()
     files = manifest.committed_files()
     needed = {path: files[path] for path in [EMBED_FILE, *map(layer_file, range(depth + 1)), exit_file(depth)]}
     parts = ModelParts(hf_config)

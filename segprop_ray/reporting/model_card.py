@@ -6,7 +6,7 @@ import os
 import re
 from typing import Any
 
-from segprop_ray.core.plan import SegPropPlan
+from segprop_ray.core.plan import MODES
 from segprop_ray.reporting.export import choose_depth, export_model, open_run
 from segprop_ray.reporting.report_text import fmt, markdown_table
 from segprop_ray.storage.manifest import Manifest
@@ -19,7 +19,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def kept_layers(manifest: Manifest, depth: int) -> list[int]:
     """Original indices of the decoder layers the exit at ``depth`` keeps: 0..depth, then LL's last r."""
-    plan = SegPropPlan(manifest.model.num_layers, manifest.base_depth, manifest.last_layers, manifest.mode)
+    plan = manifest.plan()
     return plan.exit_layers(depth)
 
 
@@ -31,25 +31,48 @@ def _front_matter(manifest: Manifest) -> str:
     return "\n".join([*lines, "---"])
 
 
-SHORT_NAMES = {"segprop": "Segmented Propagation (SegProp)", "lw": "layer-wise training", "e2e": "end-to-end fine-tuning"}
+SHORT_NAMES = {mode: spec.name for mode, spec in MODES.items()}
+END_TO_END_METHODS = {"e2e": "end-to-end fine-tuning (e2e: every layer at once, the baseline SegProp is compared with)",
+                      "lora": "end-to-end LoRA fine-tuning (lora: adapters on every layer at once, merged into the "
+                              "weights; the LoRA baseline SegProp is compared with)"}
 
 
 def _summary(manifest: Manifest, depth: int, layers: list[int]) -> str:
     base = f"A causal language model of {len(layers)} decoder layers, fine-tuned from `{manifest.model.uri}` by "
-    if manifest.mode == "e2e":
-        return base + "end-to-end fine-tuning (every layer kept). It is a standard Hugging Face checkpoint."
+    if MODES[manifest.mode].end_to_end:
+        return base + f"{SHORT_NAMES[manifest.mode]} (every layer kept). It is a standard Hugging Face checkpoint."
     return (base + f"{SHORT_NAMES.get(manifest.mode, manifest.mode)}: the exit after layer {depth}, made of the "
             f"original layers {_ranges(layers)}, the final norm and the LM head. It is a standard Hugging Face "
             "checkpoint; nothing special is needed to load it.")
 
 
 def _method(manifest: Manifest) -> str:
-    if manifest.mode == "e2e":
-        return "end-to-end fine-tuning (e2e: every layer at once, the baseline SegProp is compared with)"
+    if MODES[manifest.mode].end_to_end:
+        return END_TO_END_METHODS.get(manifest.mode, SHORT_NAMES[manifest.mode]) + _adapter_text(manifest)
     name = SHORT_NAMES.get(manifest.mode, manifest.mode)
     r = " (lw: r = 0, no last layers)" if manifest.mode == "lw" else ""
     last = "" if manifest.mode == "lw" else f", last layers r = {manifest.last_layers}"
-    return f"{name}{r}, base depth p = {manifest.base_depth}{last}"
+    return f"{name}{r}, base depth p = {manifest.base_depth}{last}{_segments_text(manifest)}{_adapter_text(manifest)}"
+
+
+def _segments_text(manifest: Manifest) -> str:
+    """How Stage 2 cut the middle layers, when not one whole layer per iteration."""
+    if manifest.granularity == "sublayer":
+        return "; Stage 2 trained each middle layer in two iterations, its attention half then its MLP half"
+    if manifest.segment_layers > 1:
+        return f"; Stage 2 trained segments of {manifest.segment_layers} consecutive middle layers at a time"
+    return ""
+
+
+def _adapter_text(manifest: Manifest) -> str:
+    """The LoRA adapter the run trained, merged into the saved weights."""
+    adapter = manifest.adapter
+    if adapter is None:
+        return ""
+    targets = ", ".join(adapter["target_modules"]) if isinstance(adapter.get("target_modules"), list) else (
+        adapter.get("target_modules") or "PEFT's default modules")
+    return (f"; LoRA adapters (r = {adapter['r']}, alpha = {adapter['alpha']:g}, dropout = {adapter['dropout']:g}, "
+            f"on {targets}) trained instead of full weights and merged into them: the checkpoint holds plain weights")
 
 
 def _decision_text(manifest: Manifest, depth: int) -> str:
@@ -114,6 +137,8 @@ def _embedding_fact(manifest: Manifest, stage: str) -> list[tuple[str, str]]:
     """Whether the exit's LM head is tied to its input embedding, for a model that had them tied."""
     if not manifest.model.tied_embeddings:
         return []
+    if manifest.adapter is not None:
+        return [("embeddings", "tied, as in the base model: LoRA left the LM head and the input embedding frozen")]
     if stage == "stage2":
         return [("embeddings", "untied: the base model ties its LM head to the input embedding; this exit's head was "
                                "trained in Stage 2 while the embedding stayed frozen, so it is saved as its own tensor")]

@@ -15,6 +15,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from segprop_ray.core.plan import iteration_order
 from segprop_ray.reporting.report_text import iteration_wall_s
 
 DPI = 110
@@ -31,8 +32,7 @@ PLOT_FILES = {
 
 def run_series(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The runs to draw: the report's run first, then the compared ones, each with a colour."""
-    runs = [{"label": data["run"]["label"], "mode": data["run"]["mode"], "rows": data["layers"]}]
-    runs += [{"label": o["run"]["label"], "mode": o["run"]["mode"], "rows": o["layers"]} for o in data["compared"]]
+    runs = [_series(data["run"], data["layers"])] + [_series(o["run"], o["layers"]) for o in data["compared"]]
     for index, run in enumerate(runs):
         run["color"] = "black" if run["mode"] == "e2e" else f"C{index}"
     return runs
@@ -43,9 +43,16 @@ def subject(data: dict[str, Any]) -> str:
     return data.get("title") or data["run"]["label"]
 
 
+def _series(run: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run to draw; ``final_only`` for a run of one iteration over every layer (``e2e``, ``lora``), drawn at its
+    final score (reports written before the flag: ``e2e``)."""
+    final_only = bool(run.get("end_to_end", run["mode"] == "e2e"))
+    return {"label": run["label"], "mode": run["mode"], "final_only": final_only, "rows": rows}
+
+
 def points(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
-    """(depths, values) of the rows that have ``key``."""
-    kept = [row for row in rows if row.get(key) is not None]
+    """(depths, values) of the exit rows that have ``key`` (an attention half's row is no exit)."""
+    kept = [row for row in rows if row.get(key) is not None and row.get("part") != "attn"]
     return [row["depth"] for row in kept], [row[key] / scale for row in kept]
 
 
@@ -61,7 +68,7 @@ def draw_metric(ax, runs: list[dict[str, Any]], key: str, scale: float = 1.0, or
         if not values:
             continue
         drawn += values
-        if run["mode"] == "e2e":
+        if run["final_only"]:
             ax.axhline(values[-1], color=run["color"], linestyle="-", linewidth=1.5, label=f"{run['label']} (final)")
         else:
             ax.plot(depths, values, marker="o", color=run["color"], label=run["label"])
@@ -122,19 +129,20 @@ def plot_metric_vs_depth(data: dict[str, Any], path: Path) -> bool:
 
 def plot_loss_curves(data: dict[str, Any], path: Path) -> bool:
     """Train and eval loss against the step, one line per iteration (depth), and the learning rate."""
-    histories = {int(depth): records for depth, records in data["histories"].items() if records}
+    histories = {key: records for key, records in data["histories"].items() if records}
     keys = [key for key in ("train_loss", "eval_loss", "lr") if any(key in r for rs in histories.values() for r in rs)]
     if not keys:
         return False
     colours = colormaps["viridis"]
     figure = Figure(figsize=(5.5 * len(keys), 4.6), dpi=DPI)
     axes = figure.subplots(1, len(keys), squeeze=False)[0]
-    for order, depth in enumerate(sorted(histories)):
+    for order, name in enumerate(sorted(histories, key=iteration_order)):
         colour = colours(order / max(len(histories) - 1, 1))
+        label = f"depth {name}".replace("-attn", " attn")
         for ax, key in zip(axes, keys):
-            kept = [r for r in histories[depth] if key in r]
+            kept = [r for r in histories[name] if key in r]
             marker = "o" if key == "eval_loss" else None
-            ax.plot([r["step"] for r in kept], [r[key] for r in kept], color=colour, marker=marker, label=f"depth {depth}")
+            ax.plot([r["step"] for r in kept], [r[key] for r in kept], color=colour, marker=marker, label=label)
     for ax, key in zip(axes, keys):
         _finish(ax, key.replace("_", " "), key.replace("_", " "), xlabel="step within the iteration")
     figure.suptitle(f"{subject(data)}: loss curves of each iteration")

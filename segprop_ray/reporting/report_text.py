@@ -6,7 +6,9 @@ import csv
 import io
 from typing import Any, Sequence
 
-TABLE_COLUMNS = [("depth", "depth"), ("stage", "stage"), ("train_loss", "train loss"), ("eval_loss", "eval loss"),
+from segprop_ray.core.plan import iteration_order
+
+TABLE_COLUMNS = [("depth", "depth"), ("stage", "stage"), ("segment", "segment"), ("train_loss", "train loss"), ("eval_loss", "eval loss"),
                  ("perplexity", "perplexity"), ("accuracy", "accuracy"), ("tokens", "tokens"),
                  ("iteration_wall_s", "wall s"), ("wall_s", "train s"), ("peak_memory_bytes", "peak memory"),
                  ("iteration_exit", "iteration exit"), ("global_exit", "global exit")]
@@ -75,7 +77,8 @@ def _header(data: dict[str, Any]) -> str:
     run = data["run"]
     tokens = ", ".join(f"{split}: {info.get('num_blocks', '?')} blocks" for split, info in run["tokens"].items()) or "-"
     facts = [("model", f"{run['model']} ({run['num_layers']} decoder layers)"),
-             ("mode", f"{run['mode']}, base depth p = {run['base_depth']}, last layers r = {run['last_layers']}"),
+             ("mode", f"{run['mode']}, base depth p = {run['base_depth']}, last layers r = {run['last_layers']}"
+                      + segments_text(run)),
              ("state", f"{run['state']}; final exit: {fmt('depth', run['final_depth'])}"),
              ("run directory", run["run_dir"]), ("token blocks", tokens)]
     if run.get("examples"):
@@ -83,6 +86,20 @@ def _header(data: dict[str, Any]) -> str:
     facts += [("compared with", f"{other['run']['label']}: {other['run']['run_dir']}") for other in data["compared"]]
     lines = "\n".join(f"- **{name}**: {value}" for name, value in facts)
     return f"# SegProp report: {run['label']}, run `{run['run_id']}`\n\n{lines}"
+
+
+def segments_text(run: dict[str, Any]) -> str:
+    """``, segments of 2 layers, LoRA r=8 alpha=16 on [q_proj, v_proj]`` for a run summary (empty for plain layers)."""
+    notes = []
+    if (run.get("segment_layers") or 1) > 1:
+        notes.append(f"Stage 2 segments of {run['segment_layers']} layers")
+    if run.get("granularity") == "sublayer":
+        notes.append("Stage 2 in attention and MLP halves")
+    adapter = run.get("adapter")
+    if adapter:
+        targets = adapter.get("target_modules") or "PEFT's default modules"
+        notes.append(f"LoRA r={adapter['r']} alpha={adapter['alpha']:g} dropout={adapter['dropout']:g} on {targets}")
+    return "".join(f", {note}" for note in notes)
 
 
 def examples_text(examples: dict[str, dict[str, int]]) -> str:
@@ -135,8 +152,8 @@ def _reference_section(data: dict[str, Any]) -> str:
 
 
 def _comparison_section(data: dict[str, Any]) -> str:
-    series = [(data["run"]["label"], data["layers"])]
-    series += [(o["run"]["label"], o["layers"]) for o in data["compared"] if o["run"]["mode"] != "e2e"]
+    series = [(data["run"]["label"], _exits(data["layers"]))]
+    series += [(o["run"]["label"], _exits(o["layers"])) for o in data["compared"] if not _end_to_end(o["run"])]
     if len(series) < 2:
         return ""
     by_depth = [{row["depth"]: row for row in rows} for _, rows in series]
@@ -145,6 +162,16 @@ def _comparison_section(data: dict[str, Any]) -> str:
     headings = ["depth"] + [f"{label} {key.replace('_', ' ')}" for key in keys for label, _ in series]
     rows = [[str(d)] + [fmt(key, rows.get(d, {}).get(key)) for key in keys for rows in by_depth] for d in depths]
     return "## Comparison by depth\n\n" + markdown_table(headings, rows)
+
+
+def _exits(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per exit depth (an attention half is no exit)."""
+    return [row for row in rows if row.get("part") != "attn"]
+
+
+def _end_to_end(run: dict[str, Any]) -> bool:
+    """A run of one iteration over every layer (``e2e``, ``lora``); reports written before the flag: ``e2e``."""
+    return bool(run.get("end_to_end", run.get("mode") == "e2e"))
 
 
 def _decision_section(data: dict[str, Any]) -> str:
@@ -156,12 +183,12 @@ def _decision_section(data: dict[str, Any]) -> str:
 
 
 def _iteration_section(data: dict[str, Any]) -> str:
-    rows = [[depth, d.get("reason", "-"), fmt("steps", d.get("step")), fmt("eval_loss", d.get("eval_loss")),
+    rows = [[key, d.get("reason", "-"), fmt("steps", d.get("step")), fmt("eval_loss", d.get("eval_loss")),
              fmt("eval_loss", d.get("best_eval_loss")), d.get("detail", "")]
-            for depth, d in sorted(data["iteration_decisions"].items(), key=lambda item: int(item[0]))]
+            for key, d in sorted(data["iteration_decisions"].items(), key=lambda item: iteration_order(item[0]))]
     if not rows:
         return ""
-    return "## Iteration exits\n\n" + markdown_table(["depth", "reason", "step", "eval loss", "best eval loss", "detail"], rows)
+    return "## Iteration exits\n\n" + markdown_table(["iteration", "reason", "step", "eval loss", "best eval loss", "detail"], rows)
 
 
 def _plot_section(data: dict[str, Any]) -> str:

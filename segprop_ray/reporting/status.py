@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from segprop_ray.reporting.report import depth_rows
-from segprop_ray.reporting.report_text import examples_text, iteration_wall_s
+from segprop_ray.reporting.report_text import examples_text, iteration_wall_s, segments_text
 from segprop_ray.reporting.stages import stage_rows
 from segprop_ray.storage.manifest import Manifest
 
@@ -21,8 +21,13 @@ def layer_rows(manifest: Manifest) -> list[dict[str, Any]]:
     As in report.json, ``wall_s`` is the training loop's time and ``driver_wall_s`` the driver's time for
     the iteration (Ray Train start-up included); ``tokens_per_s`` is over training time.
     """
-    return [{**row, "total_steps": manifest.layers[str(row["depth"])].metrics.get("total_steps")}
-            for row in depth_rows(manifest)]
+    return [{**row, "total_steps": record.metrics.get("total_steps")}
+            for row, record in zip(depth_rows(manifest), manifest.records())]
+
+
+def summary_of(manifest: Manifest) -> dict[str, Any]:
+    """The segment settings of a run, as :func:`~segprop_ray.reporting.report_text.segments_text` reads them."""
+    return {"segment_layers": manifest.segment_layers, "granularity": manifest.granularity, "adapter": manifest.adapter}
 
 
 def running_steps(manifest: Manifest) -> list[str]:
@@ -56,19 +61,21 @@ def render_status(manifest: Manifest, console: Console | None = None) -> None:
     blocks = ", ".join(f"{split} {info.get('num_blocks')}" for split, info in manifest.tokens.items()) or "not yet"
     console.print(f"[bold]{manifest.run_id}[/bold]  state: {manifest.state}  mode: {manifest.mode}  "
                   f"model: {manifest.model.uri} ({manifest.model.num_layers} layers)  p={manifest.base_depth} "
-                  f"r={manifest.last_layers}  blocks: {blocks}")
+                  f"r={manifest.last_layers}{segments_text(summary_of(manifest))}  blocks: {blocks}")
     if manifest.examples:
         console.print(f"data: {examples_text(manifest.examples)}")
     quiet = _staleness(manifest)
     if quiet:
         console.print(f"[yellow]{quiet}[/yellow]")
     table = Table(show_lines=False)
-    for title in ("depth", "stage", "status", "steps", "train loss", "eval loss", "ppl", "acc", "exit (iter / global)",
-                  "wall s", "train s", "train tok/s", "read wait"):
-        table.add_column(title, justify="right" if title not in ("stage", "status", "exit (iter / global)") else "left")
-    for row in layer_rows(manifest):
+    segmented = manifest.segment_layers > 1 or manifest.granularity != "layer"  # else every row is one layer
+    titles = ("depth", "stage", *(("layers",) if segmented else ()), "status", "steps", "train loss", "eval loss", "ppl",
+              "acc", "exit (iter / global)", "wall s", "train s", "train tok/s", "read wait")
+    for title in titles:
+        table.add_column(title, justify="right" if title not in ("stage", "layers", "status", "exit (iter / global)") else "left")
+    for row, record in zip(layer_rows(manifest), manifest.records()):
         steps = _steps_cell(row)
-        table.add_row(str(row["depth"]), row["stage"], row["status"], steps, _num(row["train_loss"]),
+        table.add_row(str(row["depth"]), row["stage"], *((_layers_cell(record),) if segmented else ()), row["status"], steps, _num(row["train_loss"]),
                       _num(row["eval_loss"]), _num(row["perplexity"], 2), _pct(row["accuracy"]),
                       f"{row['iteration_exit'] or '-'} / {row['global_exit'] or '-'}",
                       _num(iteration_wall_s(row), 1), _num(row["wall_s"], 1), _num(row["tokens_per_s"], 0),
@@ -102,6 +109,15 @@ def _staleness(manifest: Manifest) -> str:
         return ""
     return (f"no update for {quiet.total_seconds() / 60:,.0f} min: if no driver is running any more, "
             "run the same command again to continue")
+
+
+def _layers_cell(record: Any) -> str:
+    """What an iteration trained, short: ``0-2`` (Stage 1's prefix), ``all`` (E2E), ``3-4``, ``5 attn``."""
+    if record.stage == "e2e":
+        return "all"
+    first = 0 if record.stage == "stage1" else (record.first if record.first is not None else record.depth)
+    span = str(first) if first == record.depth else f"{first}-{record.depth}"
+    return span if record.part == "layer" else f"{span} {record.part}"
 
 
 def _steps_cell(row: dict[str, Any]) -> str:

@@ -12,6 +12,8 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from segprop_ray.core.adapter_spec import LoraSpec
+from segprop_ray.core.plan import SegPropPlan, iteration_order
 from segprop_ray.storage.documents import DocumentFormat
 from segprop_ray.storage.errors import DocumentNotFound
 from segprop_ray.storage.layout import RunLayout
@@ -42,10 +44,17 @@ class StepRecord(_Record):
 
 
 class LayerRecord(_Record):
-    """An iteration that commits a depth: Stage 1 (the base depth), a Stage 2 layer, or the whole E2E run."""
+    """An iteration: Stage 1 (the base depth), a Stage 2 segment (its last layer's depth), or the whole E2E run.
+    Kept under its key: the depth, or ``<depth>-attn`` for the attention half of a layer trained in halves."""
 
     depth: int
     stage: Literal["stage1", "stage2", "e2e"]
+    part: Literal["layer", "attn", "mlp"] = "layer"
+    """What it trained of its layers: whole layers, or the attention / MLP half of layer ``depth``."""
+    first: int | None = None
+    """First middle layer of a Stage 2 segment (``depth`` for a one-layer segment)."""
+    label: str | None = None
+    """How it is shown: ``layers 3-4``, ``layer 5 attn``, ``Stage 1 (layers 0..2 + LL)``."""
     status: Status = "pending"
     steps: int = 0
     train_loss: float | None = None
@@ -91,6 +100,12 @@ class Manifest(_Record):
     mode: str
     base_depth: int
     last_layers: int
+    segment_layers: int = 1
+    """Middle layers per Stage 2 iteration."""
+    granularity: str = "layer"
+    """``layer`` or ``sublayer`` (attention and MLP halves as iterations of their own)."""
+    adapter: dict[str, Any] | None = None
+    """The LoRA adapter trained instead of full weights (``r``, ``alpha``, ``dropout``, ``target_modules``), if any."""
     model: ModelInfo
     group_size: int
     tokens: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -108,28 +123,42 @@ class Manifest(_Record):
     """When the manifest was last written (a running driver writes it at least every step, and every 10 s
     while an iteration trains)."""
 
+    def plan(self) -> SegPropPlan:
+        """The run's layer plan, as it was made from the config."""
+        adapter = None
+        if self.adapter is not None:
+            targets = self.adapter.get("target_modules")
+            adapter = LoraSpec(**{**self.adapter, "target_modules": tuple(targets) if isinstance(targets, list) else targets})
+        return SegPropPlan(self.model.num_layers, self.base_depth, self.last_layers, self.mode, self.segment_layers,
+                           self.granularity, adapter)
+
     def layer(self, depth: int) -> LayerRecord | None:
         """The record of ``depth``, if any."""
         return self.layers.get(str(depth))
 
     def committed_depths(self) -> list[int]:
-        """Depths whose iteration is done, in order."""
-        return sorted(int(d) for d, rec in self.layers.items() if rec.status == "done")
+        """Exit depths whose iteration is done, in order (an attention half is no exit)."""
+        return sorted(rec.depth for rec in self.layers.values() if rec.status == "done" and rec.part != "attn")
+
+    def records(self) -> list[LayerRecord]:
+        """Every iteration record in the order the iterations run."""
+        return [self.layers[key] for key in sorted(self.layers, key=iteration_order)]
 
     def committed_files(self) -> dict[str, str]:
         """Every committed file of the run: run-relative path -> sha256."""
         files: dict[str, str] = {}
-        for depth in self.committed_depths():
-            files.update(self.layers[str(depth)].files)
+        for record in self.records():
+            if record.status == "done":
+                files.update(record.files)
         return files
 
     def step(self, name: str) -> StepRecord:
         """The record of step ``name``, created pending if new."""
         return self.steps.setdefault(name, StepRecord())
 
-    def record_progress(self, depth: int, record: dict[str, Any]) -> None:
-        """A running iteration's latest posted ``step``, step budget (``total``) and ``train_loss``."""
-        layer = self.layers[str(depth)]
+    def record_progress(self, key: int | str, record: dict[str, Any]) -> None:
+        """A running iteration's (by depth or key) latest posted ``step``, step budget (``total``) and ``train_loss``."""
+        layer = self.layers[str(key)]
         layer.steps = int(record.get("step", layer.steps))
         layer.metrics["total_steps"] = record.get("total")
         layer.train_loss = record.get("train_loss", layer.train_loss)

@@ -33,18 +33,20 @@ from segprop_ray.storage.layout import RunLayout
 EMBED_FILE = "layers/embed.safetensors"
 
 
-def layer_file(index: int) -> str:
-    """Run-relative path of committed decoder layer ``index``."""
+def layer_file(index: int | str) -> str:
+    """Run-relative path of committed decoder layer ``index`` (``<q>-attn``: layer q after its attention half)."""
     return f"layers/layer-{index}.safetensors"
 
 
-def exit_file(depth: int) -> str:
-    """Run-relative path of exit ``depth``'s LL + head weights."""
+def exit_file(depth: int | str) -> str:
+    """Run-relative path of exit ``depth``'s LL + head weights (``<q>-attn``: those of layer q's attention half)."""
     return f"exits/exit-{depth}/ll.safetensors"
 
 
-def group_committed(tensors: Mapping[str, torch.Tensor], arch: ArchLayout, layers: list[int]) -> dict[str, dict]:
-    """Committed tensors grouped by the file each belongs in (embedding file, one file per layer)."""
+def group_committed(tensors: Mapping[str, torch.Tensor], arch: ArchLayout, layers: list[int],
+                    suffix: str = "") -> dict[str, dict]:
+    """Committed tensors grouped by the file each belongs in (embedding file, one file per layer, named
+    ``layer-<q><suffix>``)."""
     groups: dict[str, dict] = {}
     embed_prefixes = tuple(p + "." for p in arch.embed_paths())
     for name, tensor in tensors.items():
@@ -52,7 +54,7 @@ def group_committed(tensors: Mapping[str, torch.Tensor], arch: ArchLayout, layer
             groups.setdefault(EMBED_FILE, {})[name] = tensor
     for index in layers:
         prefix = arch.layer_path(index) + "."
-        groups[layer_file(index)] = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+        groups[layer_file(f"{index}{suffix}")] = {k: v for k, v in tensors.items() if k.startswith(prefix)}
     return groups
 
 

@@ -72,7 +72,7 @@ def test_run_specs_in_text_and_in_a_spec_file(tmp_path, inputs):
 
 BAD_SETS = [
     (["--runs", "segprop:p=0", "--runs", "foo:p=1"], "run 'foo-p1': config: segprop.mode: Input should be 'segprop', "
-                                                     "'lw' or 'e2e' (got 'foo')"),
+                                                     "'lw', 'e2e' or 'lora' (got 'foo')"),
     (["--runs", "e2e", "--runs", "segprop:p=2"], "run 'segprop-p2' (segprop:p=2): segprop.base_depth + "
                                                  "segprop.last_layers = 2 + 2 leaves no middle layer in a 4-layer model"),
     (["--runs", "segprop:p=0", "--runs", "segprop:p=0,training.learning_rate=0.1"],

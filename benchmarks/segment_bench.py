@@ -139,7 +139,7 @@ def job(plan: BenchPlan, name: str):
         depth = plan.num_layers - 1 if spec.get("end_to_end") else plan.prefix
         return JobContext(config, depth, plan.group_size, blocks, dict(plan.files), TOKENS_HASH)
     it = first_segment(config, plan.num_layers, spec.get("part", "layer"))
-    return JobContext(config, it.last, plan.group_size, blocks, dict(plan.files), snapshot_hash(plan.prefix), it.part)
+    return JobContext(config, it.last, plan.group_size, blocks, dict(plan.files), snapshot_hash(plan.prefix), part=it.part)
 
 
 def first_segment(config: dict[str, Any], num_layers: int, part: str):

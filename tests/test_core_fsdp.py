@@ -1,6 +1,8 @@
 """FSDP as the train job applies it (one FullyShardedDataParallel unit, original parameters kept), here on CPU
 with gloo and two processes, without Ray: the loop trains like one process on both ranks' batches (gradient
-clipping included), and a loop restored from a mid-run ``state_dict`` ends where the uninterrupted one does.
+clipping included), and a loop restored from a mid-run ``state_dict``, or from the sharded checkpoint the train job
+writes (each rank its own half of the weights and optimizer state, as safetensors), ends where the uninterrupted
+one does.
 The Ray Train path is tests/test_pipeline.py's data-parallel test.
 """
 
@@ -64,19 +66,31 @@ def fsdp_worker(rank: int, store: str, model_dir: str, blocks: torch.Tensor, out
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)  # no port to race for
     torch.manual_seed(0)
     wrap = lambda module: FullyShardedDataParallel(module, **kwargs)  # noqa: E731
-    saved = {}
-    first = build_loop(model_dir, blocks, rank_batches(rank, WORLD), wrap,
-                       checkpoint=lambda loop: saved.setdefault(loop.state.step, loop.state_dict()))
+    from segprop_ray.core.sharded_state import load_sharded, save_sharded
+
+    saved, sharded = {}, Path(out).parent / "sharded"
+
+    def checkpoint(loop) -> None:
+        saved.setdefault(loop.state.step, loop.state_dict())
+        if loop.state.step == SAVE_AT:
+            save_sharded(loop, sharded, rank)  # both ranks into one directory, as Ray Train merges them
+
+    first = build_loop(model_dir, blocks, rank_batches(rank, WORLD), wrap, checkpoint=checkpoint)
     first.run()
     uninterrupted = first.state_dict()["model"]
     second = build_loop(model_dir, blocks, rank_batches(rank, WORLD), wrap)
     second.load_state_dict(saved[SAVE_AT])
     second.run()
     resumed = second.state_dict()["model"]
+    third = build_loop(model_dir, blocks, rank_batches(rank, WORLD), wrap)
+    load_sharded(third, sharded)
+    third.run()
+    from_shards = third.state_dict()["model"]
     if rank == 0:
         torch.save({"uninterrupted": {k: v.clone() for k, v in uninterrupted.items()},
                     "resumed": {k: v.clone() for k, v in resumed.items()},
-                    "steps": [second.state.step, first.state.step]}, out)
+                    "from_shards": {k: v.clone() for k, v in from_shards.items()},
+                    "steps": [second.state.step, first.state.step, third.state.step]}, out)
     dist.destroy_process_group()
 
 
@@ -86,7 +100,7 @@ def test_fsdp_loop_equals_one_process_and_resumes_exactly(tmp_path: Path):
     out = tmp_path / "fsdp.pt"
     mp.spawn(fsdp_worker, args=(str(tmp_path / "store"), model_dir, blocks, str(out), fsdp_kwargs()), nprocs=WORLD)
     result = torch.load(out)
-    assert result["steps"] == [STEPS, STEPS]
+    assert result["steps"] == [STEPS, STEPS, STEPS]
 
     reference = build_loop(model_dir, blocks, [sum(step, []) for step in zip(*(rank_batches(r, WORLD)
                                                                                for r in range(WORLD)))])
@@ -96,3 +110,18 @@ def test_fsdp_loop_equals_one_process_and_resumes_exactly(tmp_path: Path):
     for name, tensor in expected.items():
         torch.testing.assert_close(result["uninterrupted"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
         assert torch.equal(result["resumed"][name], result["uninterrupted"][name]), name
+        assert torch.equal(result["from_shards"][name], result["uninterrupted"][name]), name
+
+    # on disk: one safetensors file per rank, each holding half of the weights and of the optimizer's moments
+    from safetensors import safe_open
+
+    shards = sorted(p for p in (tmp_path / "sharded").glob("*.safetensors") if not p.name.startswith("loop-meta"))
+    assert len(shards) == WORLD and not (tmp_path / "sharded" / ".metadata").exists()  # no pickled DCP metadata
+    full_elements = sum(tensor.numel() for tensor in expected.values())
+    for shard in shards:
+        with safe_open(shard, framework="pt") as f:
+            model_elements = sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys()
+                                 if k.startswith("model."))
+            moments = [k for k in f.keys() if k.startswith("optimizer.") and k.endswith("exp_avg")]
+        assert abs(model_elements - full_elements / WORLD) <= full_elements * 0.05, shard.name
+        assert moments, shard.name

@@ -67,6 +67,9 @@ class LoopHooks:
     """Called every ``save_steps`` steps and at the end, to persist :meth:`SegmentLoop.state_dict`."""
     log: Callable[[dict[str, float]], None] | None = None
     """Called with each history record (step, train_loss, lr, and eval_loss when evaluated)."""
+    interrupt: Callable[["SegmentLoop"], bool] | None = None
+    """Asked after each step that did not end the segment (every rank, the same number of times); True stops the
+    loop there, undecided, for the caller to checkpoint and hand over (a preemption notice)."""
 
 
 class SegmentLoop:
@@ -95,12 +98,17 @@ class SegmentLoop:
         self.eval_s = 0.0
         self._pending_loss: list[torch.Tensor | float] = []  # step losses: device scalars, floats after a restore
         self.best = BestWeights(args.keeps_best)
+        self.interrupted = False
+        """Whether the last :meth:`run` was stopped by the ``interrupt`` hook (the segment is not done)."""
 
     def run(self) -> LoopState:
-        """Train until the step budget or an exit criterion stops the segment; returns the final state."""
+        """Train until the step budget or an exit criterion stops the segment (or the ``interrupt`` hook, leaving
+        it undecided); returns the state."""
+        self.interrupted = False
         if self.state.decision is None:
             self._train()
-        self._keep_chosen_weights()
+        if self.state.decision is not None:
+            self._keep_chosen_weights()
         return self.state
 
     def _train(self) -> None:
@@ -112,11 +120,15 @@ class SegmentLoop:
         self.model.train()
         stream = self._stream()
         try:
-            while self.state.decision is None:
+            while self.state.decision is None and not self.interrupted:
                 self._train_step(self._next_step_batches(stream))
+                self.interrupted = self.state.decision is None and self._interrupt_requested()
         finally:
             stream.close()
         self.wall_s += time.perf_counter() - start
+
+    def _interrupt_requested(self) -> bool:
+        return self.hooks.interrupt is not None and bool(self.hooks.interrupt(self))
 
     def _stream(self) -> Iterator[Batch]:
         """Micro-batches from the current position on, epoch after epoch."""
@@ -222,15 +234,23 @@ class SegmentLoop:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where the loop is: the trainable weights under local names (frozen
-        ones are rebuilt from their sources, so a LoRA segment's checkpoint holds only its adapters), and the
-        optimizer state.
+        ones are rebuilt from their sources, so a LoRA segment's checkpoint holds only its adapters), the
+        optimizer state, and :meth:`meta_state_dict`.
 
-        Full (unsharded) CPU copies, also under DDP or FSDP: every rank must call it (a collective there).
+        Full (unsharded) CPU copies, also under DDP or FSDP: every rank must call it (a collective there). The
+        train job's checkpoints are sharded instead (:mod:`.sharded_state`).
         """
         options = full_state_options(self.device)
         return {
             "model": get_model_state_dict(self.model, options=options),
             "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
+            **self.meta_state_dict(),
+        }
+
+    def meta_state_dict(self) -> dict[str, Any]:
+        """The loop's state beyond the weights and the optimizer: schedule, counters, kept best weights, the losses
+        not yet logged, timings and the RNG."""
+        return {
             "scheduler": self.scheduler.state_dict(),
             "loop": asdict(self.state),
             "best_model": self.best.state_dict(),
@@ -243,6 +263,10 @@ class SegmentLoop:
         """Continue from a :meth:`state_dict` (every rank loads the same full state)."""
         load_trainable(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL_LOAD)
+        self.load_meta_state_dict(state)
+
+    def load_meta_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`meta_state_dict` gave (the weights and the optimizer are restored apart)."""
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = LoopState(**state["loop"])
         self.best.load_state_dict(state.get("best_model", {}))
@@ -263,10 +287,11 @@ def full_state_options(device: torch.device, trainable_only: bool = True) -> Sta
     return StateDictOptions(full_state_dict=True, cpu_offload=device.type == "cuda", ignore_frozen_params=trainable_only)
 
 
-def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Load the trainable parameters saved by :meth:`SegmentLoop.state_dict` (or kept as best weights) into ``model``;
-    a name that is not one of its trainable parameters, or a trainable parameter left out, is an error."""
-    result = set_model_state_dict(model, tensors, options=FULL_LOAD)
+def load_trainable(model: nn.Module, tensors: dict[str, Any], options: StateDictOptions = FULL_LOAD) -> None:
+    """Load the trainable parameters saved by :meth:`SegmentLoop.state_dict` (or kept as best weights; or this rank's
+    shards of them, with sharded ``options``) into ``model``; a name that is not one of its trainable parameters, or
+    a trainable parameter left out, is an error."""
+    result = set_model_state_dict(model, tensors, options=options)
     frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     missing = [name for name in result.missing_keys if name not in frozen and not _is_buffer(model, name)]
     if missing or result.unexpected_keys:

@@ -4,11 +4,13 @@ The per-worker function builds only the segment it trains (its layer, LL and the
 for Stage 1), feeds it from the run directory's shards with the deterministic block order, and
 reports a checkpoint every ``save_steps`` steps. A worker group restarted by Ray Train (worker
 failure, preemption) or a new trainer with the same run name (driver restart) continues from the
-latest checkpoint, skipping the micro-batches already consumed.
+latest checkpoint, skipping the micro-batches already consumed. A preemption notice stops the loop at
+once with a checkpoint of that step, and the iteration continues elsewhere (:mod:`.preemption`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -16,13 +18,17 @@ from typing import Any, Callable
 
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, LoggingConfig, RunConfig,
+                       ScalingConfig)
 from ray.train.torch import TorchTrainer
 
-from segprop_ray.core.state_io import load_state, save_state
+from segprop_ray.core.sharded_state import load_sharded, save_sharded
 from segprop_ray.pipeline.context import JobContext, forwarded_env
+from segprop_ray.pipeline.preemption import DRAIN_ENV, PREEMPTED, drain_switch, handed_over, preemption_watch
 from segprop_ray.pipeline.progress import poster, run_with_bar
 from segprop_ray.pipeline.segment_run import SegmentRun
+
+logger = logging.getLogger(__name__)
 
 FAULT_ENV = "SEGPROP_TEST_KILL_WORKER_AT"
 """Testing hook: ``"<depth>:<step>"`` kills the rank-0 worker process once at that step (see tests)."""
@@ -40,7 +46,12 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     resumed_from = _restore(run)
     run.loop.hooks.checkpoint = lambda loop: _report_checkpoint(run, rank)
     run.loop.hooks.log = _log_hook(run, rank, config)
+    run.loop.hooks.interrupt = preemption_watch(ctx.cfg.resources.preemption_check_steps)
     run.train()
+    if run.loop.interrupted:  # a node is being preempted: checkpoint this step now, continue on another node
+        if run.loop.state.step % run.args.save_steps:  # (a save step's checkpoint is already reported)
+            _report_checkpoint(run, rank, upload="SYNC")
+        return {PREEMPTED: run.loop.state.step} if rank == 0 else None
     result = run.commit(write=rank == 0)
     _report_checkpoint(run, rank, final=True)
     if result is not None:
@@ -72,36 +83,37 @@ def _restore(run: SegmentRun) -> int | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        run.loop.load_state_dict(load_state(directory, "loop"))
+        load_sharded(run.loop, directory)
     return run.loop.state.step
 
 
-def _report_checkpoint(run: SegmentRun, rank: int, final: bool = False) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the loop state as the checkpoint."""
+def _report_checkpoint(run: SegmentRun, rank: int, final: bool = False, upload: str = "ASYNC") -> None:
+    """Every rank reports (a barrier) its own shards of the loop state (:mod:`~segprop_ray.core.sharded_state`);
+    Ray Train merges the ranks' directories. Periodic checkpoints upload in the background while training goes
+    on (``upload="ASYNC"``); the last one of a segment and one taken at a preemption notice upload before the
+    worker returns. Ray deletes the local copy once uploaded."""
     state = run.loop.state
     metrics = {"step": state.step, "done": final or state.decision is not None}
-    loop_state = run.loop.state_dict()  # a collective under FSDP: every rank gathers
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if rank == 0:
-            save_state(loop_state, directory, "loop")
-            checkpoint = Checkpoint.from_directory(directory)
-        name = f"step-{state.step:07d}" + ("-final" if final else "")
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    directory = tempfile.mkdtemp(prefix="segprop-ckpt-")
+    save_sharded(run.loop, directory, rank)
+    name = f"step-{state.step:07d}" + ("-final" if final else "")
+    mode = CheckpointUploadMode.SYNC if final else CheckpointUploadMode[upload]
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory), checkpoint_dir_name=name,
+                     checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
 
 
 def _log_hook(run: SegmentRun, rank: int, config: dict[str, Any]):
-    """Rank 0 posts each history record to the driver's progress board (and obeys the fault hook)."""
+    """Rank 0 posts each history record to the driver's progress board (and obeys the testing hooks)."""
     if rank != 0:
         return None
     post = poster(config["board"], config["name"]) if config.get("board") is not None else None
-    die = _kill_switch(run.ctx)
+    faults = [hook for hook in (_kill_switch(run.ctx), drain_switch(run.ctx.depth, run.ctx.layout)) if hook]
 
     def log(record: dict[str, float]) -> None:
         if post is not None:
             post({**record, "total": run.loop.total_steps})
-        if die is not None:
-            die(record)
+        for fault in faults:
+            fault(record)
 
     return log
 
@@ -129,12 +141,22 @@ def run_trainer(ctx: JobContext, name: str, stage: str, board: Any = None, label
                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run one iteration as a TorchTrainer named ``name`` (the same name resumes it); returns rank 0's result.
 
-    With a progress ``board``, a bar labelled ``label`` follows the workers' steps.
+    With a progress ``board``, a bar labelled ``label`` follows the workers' steps. A worker group that handed
+    over at a preemption notice is followed by a new trainer of the same name, which resumes at that step.
     """
+    while True:
+        value = _fit(_trainer(ctx, name, stage, board), board, name, label, on_progress)
+        step = handed_over(value)
+        if step is None:
+            return value
+        logger.warning("%s: a node was preempted; checkpointed at step %d, resuming on another node", name, step)
+
+
+def _trainer(ctx: JobContext, name: str, stage: str, board: Any) -> TorchTrainer:
     cfg = ctx.cfg
     resources = cfg.resources.stage1 if stage in ("stage1", "e2e") else cfg.resources.segment
     fs, root = ctx.layout.pyarrow_filesystem()
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config={"job": ctx.to_dict(), "name": name, "board": board},
         scaling_config=ScalingConfig(
@@ -150,9 +172,13 @@ def run_trainer(ctx: JobContext, name: str, stage: str, board: Any = None, label
             failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env=forwarded_env(FAULT_ENV),
+            worker_runtime_env=forwarded_env(FAULT_ENV, DRAIN_ENV),
         ),
     )
+
+
+def _fit(trainer: TorchTrainer, board: Any, name: str, label: str,
+         on_progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any] | None:
     result = run_with_bar(trainer.fit, board, name, label, on_progress=on_progress) if board is not None else trainer.fit()
     if result.error is not None:
         raise result.error

@@ -1,10 +1,13 @@
-"""A SegProp run on a three-node Ray cluster on this machine, in its own process (tests/test_pipeline_multinode.py).
+"""A SegProp run on a four-node Ray cluster on this machine, in its own process (tests/test_pipeline_multinode.py).
 
 ``python tests/multinode_run.py CONFIG.json WORK_DIR`` starts ``ray.cluster_utils.Cluster``: a head with no CPUs
-(as on KubeRay) and two worker nodes, a spot one (``ray.io/market-type: spot``, ``segprop/pool: trainer``) and an
-on-demand CPU one (``segprop/pool: cpu``), each with its own temporary directory and node cache. It first runs the config once with a local run directory (refused: several nodes), then for real, and
-writes ``WORK_DIR/result.json``: the refusal, the manifest, each node's labels and cache, and where every kind of
-task and actor ran (Ray's State API). The cluster is shut down at the end; nothing else of Ray is touched.
+(as on KubeRay) and three worker nodes, two spot ones (``ray.io/market-type: spot``, ``segprop/pool: trainer``) and
+an on-demand CPU one (``segprop/pool: cpu``), each with its own temporary directory and node cache. It first runs
+the config once with a local run directory (refused: several nodes), then for real (with the caller's testing
+hooks in the environment, such as ``SEGPROP_TEST_DRAIN_AT``: every node inherits it), and writes
+``WORK_DIR/result.json``: the refusal, the manifest, each node's name and cache, where every kind of task and actor
+ran, and the node of each Ray Train worker in the order they started (Ray's State API). The cluster is shut down at
+the end; nothing else of Ray is touched.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ import tempfile
 from pathlib import Path
 
 NODES = {
-    "trainer": {"ray.io/market-type": "spot", "segprop/pool": "trainer"},
+    "spot-a": {"ray.io/market-type": "spot", "segprop/pool": "trainer"},
+    "spot-b": {"ray.io/market-type": "spot", "segprop/pool": "trainer"},
     "cpu": {"ray.io/market-type": "on-demand", "segprop/pool": "cpu"},
 }
 """The worker nodes: name -> Ray node labels."""
+NAME_LABEL = "segprop-test/node"
+"""A label naming each worker node (the two spot nodes have the same labels otherwise)."""
 KINDS = {"RayTrainWorker": "trainer", "TokenizeActor": "tokenize", "SnapshotActor": "snapshot",
          "ProgressBoard": "board", "export_task": "export", "stage_task": "stage"}
 """Actor classes / task names (substrings) -> the kind of work they are."""
@@ -44,7 +50,7 @@ def start_cluster(work: Path, temp: Path):
         "num_cpus": 0, "labels": {"ray.io/market-type": "on-demand"}, "include_dashboard": True,
         "dashboard_host": "127.0.0.1", "dashboard_port": port, "temp_dir": str(temp / "head")})
     for name, labels in NODES.items():
-        cluster.add_node(num_cpus=2, labels=labels, temp_dir=str(temp / name),
+        cluster.add_node(num_cpus=2, labels={**labels, NAME_LABEL: name}, temp_dir=str(temp / name),
                          env_vars={"SEGPROP_CACHE": str(work / f"cache-{name}")})
     cluster.wait_for_nodes()
     return cluster, f"http://127.0.0.1:{port}"
@@ -75,6 +81,19 @@ def placements(api: str, node_kinds: dict[str, str]) -> dict[str, list[str]]:
     return {kind: sorted(nodes) for kind, nodes in found.items()}
 
 
+def trainer_workers(api: str, node_kinds: dict[str, str]) -> list[str]:
+    """The node (by name) of every Ray Train worker actor of the run, in the order they were created (their
+    creation tasks' times)."""
+    from ray.util.state import list_actors, list_tasks
+
+    node_of = {a.actor_id: a.node_id for a in list_actors(address=api, limit=10_000, raise_on_missing_output=False)
+               if "RayTrainWorker" in (a.class_name or "")}
+    tasks = list_tasks(address=api, limit=10_000, raise_on_missing_output=False, detail=True,
+                       filters=[("type", "=", "ACTOR_CREATION_TASK")])
+    created = sorted((t.creation_time_ms or 0, node_of[t.actor_id]) for t in tasks if t.actor_id in node_of)
+    return [node_kinds.get(node, str(node)) for _, node in created]
+
+
 def main(config_path: str, work_dir: str) -> None:
     import ray
 
@@ -87,12 +106,12 @@ def main(config_path: str, work_dir: str) -> None:
     cluster, api = start_cluster(work, temp)
     try:
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-        node_kinds = {n["NodeID"]: next((k for k, v in NODES.items() if v.items() <= n["Labels"].items()), "head")
-                      for n in ray.nodes()}
+        node_kinds = {n["NodeID"]: n["Labels"].get(NAME_LABEL, "head") for n in ray.nodes()}
         refusal = refusal_of_a_local_run_dir(raw, work)
         manifest = Driver(validate_config(raw)).run()
         result = {"refusal": refusal, "manifest": manifest.model_dump(mode="json"),
-                  "nodes": sorted(node_kinds.values()), "placements": placements(api, node_kinds),
+                  "nodes": sorted(node_kinds.values()), "node_names": node_kinds,
+                  "placements": placements(api, node_kinds), "trainer_workers": trainer_workers(api, node_kinds),
                   "caches": {name: sorted(p.relative_to(work / f"cache-{name}").as_posix()
                                           for p in (work / f"cache-{name}").rglob("*") if p.is_file())
                              for name in NODES if (work / f"cache-{name}").exists()}}

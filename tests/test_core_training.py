@@ -25,6 +25,14 @@ def setup(tmp_path_factory):
     return model_dir, AutoConfig.from_pretrained(model_dir), corpus_blocks(24, 16)
 
 
+@pytest.fixture(scope="module")
+def tied_setup(tmp_path_factory):
+    from transformers import AutoConfig
+
+    model_dir = tiny_model_dir(tmp_path_factory.mktemp("tied"), "llama", 4, tie_word_embeddings=True)
+    return model_dir, AutoConfig.from_pretrained(model_dir), corpus_blocks(24, 16)
+
+
 def make_loop(setup, exit_rule=None, **training):
     model_dir, config, ids = setup
     cfg = make_config(model_dir, training=training)
@@ -32,7 +40,8 @@ def make_loop(setup, exit_rule=None, **training):
     torch.manual_seed(0)
     parts = ModelParts(config)
     plan = SegPropPlan(parts.num_layers, 0, 2)
-    segment = build_segment(parts, stage1_spec(plan, SafetensorsSource.from_model_dir(model_dir)), trainable=True)
+    segment = build_segment(parts, stage1_spec(plan, SafetensorsSource.from_model_dir(model_dir), parts.tied),
+                            trainable=True)
     order = BlockOrder(len(ids), 4, args.per_device_train_batch_size, args.seed)
 
     def batches(epoch, skip):
@@ -64,6 +73,59 @@ def test_resume_mid_run_equals_uninterrupted(setup, accumulation):
     for name, tensor in weights(full).items():
         assert torch.equal(weights(resumed)[name], tensor), name
     assert resumed.state.history == full.state.history
+
+
+def test_interrupt_stops_undecided_and_resumes_exactly(setup):
+    """The ``interrupt`` hook (a preemption notice) stops the loop after that step with no decision and no kept
+    weights; a loop restored from that step's state ends where an uninterrupted one does."""
+    kw = dict(max_steps=8, per_device_train_batch_size=2, learning_rate=1e-3, warmup_ratio=0.25, save_steps=100,
+              eval_steps=0)
+    full = make_loop(setup, **kw)
+    full.run()
+    asked = []
+    first = make_loop(setup, **kw)
+    first.hooks.interrupt = lambda loop: asked.append(loop.state.step) or loop.state.step == 5
+    state = first.run()
+    assert first.interrupted and asked == [1, 2, 3, 4, 5] and state.step == 5
+    assert state.decision is None and state.kept_step is None
+    resumed = make_loop(setup, **kw)
+    resumed.load_state_dict(_roundtrip(first.state_dict()))
+    resumed.hooks.interrupt = lambda loop: False
+    resumed.run()
+    assert not resumed.interrupted and resumed.state.step == 8 and resumed.state.decision is not None
+    for name, tensor in weights(full).items():
+        assert torch.equal(weights(resumed)[name], tensor), name
+    assert resumed.state.history == full.state.history
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sharded_checkpoint_resumes_exactly(setup, tied_setup, tied, tmp_path):
+    """The train job's checkpoint format (:mod:`segprop_ray.core.sharded_state`, one process here): written at a
+    step, read into a fresh loop, the run ends where an uninterrupted one does; a tied head is stored once."""
+    from safetensors import safe_open
+
+    from segprop_ray.core.sharded_state import load_sharded, save_sharded
+
+    chosen = tied_setup if tied else setup
+    kw = dict(max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3, warmup_ratio=0.25, weight_decay=0.1,
+              save_steps=3)
+    full = make_loop(chosen, **kw)
+    full.run()
+    first = make_loop(chosen, **kw)
+    first.hooks.checkpoint = lambda loop: loop.state.step == 3 and save_sharded(loop, tmp_path / "ckpt", rank=0)
+    first.run()
+    resumed = make_loop(chosen, **kw)
+    load_sharded(resumed, tmp_path / "ckpt")
+    assert resumed.state.step == 3
+    resumed.run()
+    for name, tensor in weights(full).items():
+        assert torch.equal(weights(resumed)[name], tensor), name
+    assert resumed.state.history == full.state.history
+    (shard,) = [p for p in (tmp_path / "ckpt").glob("*.safetensors") if not p.name.startswith("loop-meta")]
+    with safe_open(shard, framework="pt") as f:
+        names = [k for k in f.keys() if k.startswith("model.")]
+    assert len(names) == len(set(names)) and any("embed" in k for k in names)
+    assert tied == ("model.head.proj.weight" not in names)  # the tied head is the embedding: not stored twice
 
 
 def _roundtrip(state):

@@ -93,7 +93,7 @@ def test_sigkilled_driver_resumes_without_redoing_committed_work(tmp_path):
     model, train, evaluation = make_inputs(tmp_path)
     run_dir = tmp_path / "run"
     raw = pipeline_config(str(run_dir), str(model), str(train), str(evaluation),
-                          training={"max_steps": 120, "save_steps": 5, "logging_steps": 50, "max_eval_blocks": 4},
+                          training={"max_steps": 60, "save_steps": 5, "logging_steps": 50, "max_eval_blocks": 4},
                           stage1={"max_steps": 6}, resources={"num_cpus": 2})
     config = write_config(tmp_path / "config.yaml", raw)
     layout = RunLayout.open(str(run_dir))

@@ -278,6 +278,9 @@ class ResourcesConfig(Strict):
     """Stage 2 segment training workers."""
     max_failures: int = Field(3, ge=0)
     """Worker failures Ray Train retries per iteration (preemptions have their own unlimited budget)."""
+    preemption_check_steps: int = Field(1, ge=1)
+    """Every how many steps the training workers ask Ray Train for a preemption notice (a barrier over the ranks,
+    a round trip to one actor); on one they checkpoint that step and the iteration continues on another node."""
     cpu: CpuWorkResources = CpuWorkResources()
     """CPU work kept off the GPU nodes: tokenizing, checking committed files on resume, staging the model."""
     export: ExportResources = ExportResources()

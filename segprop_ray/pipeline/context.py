@@ -24,10 +24,11 @@ from segprop_ray.storage.shard_format import ShardSpec
 from segprop_ray.storage.weights_store import EMBED_FILE, WeightStore, exit_file, layer_file, snapshot_weights_hash
 
 
-def forwarded_env(name: str) -> dict[str, Any] | None:
-    """A runtime env passing the driver's variable ``name`` on to a job's workers when it is set (the testing
-    hooks: never set in normal runs), else None."""
-    return {"env_vars": {name: os.environ[name]}} if os.environ.get(name) else None
+def forwarded_env(*names: str) -> dict[str, Any] | None:
+    """A runtime env passing those of the driver's variables ``names`` that are set on to a job's workers (the
+    testing hooks: never set in normal runs), else None."""
+    env_vars = {name: os.environ[name] for name in names if os.environ.get(name)}
+    return {"env_vars": env_vars} if env_vars else None
 
 
 @dataclass

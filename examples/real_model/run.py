@@ -38,10 +38,10 @@ COMMON = {
 }
 PROFILES = {
     "cpu": {
-        "about": "2 CPU cores, under an hour: one epoch for Stage 1 and e2e, 20 steps per Stage 2 layer",
+        "about": "2 CPU cores, about an hour: one epoch for Stage 1 and e2e, 20 steps per Stage 2 layer",
         "config": {"training": {"max_steps": 20, "max_eval_blocks": 16}, "stage1": {"max_steps": -1},
                    "evaluation": {"max_items": 100}, "resources": {"num_cpus": 2}},
-        "runs": ["segprop:p=1", "segprop:p=14", "lw:p=14", "e2e:training.max_steps=-1"],
+        "runs": ["segprop:p=18", "segprop:p=24", "lw:p=18", "e2e:training.max_steps=-1"],
     },
     "gpu": {
         "about": "GPU workers: one epoch for every iteration, bf16, every held-out item",

@@ -187,3 +187,21 @@ def test_run_exit_rules():
     assert RunExit(target_loss=2.6).decide(losses, 2, 9).reason == "target_loss"
     assert RunExit(max_depth=3).decide(losses, 3, 9).reason == "max_depth"
     assert RunExit().decide(losses, 9, 9).reason == "last_layer"
+
+
+def test_sharded_checkpoint_refuses_shard_files_of_another_world(setup, tmp_path):
+    """A shard file of a rank the checkpoint's world did not have (left by another attempt) is refused on restore
+    instead of being read into the weights."""
+    import shutil
+
+    from segprop_ray.core.sharded_state import load_sharded, save_sharded
+
+    kw = dict(max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3, save_steps=2)
+    first = make_loop(setup, **kw)
+    first.hooks.checkpoint = lambda loop: save_sharded(loop, tmp_path / "ckpt", rank=0)
+    first.run()
+    (shard,) = [p for p in (tmp_path / "ckpt").glob("shard-*.safetensors")]
+    load_sharded(make_loop(setup, **kw), tmp_path / "ckpt")  # the checkpoint as written restores
+    shutil.copy(shard, tmp_path / "ckpt" / shard.name.replace("shard-00001-", "shard-00002-"))
+    with pytest.raises(ValueError, match=r"^checkpoint ckpt: shard files \['shard-00002-model-.*'\] are not of its 1 rank"):
+        load_sharded(make_loop(setup, **kw), tmp_path / "ckpt")

@@ -81,7 +81,21 @@ def save_sharded(loop: SegmentLoop, directory: str | Path, rank: int) -> None:
     dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
              no_dist=not dist.is_initialized())
     if rank == 0:
-        save_state({**loop.meta_state_dict(), "param_groups": param_groups, "aliases": aliases}, directory, META)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        save_state({**loop.meta_state_dict(), "param_groups": param_groups, "aliases": aliases, "world_size": world},
+                   directory, META)
+
+
+def _check_shard_files(directory: Path, world_size: int | None) -> None:
+    """Refuse a directory holding shard files of a rank the checkpoint's world did not have (files left there by
+    another attempt would otherwise be read as part of this checkpoint)."""
+    if world_size is None:
+        return
+    # DCP numbers the ranks' files from 1: rank i writes shard-{i+1:05d}-model-...
+    strays = sorted(f.name for f in directory.glob("shard-*.safetensors")
+                    if not f.name.split("-")[1].isdigit() or not 1 <= int(f.name.split("-")[1]) <= world_size)
+    if strays:
+        raise ValueError(f"checkpoint {directory.name}: shard files {strays} are not of its {world_size} rank(s)")
 
 
 def load_sharded(loop: SegmentLoop, directory: str | Path) -> None:
@@ -90,9 +104,10 @@ def load_sharded(loop: SegmentLoop, directory: str | Path) -> None:
     if (directory / f"{FULL_STATE}.json").exists():
         loop.load_state_dict(load_state(directory, FULL_STATE))
         return
+    meta = load_state(directory, META)
+    _check_shard_files(directory, meta.pop("world_size", None))
     tensors, _, _ = _sharded_tensors(loop)  # the layout to read into: this rank's shards, optimizer state initialised
     dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=not dist.is_initialized())
-    meta = load_state(directory, META)
     model = tensors["model"]
     model.update({alias: model[name] for alias, name in meta.pop("aliases").items()})
     load_trainable(loop.model, model, options=SHARDED)

@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from typing import Any, Callable
 
 import ray.train
@@ -96,7 +97,9 @@ def _report_checkpoint(run: SegmentRun, rank: int, final: bool = False, upload: 
     metrics = {"step": state.step, "done": final or state.decision is not None}
     directory = tempfile.mkdtemp(prefix="segprop-ckpt-")
     save_sharded(run.loop, directory, rank)
-    name = f"step-{state.step:07d}" + ("-final" if final else "")
+    # A name of its own per save (Ray Train takes rank 0's for every rank): a retried attempt's files never land in
+    # a directory that an earlier, lost attempt left half uploaded.
+    name = f"step-{state.step:07d}" + ("-final" if final else "") + f"-{uuid.uuid4().hex[:8]}"
     mode = CheckpointUploadMode.SYNC if final else CheckpointUploadMode[upload]
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory), checkpoint_dir_name=name,
                      checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)

@@ -103,11 +103,16 @@ def build_compare_report(runs: Sequence[tuple[str, str, Manifest]], spec: dict[s
             "runs": entries, "input_model": original, "table1": table1(entries, original, first.num_layers)}
 
 
+def model_name(uri: str) -> str:
+    """The model's short name for titles: the last part of its path or URI (a file's or a hub id's name)."""
+    return uri.rstrip("/").rsplit("/", 1)[-1] or uri
+
+
 def plot_data(report: dict[str, Any]) -> dict[str, Any]:
     """The comparison in the single-run report's plot mapping: the first run, the others compared, the input
     model as the reference (no per-iteration curves or stage bars: those are each run's own report)."""
     first, *others = report["runs"]
-    return {"title": f"{len(report['runs'])} runs on {report['model']['uri']}", "run": first["run"],
+    return {"title": f"{len(report['runs'])} runs on {model_name(report['model']['uri'])}", "run": first["run"],
             "layers": first["layers"], "compared": [{"run": e["run"], "layers": e["layers"]} for e in others],
             "references": [report["input_model"]] if report["input_model"] else [], "histories": {}, "stages": []}
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
-from segprop_ray.core.layout import ArchLayout
+from segprop_ray.core.layout import ArchLayout, UnsupportedArchitecture
 from segprop_ray.core.plan import SegPropPlan, exit_is_tied
 from segprop_ray.core.weights import save_tensors
 
@@ -71,14 +71,25 @@ LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
 """Config fields listing decoder-layer indices: the kept ones, renumbered."""
 LAYER_COUNTS = ("first_k_dense_replace",)
 """Config fields counting the first layers of a kind (layers < k): how many of them are kept."""
+SPARSE_STEPS = ("decoder_sparse_step",)
+"""Config fields making every k-th layer MoE (Qwen-MoE: layer i is sparse iff i is not in ``mlp_only_layers`` and
+(i+1) % k == 0). Renumbering would move the pattern, so an exit is written with step 1 and its dense layers listed in
+``mlp_only_layers``."""
+INDEX_SCALED = ("scale_attn_by_inverse_layer_idx",)
+"""Config flags making a layer compute with its own index (GPT-2: attention scaled by 1 / (i+1)): no config of an
+exit whose layers are renumbered can keep that, so such an exit is refused."""
 
 
 def exit_config(config: Any, plan: SegPropPlan, depth: int) -> Any:
     """The HF config of the model exiting at ``depth``: fewer layers, every per-layer field cut and renumbered to
-    match (:data:`PER_LAYER_LISTS`, :data:`LAYER_INDEX_LISTS`, :data:`LAYER_COUNTS`). A family whose layers
-    depend on their index in other ways is caught by the self-check's exported-exit comparison."""
+    match (:data:`PER_LAYER_LISTS`, :data:`LAYER_INDEX_LISTS`, :data:`LAYER_COUNTS`, :data:`SPARSE_STEPS`); one-line
+    :class:`UnsupportedArchitecture` where renumbered layers cannot keep their computation (:data:`INDEX_SCALED`). A
+    family whose layers depend on their index in other ways is caught by the self-check's exported-exit comparison."""
     config = copy.deepcopy(config)
     kept = plan.exit_layers(depth)
+    if kept != list(range(len(kept))):
+        _refuse_index_scaled(config)
+    _sparse_step_as_dense_list(config)
     for name in PER_LAYER_LISTS:
         values = getattr(config, name, None)
         if values is not None and len(values) == config.num_hidden_layers:
@@ -94,6 +105,25 @@ def exit_config(config: Any, plan: SegPropPlan, depth: int) -> Any:
     config.num_hidden_layers = len(kept)
     config.tie_word_embeddings = exit_is_tied(plan, depth, bool(getattr(config, "tie_word_embeddings", False)))
     return config
+
+
+def _refuse_index_scaled(config: Any) -> None:
+    for name in INDEX_SCALED:
+        if getattr(config, name, False):
+            raise UnsupportedArchitecture(
+                f"model family {getattr(config, 'model_type', '?')} is not supported: {name}: true makes each layer "
+                "compute with its own index, which an exit exported with renumbered layers cannot keep")
+
+
+def _sparse_step_as_dense_list(config: Any) -> None:
+    """Every dense layer listed in ``mlp_only_layers`` and the step set to 1: the same layers, in a form that
+    :data:`LAYER_INDEX_LISTS` renumbers with the kept layers (the rule of transformers' Qwen-MoE decoder layer)."""
+    for name in SPARSE_STEPS:
+        step = getattr(config, name, None)
+        if isinstance(step, int) and step > 1:
+            dense = set(getattr(config, "mlp_only_layers", None) or [])
+            config.mlp_only_layers = sorted(dense | {i for i in range(config.num_hidden_layers) if (i + 1) % step})
+            setattr(config, name, 1)
 
 
 def write_model_dir(

@@ -5,16 +5,18 @@ config uses) and small widths where the family allows is built; then, in fp32:
 
 (a) the split model (embedder, layers, final norm, head, through the code every stage runs) must give the HF
     model's logits, on a plain row and on a row of two packed examples;
-(b) the exit exported at a shallow depth (layers 0 and LL), loaded back with ``AutoModelForCausalLM``, must give
-    the logits of the HF model whose skipped layers are replaced by the identity.
+(b) the exit exported at a shallow depth (layer 0 and LL, see :func:`check_plan`), loaded back with
+    ``AutoModelForCausalLM``, must give the logits of the HF model whose skipped layers are replaced by the identity.
 
 Any difference refuses the family in one line naming it and what differed. A family is never trusted because
-its module names look usual. The verdict is remembered per config shape and transformers version.
+its module names look usual. The verdict is remembered per config shape, transformers and torch versions and the
+source of this package (:func:`core_source_hash`), so a fix or a regression of the code it checks is checked anew.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import tempfile
@@ -65,21 +67,36 @@ def _verdict(small: Any) -> dict[str, Any]:
     try:
         torch.manual_seed(0)
         model = _random_model(small)
+        plan = check_plan(small.num_hidden_layers)
         split = _split_difference(model, small)
-        exit_ = _exit_difference(model, small)
+        exit_ = _exit_difference(model, small, plan)
     except UnsupportedArchitecture as error:
         return {"ok": False, "problem": str(error)}
     except Exception as error:  # noqa: BLE001 - any failure to reproduce the family is a refusal, in one line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return {"ok": False, "problem": f"model family {family} failed the split self-check: {type(error).__name__}: "
                                         f"{first}"}
-    for what, (diff, scale) in (("the split model's logits", split), ("the exported shallow exit's logits", exit_)):
+    for what, (diff, scale), why in (
+            ("the split model's logits differ from the HF model's", split,
+             "its forward does something the split does not"),
+            ("the exported shallow exit's logits differ from the identity-skipped HF model's", exit_,
+             "an exported exit would not compute the exit that was scored: its layers depend on their index in a "
+             "way core/assemble.py does not renumber")):
         if diff > TOLERANCE * max(scale, 1.0):
-            return {"ok": False, "problem": f"model family {family} is not supported: {what} differ from the HF "
-                                            f"model's by {diff:.3g} (logits up to {scale:.3g}), so its forward does "
-                                            "something the split does not"}
+            return {"ok": False, "problem": f"model family {family} is not supported: {what} by {diff:.3g} (logits "
+                                            f"up to {scale:.3g}), so {why}"}
     return {"ok": True, "family": family, "split_diff": split[0], "exit_diff": exit_[0],
-            "layers": small.num_hidden_layers, "transformers": transformers_version()}
+            "layers": small.num_hidden_layers, "exit_layers": plan.exit_layers(0), "transformers": transformers_version()}
+
+
+def check_plan(num_layers: int) -> SegPropPlan:
+    """The plan whose exit at depth 0 the check exports: layer 0 and LL = the last 2 layers, or as many as a model of
+    ``num_layers`` layers can have beside a middle layer (3 layers: LL = layer 2; 2: none; 1: the whole model, as
+    ``e2e`` runs it), so that every model some run's plan accepts can be checked, with real LL layers where it has
+    them."""
+    if num_layers < 2:
+        return SegPropPlan(num_layers, num_layers - 1, 0, "e2e")
+    return SegPropPlan(num_layers, 0, min(2, num_layers - 2))
 
 
 def _random_model(config: Any) -> nn.Module:
@@ -116,11 +133,10 @@ def _split_difference(model: nn.Module, config: Any) -> tuple[float, float]:
     return float((got - expected).abs().max()), float(expected.abs().max())
 
 
-def _exit_difference(model: nn.Module, config: Any) -> tuple[float, float]:
-    """The exit at depth 0 (layer 0, then LL = the last 2 layers) exported and loaded, against the HF model whose
-    other layers are the identity."""
+def _exit_difference(model: nn.Module, config: Any, plan: SegPropPlan) -> tuple[float, float]:
+    """The exit at depth 0 of ``plan`` (layer 0, then LL) exported and loaded, against the HF model whose other
+    layers are the identity."""
     parts = ModelParts(config)
-    plan = SegPropPlan(parts.num_layers, 0, 2)
     kept = plan.exit_layers(0)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     committed, exit_weights = split_exit_weights(state, parts.layout, plan)
@@ -159,9 +175,20 @@ def _identity_skipped(model: nn.Module, parts: ModelParts, kept: list[int]) -> n
 
 
 def _cache_key(config: Any) -> str:
-    text = json.dumps({"config": config.to_dict(), "transformers": transformers_version(), "check": 1},
-                      sort_keys=True, default=str)
+    text = json.dumps({"config": config.to_dict(), "transformers": transformers_version(), "torch": torch.__version__,
+                       "code": core_source_hash()}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def core_source_hash(directory: str | Path = Path(__file__).parent) -> str:
+    """sha256 of the Python sources under ``directory`` (default: this package, whose code the check exercises),
+    read once per process: a verdict is never recalled across a change of that code."""
+    digest = hashlib.sha256()
+    root = Path(directory)
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _recall(cache_dir: str | Path | None, key: str) -> dict[str, Any] | None:

@@ -1,9 +1,11 @@
 """The small copy of a model's config that the self-check builds: few layers, small widths, same structure.
 
 Layers: the shortest prefix that holds every value of every per-layer field (layer types, no-RoPE flags, dense
-and MoE layers), and at least 4 (a base layer, a middle layer and 2 last layers). Widths: the fields of
-:data:`SMALL` where the config has them (hidden 64, 4 heads of 16, 4 experts), keeping the grouping of keys
-and values (multi-query stays multi-query). Everything else, the model-level math included, stays as it is.
+and MoE layers), and at least 4 (a base layer, a middle layer and 2 last layers) where the model has them.
+Widths: the fields of :data:`SMALL` where the config has them (hidden 64, 4 heads of 16, 4 experts), keeping the
+grouping ratio of queries to keys and values (:func:`small_kv_heads`: multi-query stays multi-query, never more
+key/value heads than heads) and a hidden size that splits into even head widths. Everything else, the model-level
+math included, stays as it is.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from segprop_ray.core.assemble import LAYER_COUNTS, LAYER_INDEX_LISTS, PER_LAYER_LISTS
+from segprop_ray.core.assemble import LAYER_COUNTS, LAYER_INDEX_LISTS, PER_LAYER_LISTS, SPARSE_STEPS
 
 MIN_LAYERS = 4
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
@@ -52,19 +54,39 @@ def _layers_needed(config: Any) -> int:
     for name in LAYER_COUNTS:
         if getattr(config, name, None):
             needed = max(needed, getattr(config, name) + 1)
+    for name in SPARSE_STEPS:
+        step = getattr(config, name, None)
+        if isinstance(step, int) and step > 1:
+            needed = max(needed, step + 1)  # the first sparse layer (index step - 1) and a dense one after it
     return min(needed, n)
 
 
 def _shrink_widths(small: Any) -> None:
     heads = getattr(small, "num_attention_heads", None)
     kv = getattr(small, "num_key_value_heads", None)
+    hidden = getattr(small, "hidden_size", None)
     for name, value in SMALL.items():
         current = getattr(small, name, None)
         if isinstance(current, int) and not isinstance(current, bool) and current > value:
             setattr(small, name, value)
-    if heads and kv:  # keep the grouping: multi-head, multi-query, or grouped
-        small.num_key_value_heads = 4 if kv == heads else 1 if kv == 1 else 2
+    if heads and kv:
+        small.num_key_value_heads = small_kv_heads(heads, kv, small.num_attention_heads)
+    if heads and hidden != small.hidden_size and small.hidden_size % (2 * small.num_attention_heads):
+        # families without a head_dim field split hidden across the heads, and RoPE halves each head: 3 heads of 16
+        small.hidden_size = SMALL["head_dim"] * small.num_attention_heads
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(small, name, None)
         if isinstance(value, int) and value >= small.vocab_size:
             setattr(small, name, 0 if name == "pad_token_id" else None)
+
+
+def small_kv_heads(heads: int, kv: int, small_heads: int) -> int:
+    """Key/value heads for ``small_heads`` query heads that keep the config's grouping ratio ``heads / kv`` (a ratio
+    larger than ``small_heads`` becomes multi-query): never more than ``small_heads``, always dividing it."""
+    if small_heads == heads:
+        return kv  # the heads were not shrunk: the config's own grouping
+    per_group = max(1, heads // max(kv, 1))
+    small_kv = max(1, small_heads // per_group)
+    while small_heads % small_kv:  # a ratio that does not divide the small head count: the next one that does
+        small_kv -= 1
+    return small_kv

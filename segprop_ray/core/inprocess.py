@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from segprop_ray.core.blocks import TokenBlocks
-from segprop_ray.core.data_order import BlockOrder, default_group_size
+from segprop_ray.core.data_order import BlockOrder, default_group_size, sequential_batches
 from segprop_ray.core.exits import IterationExit, RunExit
 from segprop_ray.core.iteration import (RunWeights, build_segment, build_training_segment, exit_id, snapshot_forward,
                                         split_trained)
@@ -98,7 +98,7 @@ class InProcessRun:
         torch.manual_seed(segment_seed(args.seed, depth))
         segment = build_training_segment(self.parts, self.weights, it, args)
         self.observe("built", exit_id(it), segment)
-        order = BlockOrder(len(self.train_ids), self.group_size, args.per_device_train_batch_size, args.seed, self.cfg.data.shuffle)
+        order = BlockOrder.for_training(len(self.train_ids), self.group_size, args, self.cfg.data)
 
         def batches(epoch: int, skip: int) -> Iterator[dict]:
             for ids in order.epoch_batches(epoch)[skip:]:
@@ -147,8 +147,8 @@ def _blocks(blocks: TokenBlocks, snap: torch.Tensor | None, rows: list[int]) -> 
 def eval_batches(ids: TokenBlocks, snap: torch.Tensor | None, batch_size: int, limit: int = 0) -> Iterator[dict]:
     """Evaluation blocks in order, ``batch_size`` at a time (the first ``limit`` blocks if set)."""
     count = min(limit, len(ids)) if limit else len(ids)
-    for start in range(0, count, batch_size):
-        yield _blocks(ids, snap, list(range(start, min(start + batch_size, count))))
+    for rows in sequential_batches(count, batch_size):
+        yield _blocks(ids, snap, rows)
 
 
 def run_inprocess(model_dir: str, train_ids: TokenBlocks | torch.Tensor, eval_ids: TokenBlocks | torch.Tensor,

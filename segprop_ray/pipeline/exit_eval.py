@@ -14,6 +14,7 @@ from typing import Any
 import ray
 import torch
 
+from segprop_ray.core.data_order import sequential_batches
 from segprop_ray.core.iteration import build_segment
 from segprop_ray.core.parts import SegmentSpec
 from segprop_ray.core.step_inputs import evaluate_loss
@@ -91,8 +92,7 @@ def _hidden_after(model, rows: dict[str, torch.Tensor], num_layers: int, device:
 
 def _baseline_loss(ctx: JobContext, marker: CommitMarker, model, device: torch.device) -> float:
     """Mean eval loss of the input model over all evaluation blocks (the original score)."""
-    size = ctx.cfg.training.per_device_eval_batch_size
-    batches = [list(range(s, min(s + size, marker.total_rows))) for s in range(0, marker.total_rows, size)]
+    batches = sequential_batches(marker.total_rows, ctx.cfg.training.per_device_eval_batch_size)
     return evaluate_loss(model, iter(ShardBatchReader(ctx.layout, marker, batches, with_hidden=False)), device, False)
 
 

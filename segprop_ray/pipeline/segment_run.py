@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-from segprop_ray.core.data_order import BlockOrder
+from segprop_ray.core.data_order import BlockOrder, sequential_batches
 from segprop_ray.core.exits import IterationExit
 from segprop_ray.core.iteration import build_training_segment, split_trained
 from segprop_ray.core.plan import segment_seed
@@ -50,8 +50,7 @@ class SegmentRun:
         self.model = wrap(self.segment, strategy) if wrap is not None and world > 1 else self.segment
         self.source_depth = self.plan.source_depth(self.it)
         self.train_marker, self.eval_marker = (self._marker(split) for split in ("train", "eval"))
-        order = BlockOrder(ctx.num_blocks["train"], ctx.group_size, self.args.per_device_train_batch_size,
-                           self.args.seed, cfg.data.shuffle, world, rank)
+        order = BlockOrder.for_training(ctx.num_blocks["train"], ctx.group_size, self.args, cfg.data, world, rank)
         self.loop = SegmentLoop(self.model, self.args, self._batches(order), order.batches_per_epoch(), device,
                                 IterationExit.from_config(cfg.exit.layer, self.args), LoopHooks(evaluate=self.evaluate))
 
@@ -77,8 +76,7 @@ class SegmentRun:
         """Mean eval loss over the first ``limit`` eval blocks (``max_eval_blocks`` by default; 0: all)."""
         limit = self.args.max_eval_blocks if limit is None else limit
         count = min(limit, self.eval_marker.total_rows) if limit else self.eval_marker.total_rows
-        size = self.args.per_device_eval_batch_size
-        batches = [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+        batches = sequential_batches(count, self.args.per_device_eval_batch_size)
         reader = ShardBatchReader(self.ctx.layout, self.eval_marker, batches, with_hidden=self.source_depth is not None,
                                   read_threads=self.ctx.cfg.snapcheck.read_threads)
         return evaluate_loss(self.model, iter(reader), self.device, self.args.bf16)

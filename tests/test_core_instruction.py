@@ -111,3 +111,21 @@ def test_chat_needs_a_template_that_renders_assistant_turns():
     encoder = ExampleEncoder(tokenizer, FormatSpec("chat"), chat_template=silent)
     with pytest.raises(RecordError, match="renders no assistant tokens"):
         encoder.encode(generate_chats(1)[0])
+
+
+def test_chat_with_a_slow_tokenizer_is_refused_in_one_line():
+    """A slow (Python) tokenizer gives no character offsets, which find the assistant turns; prompt_completion needs
+    none and works with it."""
+    from transformers import ByT5Tokenizer
+
+    tokenizer = ByT5Tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+    assert not tokenizer.is_fast
+    with pytest.raises(RecordError) as refused:
+        ExampleEncoder(tokenizer, FormatSpec("chat"))
+    assert str(refused.value) == ("data.format chat needs a fast tokenizer (its token offsets find the assistant "
+                                  "turns); ByT5Tokenizer is a slow one: give the model a tokenizer.json")
+    record = {"prompt": "what does the cow say ?", "completion": "moo"}
+    example = ExampleEncoder(tokenizer, FormatSpec("prompt_completion")).encode(record)
+    assert example.ids == tokenizer(record["prompt"]).input_ids + tokenizer("moo", add_special_tokens=False).input_ids \
+        + [tokenizer.eos_token_id]

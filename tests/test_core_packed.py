@@ -80,3 +80,26 @@ def test_loss_counts_only_targets_and_never_crosses_examples():
     rows = index // SEQ_LEN
     assert torch.equal(blocks.position_ids[rows, t + 1], blocks.position_ids[rows, t] + 1)  # same example
     assert len(index) == sum(len(e) - 1 for held in contents for e in held)  # every token but each example's first
+
+
+def test_a_transformers_too_old_for_packed_masks_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Before 4.54 transformers' masks ignore packed position_ids: packed examples would see each other silently."""
+    from segprop_ray.core import hf_compat
+    from segprop_ray.core.hf_compat import MIN_TRANSFORMERS, check_transformers_version
+
+    for version in ("4.57.3", "4.60.0", "5.0.0rc1", "5.23.0"):
+        check_transformers_version(version)
+    message = ("transformers 4.53.2 is older than 4.57, which segprop_ray needs (its masks would let packed examples "
+               "attend to each other): pip install 'transformers>=4.57'")
+    with pytest.raises(RuntimeError) as refused:
+        check_transformers_version("4.53.2")
+    assert str(refused.value) == message and MIN_TRANSFORMERS == "4.57"
+
+    model = tiny_model(tmp_path, "llama", "sdpa")
+    source = SafetensorsSource.from_model_dir(tmp_path)
+    whole = ModelParts(model.config).segment(SegmentSpec([(0, source)], source, source)).eval()
+    blocks, _ = packed(examples([9, 7, 4]))
+    monkeypatch.setattr(hf_compat, "transformers_version", lambda: "4.53.2")
+    with pytest.raises(RuntimeError) as refused, torch.no_grad():
+        whole.logits(blocks.input_ids, position_ids=blocks.position_ids)
+    assert str(refused.value) == message

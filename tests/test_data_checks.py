@@ -10,8 +10,9 @@ import pytest
 
 from helpers import one_line_error, run_cli
 from pipeline_setup import pipeline_config, write_config
+from segprop_ray.config import validate_config
 from segprop_ray.demo.corpus import generate_chats, generate_instructions, write_records
-from segprop_ray.demo.tiny_model import build_tokenizer, make_tiny_model
+from segprop_ray.demo.tiny_model import CHAT_TEMPLATE, build_tokenizer, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +89,60 @@ def test_a_template_that_renders_no_assistant_tokens_is_refused(tmp_path, capsys
 def test_the_old_file_format_setting_is_pointed_to_its_new_name(tmp_path, capsys, model):
     data = write_records(generate_instructions(3), tmp_path / "train.jsonl")
     assert "set data.file_format: jsonl" in refused(capsys, tmp_path, model, data, format="jsonl")
+
+
+def test_prompt_completion_without_an_eos_token_is_refused_up_front(tmp_path, capsys, no_model_loading):
+    """The completion ends with EOS: a tokenizer without one is refused before the model is staged."""
+    model = make_tiny_model(tmp_path / "model", "llama", num_layers=4, hidden=32)
+    tokenizer = build_tokenizer()
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(model)
+    data = write_records(generate_instructions(3), tmp_path / "train.jsonl")
+    message = refused(capsys, tmp_path, model, data, format="prompt_completion")
+    assert message == (f"segprop: error: model {model}: data.format prompt_completion needs an end-of-sequence token; "
+                       "the tokenizer has none")
+
+
+def test_chat_with_a_slow_tokenizer_is_refused_up_front(tmp_path, capsys, no_model_loading):
+    """A slow (Python) tokenizer cannot say which characters a token came from: refused before any model is loaded,
+    not a raw error inside the tokenize job."""
+    from transformers import ByT5Tokenizer
+
+    model = make_tiny_model(tmp_path / "model", "llama", num_layers=4, hidden=32)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / name).unlink(missing_ok=True)
+    slow = ByT5Tokenizer()
+    slow.chat_template = CHAT_TEMPLATE
+    slow.save_pretrained(model)
+    data = write_records(generate_chats(3), tmp_path / "train.jsonl")
+    message = refused(capsys, tmp_path, model, data, format="chat")
+    assert message == (f"segprop: error: model {model}: data.format chat needs a fast tokenizer (its token offsets "
+                       "find the assistant turns); ByT5Tokenizer is a slow one: give the model a tokenizer.json")
+
+
+def test_an_edited_chat_template_is_other_tokens_and_another_run(tmp_path, model):
+    """The template file's contents, not only its path, decide the tokens: an edit is refused as another run (its
+    committed work was made from the old tokens) and --restart tokenizes again."""
+    from segprop_ray.pipeline.driver import Driver
+    from segprop_ray.pipeline.prepare import RunConflict, tokens_digest
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    data = write_records(generate_chats(6), tmp_path / "train.jsonl")
+    cfg = validate_config(pipeline_config(str(tmp_path / "run"), str(model), str(data), str(data),
+                                          data={"format": "chat", "chat_template": str(template)}))
+
+    def prepare(restart: bool = False):
+        setup = Driver(cfg, restart=restart).prepare()
+        setup.lease.release()
+        return setup
+
+    first = prepare()
+    assert prepare().tokens_hash == first.tokens_hash  # same contents: the same run and tokens
+    template.write_text(CHAT_TEMPLATE.replace("<|end|>\n", "<|end|>\n\n"))  # same path, other contents
+    with pytest.raises(RunConflict, match=r"config differs in: data\.chat_template_sha256\); pass --restart"):
+        prepare()
+    second = prepare(restart=True)
+    assert second.tokens_hash != first.tokens_hash and second.tokens_hash == tokens_digest(cfg, second.spec)
+    template.write_text(CHAT_TEMPLATE)
+    assert tokens_digest(cfg, first.spec) == first.tokens_hash

@@ -288,3 +288,14 @@ def test_dockerignore_keeps_what_the_dockerfile_copies():
         assert not dockerignore_excludes(patterns, source.rstrip("/")), source
         if source.endswith("/"):
             assert not dockerignore_excludes(patterns, source + "__init__.py"), source
+
+
+def test_the_transformers_floor_is_the_one_the_code_checks():
+    """pyproject.toml's transformers floor is what core.hf_compat refuses below, and the 4.x that make test-compat
+    runs is not under it."""
+    from segprop_ray.core.hf_compat import MIN_TRANSFORMERS, _release
+
+    floors = [r for r in pyproject()["project"]["dependencies"] if re.match(r"transformers\s*>=", r)]
+    assert floors == [f"transformers>={MIN_TRANSFORMERS}"]
+    compat = re.search(r"^TF4_VERSION := (\S+)$", (REPO / "Makefile").read_text(), re.M)[1]
+    assert _release(compat) >= _release(MIN_TRANSFORMERS)

@@ -10,7 +10,8 @@
   the rendered text). Every assistant message, with the template's end-of-turn tokens, is a completion;
   everything else is prompt. Assistant tokens are found by rendering the conversation prefix by prefix:
   the text an assistant turn adds after the generation prompt; a template that does not render
-  prefix by prefix (earlier turns change when later ones follow) is refused.
+  prefix by prefix (earlier turns change when later ones follow) is refused, and so is a slow (Python)
+  tokenizer, which cannot tell which characters a token came from.
 
 An example's first token never carries loss (nothing in the example predicts it), so packed examples
 never train on each other's tokens.
@@ -68,6 +69,9 @@ class ExampleEncoder:
         if spec.format == "chat" and not self.template:
             raise RecordError("data.format chat needs a chat template: the tokenizer has none; "
                               "set data.chat_template to a Jinja template file")
+        if spec.format == "chat" and not getattr(tokenizer, "is_fast", True):
+            raise RecordError(f"data.format chat needs a fast tokenizer (its token offsets find the assistant turns); "
+                              f"{type(tokenizer).__name__} is a slow one: give the model a tokenizer.json")
         self._encode = FORMATS[spec.format][1]
 
     def check(self, record: Any) -> None:

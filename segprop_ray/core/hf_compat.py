@@ -4,6 +4,9 @@
 - ``create_causal_mask`` takes ``input_embeds`` + ``cache_position`` in 4.5x, ``inputs_embeds`` in 5.x,
   and does not exist before 4.53 (we then build the mask ourselves).
 - ``from_config`` takes ``torch_dtype`` in 4.x and ``dtype`` in 5.x.
+
+The oldest transformers accepted is :data:`MIN_TRANSFORMERS`: before 4.54 ``masking_utils`` does not read packed
+``position_ids``, so packed examples would silently attend to each other (:func:`check_transformers_version`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import re
 from typing import Any, Iterator
 
 import torch
@@ -23,6 +27,28 @@ except ImportError:  # pragma: no cover - older transformers
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
+MIN_TRANSFORMERS = "4.57"
+"""The oldest transformers supported (pyproject.toml's floor): packed-sequence masks appeared in 4.54, and the
+project tests 4.57 and 5.x."""
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """One-line RuntimeError when ``version`` (default: the installed transformers) is older than
+    :data:`MIN_TRANSFORMERS`."""
+    _check_release(version or transformers_version())
+
+
+@functools.lru_cache(maxsize=None)
+def _check_release(version: str) -> None:
+    if _release(version) < _release(MIN_TRANSFORMERS):
+        raise RuntimeError(f"transformers {version} is older than {MIN_TRANSFORMERS}, which segprop_ray needs (its "
+                           f"masks would let packed examples attend to each other): "
+                           f"pip install 'transformers>={MIN_TRANSFORMERS}'")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as ``4.57.3`` or ``5.0.0rc1``."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,6 +103,7 @@ def attention_masks(
     config: Any, hidden: torch.Tensor, position_ids: torch.Tensor, kinds: set[str]
 ) -> dict[str, torch.Tensor | None]:
     """The attention mask of each kind for packed, unpadded blocks (``None`` where SDPA's is_causal suffices)."""
+    check_transformers_version()
     masks = {}
     for kind in kinds:
         if _masking is not None:

@@ -2,8 +2,9 @@
 
 The first :data:`RECORDS_PER_FILE` records of each of the first :data:`FILES_PER_INPUT` files of every input
 setting are read and checked (fields present, strings where strings belong, a non-empty completion, known
-message roles). For ``chat``, the tokenizer (its files only) is loaded and the first conversations are
-rendered and tokenized, so a missing chat template or one that renders no assistant tokens is caught here.
+message roles). For ``prompt_completion`` and ``chat``, the tokenizer (its files only) is loaded and the first
+records are tokenized (conversations rendered), so a tokenizer without an end-of-sequence token, a missing chat
+template, a slow tokenizer for ``chat`` or a template that renders no assistant tokens is caught here.
 Every problem is one line naming the file and the line (JSONL, text) or row (Parquet). The tokenize job
 checks every record again as it reads it.
 """
@@ -18,7 +19,7 @@ from segprop_ray.storage.inputs import expand_inputs, input_format, sample_recor
 RECORDS_PER_FILE = 1000
 FILES_PER_INPUT = 32
 ENCODED_PER_FILE = 8
-"""Records of each checked file that are also tokenized (``chat``: rendering through the template)."""
+"""Records of each checked file that are also tokenized (``chat``: rendering through the template; not ``text``)."""
 
 
 class DataError(StorageError):
@@ -29,7 +30,7 @@ def check_data(cfg: Config) -> None:
     """One-line :class:`DataError` for the first bad record found in the configured inputs."""
     data = cfg.data
     spec = data.format_spec()
-    encoder = _chat_encoder(cfg) if data.format == "chat" else None
+    encoder = _example_encoder(cfg) if data.format != "text" else None
     for setting, value in (("data.train", data.train), ("data.eval", data.eval)):
         if value is None:
             continue
@@ -53,7 +54,7 @@ def _check_one(where: str, record, spec, encoder) -> None:
         raise DataError(f"{where}: {error}") from None
 
 
-def _chat_encoder(cfg: Config):
+def _example_encoder(cfg: Config):
     """The encoder the tokenize job will use (tokenizer files only), or a one-line error naming what is missing."""
     from segprop_ray.pipeline.tokenize_job import example_encoder
 

@@ -11,13 +11,14 @@ from typing import Any
 
 from segprop_ray.config import Config, RunConflict, config_to_yaml
 from segprop_ray.config.schema import SNAPCHECK_IO_FIELDS
+from segprop_ray.core.hf_compat import check_transformers_version
 from segprop_ray.core.parts import ModelParts
 from segprop_ray.core.plan import SegPropPlan
 from segprop_ray.core.self_check import check_model_family
 from segprop_ray.storage.fs import cache_root, check_writable
 from segprop_ray.pipeline.data_checks import check_data
 from segprop_ray.pipeline.plan_checks import check_devices, check_segments
-from segprop_ray.storage.inputs import expand_inputs
+from segprop_ray.storage.inputs import expand_inputs, read_chat_template
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.lease import RunLease
 from segprop_ray.storage.manifest import Manifest, ManifestStore, ModelInfo
@@ -48,10 +49,27 @@ class RunSetup:
 def semantic_config(cfg: Config) -> dict[str, Any]:
     """The settings that decide what the run computes."""
     data = cfg.model_dump(mode="json", exclude=WHERE_NOT_WHAT)
+    data["data"] = data_identity(cfg)
     for section in ("training", "stage1"):
         data[section] = {k: v for k, v in data[section].items() if k not in HOW_NOT_WHAT}
     data["snapcheck"] = {k: v for k, v in data["snapcheck"].items() if k not in SNAPCHECK_IO_FIELDS}
     return data
+
+
+def data_identity(cfg: Config) -> dict[str, Any]:
+    """The ``data`` settings as they decide the tokens: with ``chat_template_sha256``, the template file's contents,
+    beside its path, so an edited template is other tokens (and another run) though its path stays."""
+    data = cfg.data.model_dump(mode="json")
+    if cfg.data.chat_template:
+        text = read_chat_template(cfg.data.chat_template, cfg.storage_options)
+        data["chat_template_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    return data
+
+
+def tokens_digest(cfg: Config, spec: ShardSpec) -> str:
+    """The identity of the token shards: the data settings (template contents included), the model (its tokenizer)
+    and the shard geometry."""
+    return digest({"data": data_identity(cfg), "model": cfg.model, "spec": spec.to_dict()})
 
 
 def digest(data: Any) -> str:
@@ -64,6 +82,7 @@ def inspect_model(cfg: Config) -> tuple[ModelInfo, ModelParts]:
     take)."""
     from transformers import AutoConfig
 
+    check_transformers_version()
     hf_config = AutoConfig.from_pretrained(model_config_dir(cfg.model, cfg.storage_options))
     parts = ModelParts(hf_config)
     check_model_family(hf_config, cache_root())  # exact on a small random copy, or refused here in one line
@@ -101,7 +120,7 @@ def _open_run(cfg: Config, layout: RunLayout, lease: RunLease, restart: bool) ->
                                    snap.groups_per_file, snap.compression)
     plan = SegPropPlan.from_config(cfg.segprop, info.num_layers)
     manifest = _open_manifest(cfg, layout, info, plan, spec, restart)
-    tokens_hash = digest({"data": cfg.data.model_dump(mode="json"), "model": cfg.model, "spec": spec.to_dict()})
+    tokens_hash = tokens_digest(cfg, spec)
     return RunSetup(layout, manifest, plan, spec, tokens_hash, info, lease)
 
 

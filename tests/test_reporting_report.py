@@ -297,3 +297,43 @@ def test_per_depth_wall_time_is_the_drivers_and_train_time_the_loops(tmp_path):
     status_column = table[0].index
     assert [(row[status_column("wall s")], row[status_column("train s")]) for row in table[1:]] == cells
     assert [row[status_column("train tok/s")] for row in table[1:]] == [f"{40 * 16 * 64 / (40 + d):.0f}" for d in (2, 3, 4, 5)]
+
+
+def test_truncated_and_dropped_examples_are_shown_by_status_and_report(tmp_path, capsys):
+    """Examples longer than seq_len counted by the packers of a tokenization reach ``segprop status`` (text and JSON)
+    and the report: N truncated to seq_len, M dropped."""
+    from helpers import run_cli
+    from segprop_ray.config.schema import DataConfig
+    from segprop_ray.core.blocks import CONTEXT, TARGET
+    from segprop_ray.core.packing import Example
+    from segprop_ray.pipeline.token_packing import Tokenization
+    from segprop_ray.storage.shard_format import ShardSpec
+    from segprop_ray.storage.tokenize_state import TokenizeState
+
+    def example(context: int, target: int) -> Example:
+        return Example(list(range(3, 3 + context + target)), [CONTEXT] * context + [TARGET] * target)
+
+    docs = {"train.jsonl": [example(3, 3)] * 6 + [example(4, 8)] * 3 + [example(10, 2)],  # 4 too long, 1 of them
+            "eval.jsonl": [example(2, 3), example(5, 9), example(3, 2)]}                 # with no target left
+    inputs = {"train": ["train.jsonl"], "eval": ["eval.jsonl"]}
+    data = DataConfig(train="train.jsonl", eval="eval.jsonl", seq_len=8, format="prompt_completion")
+    state = TokenizeState("tokens-hash", inputs)
+    layout = RunLayout.open(str(tmp_path / "tokens-run"))
+    Tokenization(layout, data, ShardSpec(seq_len=8, group_size=2, groups_per_file=2), state, pad_id=1).run(
+        lambda files, start: ((0, e) for e in docs[files[0]]))
+    examples = {stream: counts.to_dict() for stream, counts in state.stats.items()}
+    assert examples == {"train": {"examples": 10, "truncated": 4, "dropped": 1},
+                        "eval": {"examples": 3, "truncated": 1, "dropped": 0}}
+
+    manifest = segprop_manifest()
+    manifest.examples = examples
+    run_dir = write_run(str(tmp_path / "run"), manifest)
+    expected = ("train: 10 examples, 4 truncated to seq_len, 1 dropped (no target token left); "
+                "eval: 3 examples, 1 truncated to seq_len, 0 dropped (no target token left)")
+    code, out, _ = run_cli(capsys, "status", run_dir)
+    assert code == 0 and f"data: {expected}" in " ".join(out.split())
+    code, out, _ = run_cli(capsys, "status", run_dir, "--json")
+    assert code == 0 and json.loads(out)["examples"] == examples
+    files = write_report(run_dir, out=str(tmp_path / "report"))
+    assert f"- **examples**: {expected}\n" in Path(files["report.md"]).read_text()
+    assert json.loads(Path(files["report.json"]).read_text())["run"]["examples"] == examples

@@ -7,6 +7,7 @@ each row group once. Every rank gets the same number of full micro-batches in ev
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -54,8 +55,9 @@ def padding(blocks: TokenBlocks, batches: list[list[int]]) -> int:
     return total
 
 
-GEOMETRIES = [(3, 4, 1), (4, 4, 1), (8, 2, 1), (3, 4, 2), (5, 3, 2), (2, 2, 3)]
-"""(rows per group, micro-batch size, data-parallel world)."""
+GEOMETRIES = [(3, 4, 1), (4, 4, 1), (8, 2, 1), (3, 4, 2), (5, 3, 2), (2, 2, 3), (4, 3, 2)]
+"""(rows per group, micro-batch size, data-parallel world): spans of lcm(group, batch) blocks where 61 blocks hold at
+least 4 per rank, row groups in stored order where they do not ((3, 4, 2), (5, 3, 2), (4, 3, 2))."""
 
 
 @pytest.mark.parametrize("group,batch,world", GEOMETRIES)
@@ -65,14 +67,20 @@ def test_padded_examples_are_batched_by_length(group, batch, world):
     assert torch.equal(lengths, lengths.sort(descending=True).values) and int(lengths.max()) == SEQ_LEN
     orders = [BlockOrder(len(blocks), group, batch, seed=7, world_size=world, rank=r, by_length=True)
               for r in range(world)]
-    n = orders[0].batches_per_epoch()
-    assert n >= 4
+    unit, n = orders[0].unit_size, orders[0].batches_per_epoch()
+    spans = unit % batch == 0
+    assert spans == (61 // math.lcm(group, batch) >= 4 * world) and n >= 4
     epochs = []
     for epoch in range(3):
         dealt = [order.epoch_batches(epoch) for order in orders]
-        for rows in (rows for rank in dealt for rows in rank):
-            assert rows == list(range(rows[0], rows[0] + batch))  # a run of consecutive rows of the sorted order
-            assert (rows[0] // orders[0].unit_size) == (rows[-1] // orders[0].unit_size)  # within one span
+        for rank in dealt:
+            seams = 0
+            for rows in rank:
+                if rows[0] // unit == rows[-1] // unit:
+                    assert rows == list(range(rows[0], rows[0] + batch))  # consecutive rows of the sorted order
+                else:
+                    seams += 1  # a micro-batch across two units (row groups taken in stored order)
+            assert seams == 0 if spans else seams <= len(rank) * batch // unit + 1
         assert [len(rank) for rank in dealt] == [n] * world  # every rank, every epoch: n full micro-batches
         flat = [block for rank in dealt for rows in rank for block in rows]
         assert len(flat) == len(set(flat))
@@ -80,7 +88,29 @@ def test_padded_examples_are_batched_by_length(group, batch, world):
         again = [BlockOrder(len(blocks), group, batch, seed=7, world_size=world, rank=r, by_length=True)
                  for r in range(world)]
         assert [order.epoch_batches(epoch) for order in again] == dealt  # deterministic: a resumed rank sees the same
-    assert epochs[0] != epochs[1]  # the spans are shuffled anew each epoch
+    assert epochs[0] != epochs[1]  # the units are shuffled anew each epoch
+
+
+@pytest.mark.parametrize("num_blocks,group,batch,world", [(5000, 1000, 7, 2), (30000, 4096, 6, 8), (10000, 73, 16, 8)])
+def test_length_batches_use_as_much_data_as_packed_batches(num_blocks, group, batch, world):
+    """Row groups far larger than a micro-batch (small models' default group size) and many workers: each rank still
+    gets the micro-batches it gets with packed data, not a fraction of them."""
+    by_length, packed = (BlockOrder(num_blocks, group, batch, seed=0, world_size=world, rank=world - 1,
+                                    by_length=flag) for flag in (True, False))
+    assert by_length.batches_per_epoch() == packed.batches_per_epoch() >= num_blocks // (group * world) * group // batch
+    assert len(by_length.epoch_batches(1)) == by_length.batches_per_epoch()
+
+
+@pytest.mark.parametrize("by_length", [False, True])
+def test_too_few_blocks_for_the_workers_is_refused_in_one_line(by_length):
+    order = BlockOrder(10, 8, 2, seed=0, world_size=3, by_length=by_length)  # 2 row groups for 3 workers
+    message = ("10 blocks in row groups of 8 cannot give each of 3 data-parallel workers a micro-batch of 2: lower the "
+               "workers, per_device_train_batch_size or snapcheck.rows_per_group, or add data")
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        order.epoch_batches(0)
+    cfg = make_config("unused", data={"packing": not by_length}, training={"per_device_train_batch_size": 2})
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        BlockOrder.for_training(10, 8, cfg.training, cfg.data, world_size=3)
 
 
 @pytest.mark.parametrize("group,batch", [(3, 4), (4, 16), (8, 2), (64, 8)])

@@ -7,35 +7,13 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from segprop_ray.config.adapter import AdapterConfig
 from segprop_ray.config.data import DataConfig
 from segprop_ray.config.placement import CpuWorkResources, ExportResources, StageModel, task_options
 from segprop_ray.config.training import TRAINING_FIELDS, Strict, TrainingConfig
 from segprop_ray.storage.shard_sinks import WriteOptions
 from segprop_ray.core.adapter_spec import LoraSpec
 from segprop_ray.core.plan import MODES, SegPropPlan
-
-
-class AdapterConfig(Strict):
-    """LoRA adapters (through PEFT, with ``LoraConfig``'s names and defaults) trained instead of full weights."""
-
-    type: Literal["lora"] = "lora"
-    """The adapter kind (LoRA)."""
-    r: int = Field(8, ge=1)
-    """Rank of the low-rank update."""
-    alpha: float = Field(8.0, gt=0)
-    """PEFT's ``lora_alpha``: the update is scaled by ``alpha / r``."""
-    dropout: float = Field(0.0, ge=0, lt=1)
-    """PEFT's ``lora_dropout``: dropout on each adapter's input while training."""
-    target_modules: list[str] | str | None = None
-    """Linear modules of the decoder layers that get adapters, as PEFT reads them: names matched against the end of
-    each module's path (``[q_proj, v_proj]``), ``all-linear``, or a regular expression matched against the whole path
-    (``model.layers.*.mlp.*``); None: PEFT's default for the family (``q_proj``, ``v_proj`` for Llama). The
-    embedding and the LM head never get adapters (they stay frozen)."""
-
-    def spec(self) -> LoraSpec:
-        """The adapter as the core reads it."""
-        targets = tuple(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        return LoraSpec(self.r, self.alpha, self.dropout, targets)
 
 
 class SegPropConfig(Strict):
@@ -351,8 +329,7 @@ class Config(Strict):
     def _layer_exit_needs_evaluations(self) -> "Config":
         layer = self.exit.layer
         setting = "exit.layer.patience" if layer.patience else "exit.layer.target_loss" if layer.target_loss is not None else ""
-        stages = ["e2e"] if MODES[self.segprop.mode].end_to_end else ["stage1", "stage2"]
-        if setting and all(self.training_for(stage).eval_steps == 0 for stage in stages):
+        if setting and all(self.training_for(stage).eval_steps == 0 for stage in self.training_stages):
             raise ValueError(f"{setting} needs training.eval_steps > 0: an iteration evaluated only at its end "
                              "cannot stop early")
         return self
@@ -374,6 +351,11 @@ class Config(Strict):
         if need > res.num_cpus:
             raise ValueError(f"resources.num_cpus = {res.num_cpus} is too few: {job} needs {need:g} at once")
         return self
+
+    @property
+    def training_stages(self) -> list[str]:
+        """The training stages this mode runs: ``e2e`` alone, or ``stage1`` and ``stage2``."""
+        return ["e2e"] if MODES[self.segprop.mode].end_to_end else ["stage1", "stage2"]
 
     def training_for(self, stage: Literal["stage1", "stage2", "e2e"]) -> TrainingConfig:
         """The hyper-parameters of a stage: ``training`` with the Stage 1 overrides applied."""

@@ -9,11 +9,15 @@ reader's memory bounded by one group, whatever the data set's size.
 
 Padded examples (``data.packing: false``) are batched by length instead, as HF's ``group_by_length``
 does: the tokenize job stores them sorted by length (longest first, in runs of
-:data:`~segprop_ray.core.packing.PACK_WINDOW` examples), so ``by_length`` keeps that order inside a
-micro-batch: a micro-batch is ``batch_size`` consecutive blocks, a *span* is the fewest whole row groups
-that hold whole micro-batches (``lcm(group_size, batch_size)`` blocks), and an epoch shuffles the spans
-(HF's random megabatches), deals them round-robin to the ranks and takes each span's micro-batches in
-order, longest first (HF sorts each megabatch so). The reader still reads every row group once, whole.
+:data:`~segprop_ray.core.packing.PACK_WINDOW` examples), and ``by_length`` keeps that order inside every
+unit: a micro-batch is ``batch_size`` consecutive blocks of it. The shuffled unit is then a *span*, the
+fewest whole row groups that hold whole micro-batches (``lcm(group_size, batch_size)`` blocks), so no
+micro-batch mixes two spans; an epoch shuffles the spans (HF's random megabatches) and deals them to the
+ranks as groups are dealt. Where spans would be too few to deal (fewer than :data:`MIN_UNITS_PER_RANK`
+per rank), the unit stays a row group, taken in stored order: only a micro-batch across the seam of two
+groups then mixes lengths. Either way a rank's stream is its units one after another, cut every
+``batch_size`` blocks, every row group is read once, whole, and every rank gets the same micro-batches
+per epoch as with packed data.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+MIN_UNITS_PER_RANK = 4
+"""Spans (by length) are the shuffled unit only where every rank gets at least this many of them per epoch."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +51,10 @@ class BlockOrder:
                      rank: int = 0) -> "BlockOrder":
         """The training order of a run: batch size and seed from the training settings ``args``, shuffling from the
         data settings ``data``, by length when ``data.packing`` is off (one padded example per block)."""
-        return cls(num_blocks, group_size, args.per_device_train_batch_size, args.seed, data.shuffle, world_size,
-                   rank, by_length=not data.packing)
+        order = cls(num_blocks, group_size, args.per_device_train_batch_size, args.seed, data.shuffle, world_size,
+                    rank, by_length=not data.packing)
+        order.check()
+        return order
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.group_size < 1 or self.batch_size < 1:
@@ -54,64 +63,55 @@ class BlockOrder:
             raise ValueError(f"rank {self.rank} outside world of {self.world_size}")
 
     @property
-    def num_groups(self) -> int:
-        """Groups of consecutive block ids (the last one may be short)."""
-        return -(-self.num_blocks // self.group_size)
-
-    def group_rows(self, group: int) -> range:
-        """Block ids in ``group``."""
-        start = group * self.group_size
-        return range(start, min(start + self.group_size, self.num_blocks))
-
-    @property
     def unit_size(self) -> int:
-        """Blocks per shuffled unit: a row group, or by length a span (whole groups holding whole micro-batches)."""
-        return math.lcm(self.group_size, self.batch_size) if self.by_length else self.group_size
+        """Blocks per shuffled unit: a row group, or by length a span (whole groups holding whole micro-batches)
+        where the data holds enough of them."""
+        span = math.lcm(self.group_size, self.batch_size)
+        if self.by_length and self.num_blocks // span >= MIN_UNITS_PER_RANK * self.world_size:
+            return span
+        return self.group_size
 
     @property
     def num_units(self) -> int:
-        """Shuffled units: every row group, or by length the spans holding a whole micro-batch (a short last span with
-        fewer blocks than a micro-batch is left out)."""
-        short = self.num_blocks % self.unit_size
-        if self.by_length:
-            return self.num_blocks // self.unit_size + (short >= self.batch_size)
-        return self.num_blocks // self.unit_size + bool(short)
+        """Shuffled units (the last one may be short)."""
+        return -(-self.num_blocks // self.unit_size)
+
+    def units(self, unit: int) -> range:
+        """Block ids in ``unit``."""
+        start = unit * self.unit_size
+        return range(start, min(start + self.unit_size, self.num_blocks))
 
     def batches_per_epoch(self) -> int:
         """Micro-batches every rank gets in every epoch: what a rank dealt the fewest units, the short last unit among
         them, holds (units are dealt anew each epoch, so that is the least any rank can get)."""
         units = self.num_units // self.world_size
-        last = self.num_blocks - (self.num_units - 1) * self.unit_size  # blocks of the last unit dealt
-        short = self.num_units * self.unit_size > self.num_blocks and units > 0
-        if self.by_length:  # micro-batches never cross spans
-            per_span = self.unit_size // self.batch_size
-            return (units - short) * per_span + (last // self.batch_size if short else 0)
-        return (units * self.unit_size - (self.unit_size - last if short else 0)) // self.batch_size
+        short = self.unit_size - len(self.units(self.num_units - 1)) if units else 0
+        return (units * self.unit_size - short) // self.batch_size
+
+    def check(self) -> None:
+        """One-line ValueError when a rank would get no micro-batch in an epoch."""
+        if self.batches_per_epoch() < 1:
+            raise ValueError(
+                f"{self.num_blocks} blocks in row groups of {self.group_size} cannot give each of {self.world_size} "
+                f"data-parallel workers a micro-batch of {self.batch_size}: lower the workers, "
+                "per_device_train_batch_size or snapcheck.rows_per_group, or add data")
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches of block ids for ``epoch``."""
-        n = self.batches_per_epoch()
-        if self.by_length:
-            return self._span_batches(epoch, self.rank)[:n]
+        self.check()
         stream = self._rank_stream(epoch, self.rank)
-        return [stream[i * self.batch_size : (i + 1) * self.batch_size] for i in range(n)]
-
-    def _span_batches(self, epoch: int, rank: int) -> list[list[int]]:
-        """The micro-batches of the spans dealt to ``rank``: each span's consecutive blocks ``batch_size`` at a time,
-        in block order (longest first), a short last span's remainder dropped."""
-        batches = []
-        for span in self._permutation(self.num_units, epoch, salt=0)[rank :: self.world_size]:
-            start, stop = span * self.unit_size, min((span + 1) * self.unit_size, self.num_blocks)
-            batches += [list(range(first, first + self.batch_size))
-                        for first in range(start, stop - self.batch_size + 1, self.batch_size)]
-        return batches
+        return [stream[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.batches_per_epoch())]
 
     def _rank_stream(self, epoch: int, rank: int) -> list[int]:
-        groups = self._permutation(self.num_groups, epoch, salt=0)
+        """The blocks of the units dealt to ``rank``, one unit after another: shuffled inside each unit, or by length
+        in stored order (longest first)."""
+        dealt = self._permutation(self.num_units, epoch, salt=0)[rank :: self.world_size]
+        if self.by_length:  # the short last unit last, so the spans before it stay cut at micro-batch boundaries
+            dealt.sort(key=lambda unit: unit == self.num_units - 1)
         stream: list[int] = []
-        for group in groups[rank :: self.world_size]:
-            rows = list(self.group_rows(group))
-            order = self._permutation(len(rows), epoch, salt=1 + group)
+        for unit in dealt:
+            rows = list(self.units(unit))
+            order = range(len(rows)) if self.by_length else self._permutation(len(rows), epoch, salt=1 + unit)
             stream.extend(rows[i] for i in order)
         return stream
 

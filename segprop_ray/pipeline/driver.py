@@ -19,6 +19,7 @@ from segprop_ray.pipeline.context import JobContext
 from segprop_ray.pipeline.evaluations import Evaluations
 from segprop_ray.pipeline.export_job import run_export
 from segprop_ray.pipeline.failures import one_line_reason
+from segprop_ray.pipeline.plan_checks import check_block_orders
 from segprop_ray.pipeline.prepare import RunSetup, prepare_run
 from segprop_ray.pipeline.progress import ProgressBoard, Throttle
 from segprop_ray.pipeline.runtime import connect
@@ -88,6 +89,7 @@ class Driver:
         plan = self.setup.plan
         ensure_staged(self)  # the input model into the run directory, once (a remote run directory)
         self.tokenize()
+        check_block_orders(self.cfg, self.manifest.tokens["train"]["num_blocks"], self.setup.spec.group_size)
         self.evaluations.start_baseline()
         self.train_depth(plan.base_depth)
         self.evaluations.start(plan.base_depth)

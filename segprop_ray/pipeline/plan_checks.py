@@ -12,6 +12,7 @@ import torch
 
 from segprop_ray.config import Config
 from segprop_ray.core.adapters import chosen_modules
+from segprop_ray.core.data_order import BlockOrder
 from segprop_ray.core.fused_head_loss import fused_unavailable
 from segprop_ray.core.layout import check_halves
 from segprop_ray.core.optim import optimizer_unavailable
@@ -46,11 +47,9 @@ def _check_targets(parts: ModelParts, plan: SegPropPlan) -> None:
 
 def check_devices(cfg: Config) -> None:
     """Refuse an optimizer or head loss that the training workers cannot run (CUDA-only, package missing)."""
-    end_to_end = MODES[cfg.segprop.mode].end_to_end
-    resources = [cfg.resources.stage1] + ([] if end_to_end else [cfg.resources.segment])
+    resources = [cfg.resources.stage1] + ([] if MODES[cfg.segprop.mode].end_to_end else [cfg.resources.segment])
     on_cuda = all(res.use_gpu for res in resources)
-    stages = ["e2e"] if end_to_end else ["stage1", "stage2"]
-    for stage in stages:
+    for stage in cfg.training_stages:
         args = cfg.training_for(stage)
         reason = optimizer_unavailable(args.optim, on_cuda)
         if reason is not None:
@@ -59,3 +58,11 @@ def check_devices(cfg: Config) -> None:
             why = fused_unavailable(torch.device("cuda" if on_cuda else "cpu"))
             if why is not None:
                 raise ValueError(f"training.head_loss: fused cannot be used: {why}")
+
+
+def check_block_orders(cfg: Config, num_blocks: int, group_size: int) -> None:
+    """Refuse (one-line ValueError) a training stage whose data-parallel workers would get no micro-batch of the
+    ``num_blocks`` training blocks, once they are known (before any training starts)."""
+    for stage in cfg.training_stages:
+        resources = cfg.resources.segment if stage == "stage2" else cfg.resources.stage1
+        BlockOrder.for_training(num_blocks, group_size, cfg.training_for(stage), cfg.data, resources.num_workers)

@@ -4,6 +4,7 @@ work, and its verdict cache (keyed on the code it exercises), run from the prepa
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -113,6 +114,29 @@ def test_a_stale_refusal_is_not_recalled_after_the_code_changes(tmp_path, monkey
         check_model_family(config, tmp_path)
     monkeypatch.setattr(self_check, "core_source_hash", lambda: "the fixed code")
     assert check_model_family(config, tmp_path)["ok"] and verdicts == ["llama"]
+
+
+@pytest.mark.parametrize("error,remembered", [(OSError("No space left on device"), False),
+                                               (RuntimeError("size of tensor a (2) must match"), True)])
+def test_a_failure_of_the_machine_is_refused_but_not_remembered(tmp_path, monkeypatch, verdicts, error, remembered):
+    """A full disk or a missing package refuses this run, and the next run checks again; a failure of the family
+    itself is remembered like any verdict."""
+    real = self_check._random_model
+
+    def failing(config):
+        raise error
+
+    monkeypatch.setattr(self_check, "_random_model", failing)
+    message = f"model family llama failed the split self-check: {type(error).__name__}: {error}"
+    with pytest.raises(UnsupportedArchitecture, match=f"^{re.escape(message)}$"):
+        check_model_family(llama(), tmp_path)
+    monkeypatch.setattr(self_check, "_random_model", real)
+    if remembered:
+        with pytest.raises(UnsupportedArchitecture):
+            check_model_family(llama(), tmp_path)
+        assert verdicts == ["llama"]
+    else:
+        assert check_model_family(llama(), tmp_path)["ok"] and verdicts == ["llama", "llama"]
 
 
 def test_the_source_hash_follows_every_source_file_of_the_package(tmp_path):

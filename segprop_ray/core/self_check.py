@@ -42,6 +42,8 @@ WEIGHT_SCALE = 2.0
 """Matrices ~ N(0, (WEIGHT_SCALE / sqrt(width))^2): large enough for peaked attention, so that what a layer's index or
 a mask changes shows."""
 SEQ = 12
+ENVIRONMENT_ERRORS = (OSError, ImportError, MemoryError)
+"""Failures of the machine rather than of the family (a full disk, a missing package): refused, never remembered."""
 
 
 def check_model_family(config: Any, cache_dir: str | Path | None = None) -> dict[str, Any]:
@@ -56,7 +58,8 @@ def check_model_family(config: Any, cache_dir: str | Path | None = None) -> dict
     if cached is None:
         with quiet_transformers():
             cached = _verdict(small)
-        _remember(cache_dir, key, cached)
+        if cached.pop("remember", True):
+            _remember(cache_dir, key, cached)
     if not cached["ok"]:
         raise UnsupportedArchitecture(cached["problem"])
     return cached
@@ -75,7 +78,7 @@ def _verdict(small: Any) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - any failure to reproduce the family is a refusal, in one line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return {"ok": False, "problem": f"model family {family} failed the split self-check: {type(error).__name__}: "
-                                        f"{first}"}
+                                        f"{first}", "remember": not isinstance(error, ENVIRONMENT_ERRORS)}
     for what, (diff, scale), why in (
             ("the split model's logits differ from the HF model's", split,
              "its forward does something the split does not"),

@@ -106,9 +106,19 @@ def mc_items(pairs: list[tuple[str, str]], rng: random.Random) -> list[dict[str,
     return items
 
 
+def spread(records: list[Any], limit: int | None) -> list[Any]:
+    """``limit`` of ``records`` at evenly spaced positions (every module keeps its share); all when ``None``."""
+    if limit is None or limit >= len(records):
+        return records
+    return [records[i * len(records) // limit] for i in range(limit)]
+
+
 def build(out: str | Path, max_train: int | None = None, max_eval: int | None = None,
           max_mc: int | None = None) -> dict[str, Any]:
-    """Write ``train.jsonl``, ``eval.jsonl``, ``mc.jsonl`` and ``sources.json`` under ``out``; returns the counts."""
+    """Write ``train.jsonl``, ``eval.jsonl``, ``mc.jsonl`` and ``sources.json`` under ``out``; returns the counts.
+
+    ``max_train`` / ``max_eval`` keep that many examples spread evenly over the modules; ``max_mc`` samples items.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(SEED)
@@ -122,7 +132,8 @@ def build(out: str | Path, max_train: int | None = None, max_eval: int | None = 
             mc += mc_items(pairs, rng)
         else:
             train += [chat(q, a) for q, a in pairs]
-    train, evaluation, mc = train[:max_train], evaluation[:max_eval], rng.sample(mc, min(len(mc), max_mc or len(mc)))
+    train, evaluation = spread(train, max_train), spread(evaluation, max_eval)
+    mc = rng.sample(mc, min(len(mc), max_mc or len(mc)))
     for file_name, records in (("train.jsonl", train), ("eval.jsonl", evaluation), ("mc.jsonl", mc)):
         (out / file_name).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     counts = {"train": len(train), "eval": len(evaluation), "mc": len(mc)}

@@ -66,3 +66,27 @@ def upload(local_dir: Path, uri: str) -> str:
     for file in local_dir.iterdir():
         fs.put_file(str(file), f"{path}/{file.name}")
     return uri
+
+
+def plain_e2e_loop(model_dir: Path | str, train: torch.Tensor, cfg: Config, steps: int, hidden: int = 32):
+    """E2E as a plain PyTorch loop on the HF model itself (the reference the project's e2e must equal): HF's loss on
+    the same micro-batches, AdamW, a linear schedule, clipping; a tied model keeps its one shared tensor."""
+    from transformers import AutoModelForCausalLM, get_scheduler
+
+    from segprop_ray.core.data_order import BlockOrder
+    from segprop_ray.core.inprocess import group_size_for
+    from segprop_ray.core.plan import segment_seed
+
+    args = cfg.training
+    torch.manual_seed(segment_seed(args.seed, 3))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=steps)
+    group_size = group_size_for(cfg.snapcheck, train.shape[1], hidden)
+    order = BlockOrder(len(train), group_size, args.per_device_train_batch_size, args.seed, True)
+    for rows in order.epoch_batches(0)[:steps]:
+        ids = train[torch.tensor(rows)]  # (B, T)
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step(), scheduler.step(), optimizer.zero_grad()
+    return model.eval()

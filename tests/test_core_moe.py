@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from helpers import make_config
+from helpers import make_config, plain_e2e_loop
 from segprop_ray.core.assemble import exit_config, exit_state_dict, write_model_dir
-from segprop_ray.core.data_order import BlockOrder
-from segprop_ray.core.inprocess import group_size_for, run_inprocess
+from segprop_ray.core.inprocess import run_inprocess
 from segprop_ray.core.parts import ModelParts
-from segprop_ray.core.plan import SegPropPlan, segment_seed, split_exit_weights
+from segprop_ray.core.plan import SegPropPlan, split_exit_weights
 from segprop_ray.core.self_check import _identity_skipped, _random_model, check_model_family
 
 VOCAB, LAYERS, SEQ = 128, 6, 16
@@ -74,22 +73,6 @@ def moe_dir(request, tmp_path_factory):
     return directory
 
 
-def plain_adamw_loop(model_dir, train, cfg):
-    """E2E as a plain PyTorch loop on the HF model itself: HF's loss, AdamW, a linear schedule, clipping."""
-    args = cfg.training
-    torch.manual_seed(segment_seed(args.seed, 3))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=STEPS)
-    order = BlockOrder(len(train), group_size_for(cfg.snapcheck, SEQ, 32), BATCH, args.seed, True)
-    for rows in order.epoch_batches(0)[:STEPS]:
-        ids = train[torch.tensor(rows)]
-        model(input_ids=ids, labels=ids).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step(), scheduler.step(), optimizer.zero_grad()
-    return model.eval()
-
-
 def test_experts_train_as_any_other_layer_and_equal_a_plain_adamw_loop(moe_dir, tmp_path):
     train = torch.randint(0, VOCAB, (32, SEQ), generator=torch.Generator().manual_seed(0))
     evaluation = torch.randint(0, VOCAB, (8, SEQ), generator=torch.Generator().manual_seed(1))
@@ -101,7 +84,7 @@ def test_experts_train_as_any_other_layer_and_equal_a_plain_adamw_loop(moe_dir, 
                             result.exits[result.final_depth])
     write_model_dir(tmp_path, exit_config(config, result.plan, result.final_depth), state)
     trained = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).state_dict()
-    reference = plain_adamw_loop(moe_dir, train, cfg).state_dict()
+    reference = plain_e2e_loop(moe_dir, train, cfg, STEPS).state_dict()
     initial = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).state_dict()
     experts = [name for name in reference if ".experts." in name]
     assert len(experts) >= 2 * 4  # every layer's expert tensors (fused: all experts of a projection in one)

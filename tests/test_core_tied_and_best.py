@@ -2,15 +2,15 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, get_scheduler
+from transformers import AutoModelForCausalLM
 
-from helpers import corpus_blocks, make_config
+from helpers import corpus_blocks, make_config, plain_e2e_loop
 from segprop_ray.core.assemble import exit_config, exit_state_dict, write_model_dir
 from segprop_ray.core.data_order import BlockOrder
 from segprop_ray.core.exits import IterationExit
-from segprop_ray.core.inprocess import group_size_for, run_inprocess
+from segprop_ray.core.inprocess import run_inprocess
 from segprop_ray.core.parts import ModelParts
-from segprop_ray.core.plan import exit_is_tied, segment_seed
+from segprop_ray.core.plan import exit_is_tied
 from segprop_ray.core.training import LoopHooks, SegmentLoop
 from segprop_ray.demo.tiny_model import make_tiny_model
 
@@ -32,23 +32,6 @@ def exported(result, model_dir, depth, out):
     return AutoModelForCausalLM.from_pretrained(out).eval()
 
 
-def plain_loop(model_dir, train, cfg):
-    """E2E as a plain PyTorch loop on the HF model itself: its one shared embedding/head tensor, HF's loss."""
-    args = cfg.training
-    torch.manual_seed(segment_seed(args.seed, 3))
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=STEPS)
-    order = BlockOrder(len(train), group_size_for(cfg.snapcheck, SEQ, 32), BATCH, args.seed, True)
-    for rows in order.epoch_batches(0)[:STEPS]:
-        ids = train[torch.tensor(rows)]
-        model(input_ids=ids, labels=ids).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step(), scheduler.step(), optimizer.zero_grad()
-    return model.eval()
-
-
 def test_e2e_on_a_tied_model_equals_a_plain_loop_and_exports_tied(tmp_path, tied_dir):
     train, evaluation = corpus_blocks(32, SEQ, seed=0), corpus_blocks(8, SEQ, seed=1)
     cfg = make_config(tied_dir, segprop={"mode": "e2e"},
@@ -56,7 +39,8 @@ def test_e2e_on_a_tied_model_equals_a_plain_loop_and_exports_tied(tmp_path, tied
     result = run_inprocess(str(tied_dir), train, evaluation, cfg)
     model = exported(result, tied_dir, result.final_depth, tmp_path / "e2e")
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
-    reference = plain_loop(tied_dir, train, cfg)
+    reference = plain_e2e_loop(tied_dir, train, cfg, STEPS)
+    assert reference.lm_head.weight is reference.model.embed_tokens.weight  # trained as one tensor
     # The chunked LM-head loss and HF's cross-entropy differ in the last float bits; AdamW's normalised first steps
     # carry that into weights moved by ~2e-3 as differences up to ~2e-6 (an untied head would differ by ~1e-3).
     for name, tensor in reference.state_dict().items():

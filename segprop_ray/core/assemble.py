@@ -115,12 +115,18 @@ def _refuse_index_scaled(config: Any) -> None:
                 "compute with its own index, which an exit exported with renumbered layers cannot keep")
 
 
+def sparse_step(config: Any, name: str) -> int | None:
+    """The step of the :data:`SPARSE_STEPS` field ``name`` where it makes some layers dense (> 1), else None."""
+    step = getattr(config, name, None)
+    return step if isinstance(step, int) and step > 1 else None
+
+
 def _sparse_step_as_dense_list(config: Any) -> None:
     """Every dense layer listed in ``mlp_only_layers`` and the step set to 1: the same layers, in a form that
     :data:`LAYER_INDEX_LISTS` renumbers with the kept layers (the rule of transformers' Qwen-MoE decoder layer)."""
     for name in SPARSE_STEPS:
-        step = getattr(config, name, None)
-        if isinstance(step, int) and step > 1:
+        step = sparse_step(config, name)
+        if step:
             dense = set(getattr(config, "mlp_only_layers", None) or [])
             config.mlp_only_layers = sorted(dense | {i for i in range(config.num_hidden_layers) if (i + 1) % step})
             setattr(config, name, 1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from segprop_ray.core.assemble import LAYER_COUNTS, LAYER_INDEX_LISTS, PER_LAYER_LISTS, SPARSE_STEPS
+from segprop_ray.core.assemble import LAYER_COUNTS, LAYER_INDEX_LISTS, PER_LAYER_LISTS, SPARSE_STEPS, sparse_step
 
 MIN_LAYERS = 4
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
@@ -55,8 +55,8 @@ def _layers_needed(config: Any) -> int:
         if getattr(config, name, None):
             needed = max(needed, getattr(config, name) + 1)
     for name in SPARSE_STEPS:
-        step = getattr(config, name, None)
-        if isinstance(step, int) and step > 1:
+        step = sparse_step(config, name)
+        if step:
             needed = max(needed, step + 1)  # the first sparse layer (index step - 1) and a dense one after it
     return min(needed, n)
 

@@ -14,8 +14,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deploy_checks as dc  # noqa: E402
 
-pytest.importorskip("helm_python.chart", reason="helm-python-sdk renders the chart")
-
 VALUE_SETS = {"default": lambda: None, "spot": dc.spot_values}
 
 

@@ -107,13 +107,31 @@ def snapshot_forward(producer: Segment, rows: dict[str, torch.Tensor], dtype: st
                      device: torch.device) -> torch.Tensor:
     """One snapshot batch: ``producer`` on the rows' token ids (first depth) or stored activations ``hidden``, with
     their positions, in the training precision (bf16 autocast when training uses it), cast to the storage dtype, on
-    the CPU."""
+    the CPU.
+
+    On a GPU the rows come in without blocking (from page-locked memory when the reader pinned them) and the result
+    goes out through a page-locked buffer (PyTorch's caching host allocator reuses it), a copy about three times as
+    fast as one into pageable memory; the values are the same either way.
+    """
+    def on_device(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, non_blocking=True)
+
     hidden = rows.get("hidden")
-    hidden = None if hidden is None else hidden.to(device).float()  # (n, T, H) widened exactly
-    positions = rows["position_ids"].to(device) if "position_ids" in rows else None
+    hidden = None if hidden is None else on_device(hidden).float()  # (n, T, H) widened exactly
+    positions = on_device(rows["position_ids"]) if "position_ids" in rows else None
     with autocast_context(device, bf16):
-        output = producer(rows["input_ids"].to(device), hidden, positions)  # (n, T, H)
-    return snapshot_cast(output, dtype).cpu()
+        output = producer(on_device(rows["input_ids"]), hidden, positions)  # (n, T, H)
+    return to_host(snapshot_cast(output, dtype))
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the CPU: itself there; from a GPU through a page-locked buffer, the copy waited for."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()  # the writer reads it next
+    return host
 
 
 def snapshot_cast(hidden: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -168,12 +168,16 @@ class BenchPlan:
         return micro_batches(self.warmup, self.steps, self.device) if self.device == "cpu" else None
 
     def job_config(self, mode: str, prefix: int) -> dict[str, Any]:
-        """The run config a pipeline job of this shape would get (``JobContext.config``)."""
+        """The run config a pipeline job of this shape would get (``JobContext.config``); p and r only where ``mode``
+        uses them (the config refuses a setting its mode does nothing with)."""
+        from segprop_ray.config.segprop import unused_settings
+
+        segprop = {"mode": mode, "base_depth": prefix, "last_layers": self.r}
         return {
             "run_dir": self.run_dir,
             "model": self.model_dir,
             "data": {"train": str(Path(self.work_dir) / "unused-train.jsonl"), "seq_len": self.seq, "shuffle": True},
-            "segprop": {"mode": mode, "base_depth": prefix, "last_layers": self.r},
+            "segprop": {key: value for key, value in segprop.items() if key not in unused_settings(mode)},
             "training": {"learning_rate": self.lr, "max_steps": self.profiled_step or self.warmup + self.steps, "bf16": True,
                          "per_device_train_batch_size": self.batch, "per_device_eval_batch_size": self.batch,
                          "max_grad_norm": self.max_grad_norm, "loss_chunk_tokens": self.loss_chunk_tokens,

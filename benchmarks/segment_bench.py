@@ -131,7 +131,7 @@ def job(plan: BenchPlan, name: str):
     from segprop_ray.pipeline.context import JobContext
 
     spec = VARIANTS[name]
-    config = plan.job_config("segprop", plan.prefix)
+    config = plan.job_config(spec["segprop"].get("mode", "segprop"), plan.prefix)
     config["segprop"].update(spec["segprop"])
     config["training"].update(spec.get("training", {}))
     blocks = {"train": plan.train_blocks, "eval": plan.eval_blocks}

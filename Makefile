@@ -32,8 +32,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 	$(MAKE) test-compat
 
-# The split/export/head-loss tests again on transformers 4.57 (the decoder-layer call changed in 5.x), from a side
-# directory shadowing the venv's transformers 5.
+# The split/export/head-loss tests and the sublayer halves' coverage of every family again on transformers 4.57 (the
+# decoder-layer call and some module names changed in 5.x), from a side directory shadowing the venv's transformers 5.
 # SEGPROP_EXPECT_TRANSFORMERS makes the run stop at once unless it imported exactly that transformers (tests/conftest.py),
 # so a shadowing that fails cannot rerun 5.x and pass.
 TF4 := $(VENV)/transformers4
@@ -44,7 +44,8 @@ $(TF4)/.installed: $(STAMP)
 
 test-compat: $(TF4)/.installed
 	PYTHONPATH=$(TF4) SEGPROP_EXPECT_TRANSFORMERS=$(TF4_VERSION) $(BIN)/python -m pytest -q -p no:cacheprovider \
-		tests/test_core_split.py tests/test_core_export.py tests/test_core_head_loss.py
+		tests/test_core_split.py tests/test_core_export.py tests/test_core_head_loss.py \
+		tests/test_core_segments.py::test_every_described_family_has_halves_that_cover_its_layers
 
 # Everything but the tests marked slow.
 test-fast: $(STAMP)

@@ -1,4 +1,5 @@
-"""LM-head loss: the plain cross-entropy against the project's chunked one, one forward + backward each.
+"""LM-head loss: the plain cross-entropy against the project's chunked one (and, with ``--fused``, the fused
+kernel of ``training.head_loss: fused``), one forward + backward each.
 
 For each chunk size: median time of a forward + backward, the peak memory above what was allocated
 before it (CUDA ``max_memory_allocated``; on CPU the profiler's highest net allocation), and how far
@@ -7,6 +8,7 @@ costs and saves on a card, without a whole training step around it. Never import
 
     python benchmarks/bench_head_loss.py                                  # CPU, a small head
     python benchmarks/bench_head_loss.py --device cuda --shape llama1b    # 8,192 tokens x 2,048 x 128,256
+    python benchmarks/bench_head_loss.py --device cuda --shape llama1b --fused   # + Liger's fused kernel
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_probes import max_net_allocated, peak_since_reset, reset_peak, sync  # noqa: E402
 from bench_setup import SHAPE_DEFAULTS, shape_dict  # noqa: E402
-from segprop_ray.core.head_loss import chunk_tokens_for, linear_cross_entropy  # noqa: E402
+from segprop_ray.core.fused_head_loss import fused_linear_cross_entropy, fused_unavailable  # noqa: E402
+from segprop_ray.core.head_loss import LogitMath, chunk_tokens_for, linear_cross_entropy  # noqa: E402
 from segprop_ray.core.optim import autocast_context  # noqa: E402
 
 
@@ -43,6 +46,11 @@ def plain(hidden, weight, targets):
 
 def chunked(chunk: int) -> Callable:
     return lambda hidden, weight, targets: linear_cross_entropy(hidden, weight, None, targets, chunk)
+
+
+def fused(hidden, weight, targets):
+    """The fused kernel as ``training.head_loss: fused`` runs it: the sum over tokens over their count (the mean)."""
+    return fused_linear_cross_entropy(hidden, weight, None, targets, targets.numel(), LogitMath())
 
 
 def one_pass(fn: Callable, hidden, weight, targets, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -94,9 +102,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", default=None, help=f"one of {sorted(SHAPE_DEFAULTS)} (default: cpu_small / llama1b)")
     parser.add_argument("--chunks", default="256,1024,0,4096", help="chunk sizes in tokens (0: the default)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--fused", action="store_true", help="add a row for the fused kernel (CUDA, liger-kernel)")
     parser.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    why_not = fused_unavailable(device) if args.fused else None
+    if why_not:
+        raise SystemExit(f"bench_head_loss.py: --fused: the fused kernel cannot run here: {why_not}")
     shape = args.shape or ("llama1b" if device.type == "cuda" else "cpu_small")
     tokens, hidden_size, vocab = head_shape(shape)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -111,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         size = chunk or chunk_tokens_for(vocab)
         label = f"chunked {size}" + (" (default)" if not chunk else "")
         records.append(measure(label, chunked(size), tensors, device, reference, args.repeats)[0])
+    if args.fused:
+        records.append(measure("fused (liger-kernel)", fused, tensors, device, reference, args.repeats)[0])
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "shape": shape,
               "tokens": tokens, "hidden": hidden_size, "vocab": vocab, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d")}

@@ -124,6 +124,8 @@ class BenchPlan:
     lr: float = 1e-6
     max_grad_norm: float = 1.0
     loss_chunk_tokens: int = 0
+    head_loss: str = "auto"
+    """``training.head_loss`` of the jobs: ``auto``, ``chunked`` or ``fused`` (Liger Kernel, CUDA)."""
     threads: int = 0
     snap_files: int = 1
     """Files the snap_write variant writes at once (as ``resources.snapshot.files_per_actor``)."""
@@ -168,15 +170,20 @@ class BenchPlan:
         return micro_batches(self.warmup, self.steps, self.device) if self.device == "cpu" else None
 
     def job_config(self, mode: str, prefix: int) -> dict[str, Any]:
-        """The run config a pipeline job of this shape would get (``JobContext.config``)."""
+        """The run config a pipeline job of this shape would get (``JobContext.config``); p and r only where ``mode``
+        uses them (the config refuses a setting its mode does nothing with)."""
+        from segprop_ray.config.segprop import unused_settings
+
+        segprop = {"mode": mode, "base_depth": prefix, "last_layers": self.r}
         return {
             "run_dir": self.run_dir,
             "model": self.model_dir,
             "data": {"train": str(Path(self.work_dir) / "unused-train.jsonl"), "seq_len": self.seq, "shuffle": True},
-            "segprop": {"mode": mode, "base_depth": prefix, "last_layers": self.r},
+            "segprop": {key: value for key, value in segprop.items() if key not in unused_settings(mode)},
             "training": {"learning_rate": self.lr, "max_steps": self.profiled_step or self.warmup + self.steps, "bf16": True,
                          "per_device_train_batch_size": self.batch, "per_device_eval_batch_size": self.batch,
                          "max_grad_norm": self.max_grad_norm, "loss_chunk_tokens": self.loss_chunk_tokens,
+                         "head_loss": self.head_loss,
                          "logging_steps": 1, "save_steps": 1_000_000, "max_eval_blocks": self.batch, "seed": 0},
             "snapcheck": {"dtype": "bf16", "rows_per_group": self.group_size,
                           "groups_per_file": self.groups_per_file},
@@ -206,7 +213,8 @@ def make_plan(args: Any, work_dir: Path) -> BenchPlan:
                      warmup=args.warmup, prefix=prefix, r=args.r, num_layers=n, hidden_size=hidden,
                      group_size=group, groups_per_file=args.groups_per_file, train_blocks=train_blocks,
                      eval_blocks=args.batch, work_dir=str(work_dir), lr=args.lr, max_grad_norm=args.max_grad_norm,
-                     loss_chunk_tokens=args.loss_chunk_tokens, threads=args.threads,
+                     loss_chunk_tokens=args.loss_chunk_tokens, head_loss=getattr(args, "head_loss", "auto"),
+                     threads=args.threads,
                      snap_files=getattr(args, "snap_files", 1))
 
 

@@ -27,6 +27,10 @@ extra step (``TensorPeakProbe``). Repeats are interleaved and the best median st
 
   python benchmarks/segment_bench.py                 # CPU, cpu_small shape, about 5 minutes on 2 cores
   python benchmarks/segment_bench.py --device cuda --shape llama1b
+  python benchmarks/segment_bench.py --device cuda --shape llama1b --variants seg_k1 --head-loss fused   # vs chunked
+
+``--head-loss`` is the jobs' ``training.head_loss`` (``auto``: the fused kernel where it runs); each record says
+which loss its segment ran (``head_loss``).
 """
 
 from __future__ import annotations
@@ -87,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--work-dir", default=None, help="where the model and shards go (default: the system's temp dir)")
+    ap.add_argument("--head-loss", choices=["auto", "chunked", "fused"], default="auto",
+                    help="training.head_loss of every variant (fused: Liger Kernel on CUDA)")
     args = ap.parse_args(argv)
     args.shape = args.shape or ("llama1b" if args.device == "cuda" else "cpu_small")
     defaults = SHAPE_DEFAULTS.get(args.shape, SHAPE_DEFAULTS["llama1b"])
@@ -131,7 +137,7 @@ def job(plan: BenchPlan, name: str):
     from segprop_ray.pipeline.context import JobContext
 
     spec = VARIANTS[name]
-    config = plan.job_config("segprop", plan.prefix)
+    config = plan.job_config(spec["segprop"].get("mode", "segprop"), plan.prefix)
     config["segprop"].update(spec["segprop"])
     config["training"].update(spec.get("training", {}))
     blocks = {"train": plan.train_blocks, "eval": plan.eval_blocks}
@@ -181,11 +187,18 @@ def run_one(plan: BenchPlan, name: str) -> dict[str, Any]:
             build_s = time.perf_counter() - start
             result = train_timed(plan, run.loop, run.model, device)
             result["build_s"] = round(build_s, 3)
+            result["head_loss"] = head_loss_ran(run.model)
             label, optimizer = run.it.label, optimizer_bytes(run.loop.optimizer)
     result.update(variant=name, label=label, peak_bytes=peak_since_reset(device), cap_gib=cap or None,
                   process_max_rss_bytes=process_max_rss(), baseline_rss_bytes=baseline,
                   load_avg=[load_before, load_average()], threads=plan.threads, optimizer_state_bytes=optimizer)
     return result
+
+
+def head_loss_ran(model) -> str | None:
+    """The LM-head loss the segment resolved ``training.head_loss`` to (``chunked`` or ``fused``; None: no head)."""
+    head = getattr(getattr(model, "module", model), "head", None)
+    return getattr(head, "loss_kind", None)
 
 
 def optimizer_bytes(optimizer) -> int:
@@ -258,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"date": datetime.date.today().isoformat(), "command": "python benchmarks/segment_bench.py " + " ".join(argv),
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "shape": args.shape,
             "seq": args.seq, "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "prefix": args.prefix,
-            "r": args.r, "threads": args.threads, "cap_gib": args.cap_gib or None,
+            "r": args.r, "threads": args.threads, "cap_gib": args.cap_gib or None, "head_loss": args.head_loss,
             "load_at_start": os.getloadavg()[0]}
     startup_counts = {shape: startups(*layout) for shape, layout in STARTUP_SHAPES.items()}
 

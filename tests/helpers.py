@@ -27,13 +27,20 @@ def corpus_blocks(num_blocks: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(stream[: num_blocks * seq_len]).view(num_blocks, seq_len)  # (N, T)
 
 
+def _segprop_defaults(mode: str) -> dict[str, int]:
+    """p = 1 and r = 2, as far as ``mode`` uses them (a setting a mode does nothing with is refused)."""
+    from segprop_ray.config.segprop import unused_settings
+
+    return {k: v for k, v in {"base_depth": 1, "last_layers": 2}.items() if k not in unused_settings(mode)}
+
+
 def make_config(model_dir: Path | str, **sections: Any) -> Config:
     """A validated config for ``model_dir`` with small defaults, sections overridden by keyword."""
     raw: dict[str, Any] = {
         "run_dir": "unused",
         "model": str(model_dir),
         "data": {"train": "unused", "seq_len": 16},
-        "segprop": {"base_depth": 1, "last_layers": 2},
+        "segprop": _segprop_defaults(sections.get("segprop", {}).get("mode", "segprop")),
         "training": {"learning_rate": 1e-2, "max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 2},
         "snapcheck": {"rows_per_group": 4},
     }

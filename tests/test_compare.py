@@ -46,10 +46,11 @@ def base_config(tmp_path: Path, inputs, **sections) -> Path:
 
 # -- run specs --------------------------------------------------------------------------------------
 def test_run_specs_in_text_and_in_a_spec_file(tmp_path, inputs):
-    deep = parse_run("segprop:p=18,r=4,training.learning_rate=1e-4,data.train=[a.jsonl,b.jsonl],name=deep")
-    assert (deep.mode, deep.p, deep.r, deep.name) == ("segprop", 18, 4, "deep")
+    deep = parse_run("segprop:p=18,ll=4,training.learning_rate=1e-4,data.train=[a.jsonl,b.jsonl],name=deep")
+    assert (deep.mode, deep.p, deep.ll, deep.name) == ("segprop", 18, 4, "deep")
     assert deep.set == ["training.learning_rate=1e-4", "data.train=[a.jsonl,b.jsonl]"]  # a comma inside a value stays
-    assert [parse_run(t).default_name() for t in ("segprop:p=1", "lw:p=2,r=0", "e2e")] == ["segprop-p1", "lw-p2-r0", "e2e"]
+    names = [parse_run(t).default_name() for t in ("segprop:p=1", "segprop:ll=0,p=2", "lora:lora_r=16", "e2e")]
+    assert names == ["segprop-p1", "segprop-p2-ll0", "lora-lora_r16", "e2e"]
     base_config(tmp_path, inputs)
     spec = tmp_path / "set.yaml"
     spec.write_text(yaml.safe_dump({"config": "run.yaml", "out": "cmp", "set": ["training.max_steps=3"],
@@ -71,6 +72,13 @@ def test_run_specs_in_text_and_in_a_spec_file(tmp_path, inputs):
 
 
 BAD_SETS = [
+    (["--runs", "lora:r=16"], "run 'lora:r=16': key 'r' is ambiguous: write ll=N for the last layers "
+                              "(segprop.last_layers, the paper's r) or lora_r=N for the LoRA rank (segprop.adapter.r)"),
+    (["--runs", "e2e:p=0"], "run 'e2e:p=0': p=0 (segprop.base_depth) does nothing in mode e2e; leave it out"),
+    (["--runs", "lw:p=1,ll=2"], "run 'lw:p=1,ll=2': ll=2 (segprop.last_layers) does nothing in mode lw; leave it out"),
+    (["--runs", "lora:segprop.base_depth=1"], "run 'lora': config: segprop: base_depth = 1 does nothing in "
+                                              "mode lora"),
+    (["--runs", "e2e:lora_r=4"], "run 'e2e-lora_r4': config: segprop: adapter with mode e2e: use mode lora"),
     (["--runs", "segprop:p=0", "--runs", "foo:p=1"], "run 'foo-p1': config: segprop.mode: Input should be 'segprop', "
                                                      "'lw', 'e2e' or 'lora' (got 'foo')"),
     (["--runs", "e2e", "--runs", "segprop:p=2"], "run 'segprop-p2' (segprop:p=2): segprop.base_depth + "
@@ -93,6 +101,20 @@ def test_bad_set_is_refused_in_one_line_before_any_run(tmp_path, capsys, monkeyp
     code, _, err = run_cli(capsys, "compare", str(config), "--out", str(tmp_path / "cmp"), *args)
     assert code == 2 and message in one_line_error(err)
     assert not (tmp_path / "cmp" / "runs").exists()
+
+
+def test_short_keys_set_what_they_name_and_the_shared_config_gives_a_mode_only_what_it_uses(tmp_path, inputs):
+    """``lora_r`` is the LoRA rank; p and last layers from the shared config (or set-wide overrides) are taken back to
+    their defaults for the modes that do nothing with them, instead of refusing those runs."""
+    config = base_config(tmp_path, inputs, segprop={"base_depth": 1, "last_layers": 1})
+    compare = load_compare(config, runs=["lora:lora_r=16", "segprop:ll=0,lora_r=4", "lw", "e2e"],
+                           out=str(tmp_path / "cmp"), overrides=["segprop.segment_layers=2"])
+    runs = {run.name: run.cfg.segprop for run in compare.runs}
+    assert list(runs) == ["lora-lora_r16", "segprop-ll0-lora_r4", "lw", "e2e"]
+    assert runs["lora-lora_r16"].adapter_spec().r == 16 and runs["segprop-ll0-lora_r4"].adapter_spec().r == 4
+    shape = {name: (s.base_depth, s.last_layers, s.effective_last_layers, s.segment_layers) for name, s in runs.items()}
+    assert shape == {"lora-lora_r16": (0, 2, 0, 1), "segprop-ll0-lora_r4": (1, 0, 0, 2), "lw": (1, 2, 0, 2),
+                     "e2e": (0, 2, 0, 1)}
 
 
 def test_no_compare_directory_is_refused(tmp_path, inputs):

@@ -68,9 +68,16 @@ def test_overrides_parse_yaml_values(tmp_path):
     (MINIMAL, ["snapcheck.read_threads=0"], "snapcheck.read_threads: Input should be greater than or equal to 1"),
     (MINIMAL, ["segprop.granularity=sublayer", "segprop.segment_layers=2"], "granularity sublayer trains the halves "
      "of one layer at a time: it needs segment_layers 1"),
-    (MINIMAL, ["segprop.mode=e2e", "segprop.segment_layers=2"], "segment_layers and granularity apply to Stage 2, "
-     "which mode e2e does not have"),
+    (MINIMAL, ["segprop.mode=e2e", "segprop.segment_layers=2"], "segprop: segment_layers = 2 does nothing in mode "
+     "e2e: it trains every layer at once, with no base prefix, LL or Stage 2; leave it out"),
+    (MINIMAL, ["segprop.mode=e2e", "segprop.base_depth=3"], "segprop: base_depth = 3 does nothing in mode e2e"),
+    (MINIMAL, ["segprop.mode=lora", "segprop.last_layers=4"], "segprop: last_layers = 4 does nothing in mode lora: it "
+     "trains LoRA adapters on every layer at once"),
+    (MINIMAL, ["segprop.mode=lw", "segprop.last_layers=4"], "segprop: last_layers = 4 does nothing in mode lw: its LL "
+     "is the LM head alone (r = 0); leave it out"),
     (MINIMAL, ["segprop.mode=e2e", "segprop.adapter={r: 4}"], "adapter with mode e2e: use mode lora"),
+    (MINIMAL, ["segprop.mode=lw", "segprop.adapter={r: 4}"], "segprop: adapter with mode lw: lw's LL is the LM head "
+     "alone, which adapters leave frozen"),
     (MINIMAL, ["segprop.adapter={type: ia3}"], "segprop.adapter.type: Input should be 'lora'"),
     (MINIMAL, ["training.optim=adafactor"], "training.optim: Input should be 'adamw_torch' or 'adamw_8bit'"),
     (MINIMAL, ["training.head_loss=liger"], "training.head_loss: Input should be 'auto', 'chunked' or 'fused'"),
@@ -80,6 +87,15 @@ def test_bad_configs_give_one_line_errors(raw, overrides, message):
         validate_config(apply_overrides(raw, overrides))
     text = str(err.value)
     assert message in text and "\n" not in text
+
+
+def test_defaults_of_settings_a_mode_does_not_use_are_accepted_and_survive_the_trip_to_the_workers():
+    """A config travels to the workers as a full dump (every default written out): it must validate again."""
+    for mode in ("e2e", "lora", "lw"):
+        cfg = validate_config({**MINIMAL, "segprop": {"mode": mode}})
+        assert validate_config(cfg.model_dump(mode="json")) == cfg
+    lw = validate_config({**MINIMAL, "segprop": {"mode": "lw", "base_depth": 3}})  # lw uses p
+    assert (lw.segprop.base_depth, lw.segprop.effective_last_layers) == (3, 0)
 
 
 def test_base_depth_plus_last_layers_checked_against_model():

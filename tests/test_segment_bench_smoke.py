@@ -24,6 +24,7 @@ def test_moonshot_script_dry_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "BENCH_WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
            "DEVICE": "cpu", "SHAPE": "tiny", "CAP_GIB": "0", "VARIANTS": ",".join([*LABELS, "stage1_8bit"]),
+           "HEAD_LOSS": "chunked",
            "BENCH_ARGS": "--seq 32 --batch 2 --steps 1 --warmup 1"}
     proc = subprocess.Popen(["bash", "benchmarks/gpu_moonshot.sh"], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -37,6 +38,8 @@ def test_moonshot_script_dry_run(tmp_path: Path) -> None:
     records = {record["variant"]: record for record in report["records"]}
     for name, label in LABELS.items():
         assert records[name]["label"] == label and records[name]["tokens_per_s"] > 0, name
+        assert records[name]["head_loss"] == "chunked", name
+    assert report["meta"]["head_loss"] == "chunked"
     trainable = {name: records[name]["trainable_params"] for name in ("seg_k1", "seg_k4", "sub_attn", "sub_mlp",
                                                                       "lora_seg")}
     assert trainable["seg_k4"] > trainable["seg_k1"] > max(trainable["sub_attn"], trainable["sub_mlp"])
@@ -44,3 +47,18 @@ def test_moonshot_script_dry_run(tmp_path: Path) -> None:
     assert "runs on CUDA only" in records["stage1_8bit"]["error"]  # no 8-bit AdamW on CPU: refused, in the record
     assert report["startups"]["mistral7b"] == {"segment_layers 1": 29, "segment_layers 2": 15, "segment_layers 4": 8,
                                                "sublayer": 57, "lora e2e": 1}
+
+
+def test_head_loss_switch_reaches_the_run_config_of_every_variant(tmp_path: Path, monkeypatch) -> None:
+    """``--head-loss`` is what every variant's job config says (the moonshot's 1B fused-vs-chunked rows rest on it),
+    and each variant's config validates (p and r only where its mode uses them)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_setup
+    import segment_bench
+
+    for choice in ("fused", "chunked"):
+        plan = bench_setup.make_plan(segment_bench.parse_args(["--shape", "tiny", "--head-loss", choice]), tmp_path)
+        for name, spec in segment_bench.VARIANTS.items():
+            if not spec.get("snapshot"):
+                assert segment_bench.job(plan, name).cfg.training.head_loss == choice, name
+    assert segment_bench.parse_args(["--shape", "tiny"]).head_loss == "auto"  # the config's own default

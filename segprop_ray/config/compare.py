@@ -1,11 +1,18 @@
 """``segprop compare``: a set of runs on the same model and data, each in a run directory of its own, as data.
 
 A run is written ``MODE[:KEY=VALUE,...]`` on the command line (``segprop:p=1``, ``lw:p=18``, ``e2e``,
-``segprop:p=18,r=4,training.learning_rate=1e-4,name=deep-lr``) or as a mapping under ``runs:`` in a
-compare spec. ``p`` is ``segprop.base_depth``, ``r`` is ``segprop.last_layers``, ``name`` names the
-run's directory (``<out>/runs/<name>``), any other key is a config field as ``--set`` takes it. The
-mode is any mode the config accepts. Every run is checked here, before any work: a bad value, an
-unknown mode, a duplicate name or a run on other data than the rest is refused in one line.
+``lora:lora_r=16``, ``segprop:p=18,ll=4,training.learning_rate=1e-4,name=deep-lr``) or as a mapping under
+``runs:`` in a compare spec. The short keys are :data:`RUN_KEYS`: ``p`` is ``segprop.base_depth``, ``ll`` is
+``segprop.last_layers`` (the paper's r), ``lora_r`` is the LoRA rank ``segprop.adapter.r`` (PEFT's r); a bare
+``r`` would mean one to a reader of the paper and the other to a PEFT user, so it is refused. ``name`` names the
+run's directory (``<out>/runs/<name>``), any other key is a config field as ``--set`` takes it. The mode is any
+mode the config accepts.
+
+Every run starts from the one config: a setting of the segmented algorithm that the run's mode does nothing with
+(``segprop.base_depth`` for ``e2e`` and ``lora``, ``segprop.last_layers`` for them and ``lw``, see
+:data:`~segprop_ray.config.segprop.USED_BY`) is taken back to its default for that run when the config or the
+set-wide overrides give it, and refused when the run itself does. Every run is checked here, before any work: a
+bad value, an unknown mode, a duplicate name or a run on other data than the rest is refused in one line.
 """
 
 from __future__ import annotations
@@ -17,14 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from segprop_ray.config.loading import ConfigError, format_validation_error, load_config
 from segprop_ray.config.schema import Config
+from segprop_ray.config.segprop import USED_BY, SegPropConfig, unused_settings
 from segprop_ray.config.training import Strict
+from segprop_ray.core.plan import MODES
 
-RUN_KEYS = {"p": "segprop.base_depth", "r": "segprop.last_layers"}
-"""Short keys of a run spec -> the config field each sets."""
+RUN_KEYS = {"p": "segprop.base_depth", "ll": "segprop.last_layers", "lora_r": "segprop.adapter.r"}
+"""Short keys of a run spec -> the config field each sets (in this order in a run's default name)."""
+AMBIGUOUS_KEYS = {"r": "write ll=N for the last layers (segprop.last_layers, the paper's r) or lora_r=N for the "
+                       "LoRA rank (segprop.adapter.r)"}
+"""Keys a run spec refuses, with what to write instead."""
 SET_BY_COMPARE = ("run_dir", "segprop.mode")
 """Fields the comparison sets itself (the run's directory under ``out``, the run's mode): never overridden."""
 SHARED_SETTINGS = ("model", "data", "evaluation", "storage_options", "resources.address", "resources.num_cpus")
@@ -41,22 +53,46 @@ class RunSpec(Strict):
     """The run's ``segprop.mode`` (``segprop``, ``lw``, ``e2e``, or any other the config accepts)."""
     p: int | None = None
     """``segprop.base_depth`` (None: the config's)."""
-    r: int | None = None
-    """``segprop.last_layers`` (None: the config's)."""
+    ll: int | None = None
+    """``segprop.last_layers``, the paper's r (None: the config's)."""
+    lora_r: int | None = None
+    """``segprop.adapter.r``, the LoRA rank (None: the config's; given, the run trains LoRA adapters)."""
     name: str | None = None
-    """The run's directory name under ``<out>/runs`` and its column in the report (default: mode, p and r)."""
+    """The run's directory name under ``<out>/runs`` and its column in the report (default: the mode and the short
+    keys given)."""
     set: list[str] = []
     """Further ``KEY=VALUE`` config overrides of this run only."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_ambiguous_key(cls, data: Any) -> Any:
+        for key, hint in AMBIGUOUS_KEYS.items():
+            if isinstance(data, dict) and key in data:
+                raise ValueError(f"key {key!r} is ambiguous: {hint}")
+        return data
+
+    def check_keys_fit_the_mode(self) -> None:
+        """A one-line ConfigError for a short key whose setting the run's mode does nothing with (``e2e:p=3``)."""
+        for key, value in self.short_keys():
+            setting = RUN_KEYS[key].removeprefix("segprop.")
+            if self.mode in MODES and setting in USED_BY and setting in unused_settings(self.mode):
+                raise ConfigError(f"run {_spec_text(self)!r}: {key}={value} ({RUN_KEYS[key]}) does nothing in mode "
+                                  f"{self.mode}; leave it out")
+
+    def short_keys(self) -> list[tuple[str, int]]:
+        """The short keys given, with their values, in :data:`RUN_KEYS` order."""
+        return [(key, getattr(self, key)) for key in RUN_KEYS if getattr(self, key) is not None]
+
     def default_name(self) -> str:
-        """``segprop-p1-r2``, ``lw-p18``, ``e2e``: the mode and the short keys given."""
-        given = [f"{key}{value}" for key, value in (("p", self.p), ("r", self.r)) if value is not None]
-        return "-".join([self.mode, *given])
+        """``segprop-p1-ll2``, ``lw-p18``, ``lora-lora_r16``, ``e2e``: the mode and the short keys given."""
+        return "-".join([self.mode, *(f"{key}{value}" for key, value in self.short_keys())])
 
     def overrides(self) -> list[str]:
-        """The run's ``--set`` overrides: its mode, p and r, then its own."""
+        """The run's ``--set`` overrides: its mode, the settings its mode does nothing with back at their defaults
+        (whatever the config gave them), its short keys, then its own."""
         fields = [f"segprop.mode={self.mode}"]
-        fields += [f"{RUN_KEYS[key]}={value}" for key, value in (("p", self.p), ("r", self.r)) if value is not None]
+        fields += [f"segprop.{name}={SegPropConfig.model_fields[name].default}" for name in unused_settings(self.mode)]
+        fields += [f"{RUN_KEYS[key]}={value}" for key, value in self.short_keys()]
         return fields + list(self.set)
 
 
@@ -103,8 +139,11 @@ def parse_run(text: str) -> RunSpec:
     for item in (part.strip() for part in _ITEM_SPLIT.split(rest) if part.strip()):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or not key:
-            raise ConfigError(f"run {text!r}: {item!r} is not KEY=VALUE (keys: p, r, name or a config field)")
-        if key in ("p", "r", "name"):
+            raise ConfigError(f"run {text!r}: {item!r} is not KEY=VALUE (keys: {', '.join(RUN_KEYS)}, name or a "
+                              "config field)")
+        if key in AMBIGUOUS_KEYS:
+            raise ConfigError(f"run {text!r}: key {key!r} is ambiguous: {AMBIGUOUS_KEYS[key]}")
+        if key in (*RUN_KEYS, "name"):
             fields[key] = value
         else:
             fields["set"].append(f"{key}={value}")
@@ -176,6 +215,7 @@ def _resolve(config: Path, specs: list[RunSpec], out: str, overrides: list[str])
     _check_names(names)
     runs = []
     for name, spec in zip(names, specs):
+        spec.check_keys_fit_the_mode()
         _refuse_reserved(f"run {name!r}", spec.set)
         run_overrides = [*overrides, *spec.overrides(), f"run_dir={out.rstrip('/')}/runs/{name}"]
         try:
@@ -192,7 +232,8 @@ def _resolve(config: Path, specs: list[RunSpec], out: str, overrides: list[str])
 
 def _spec_text(spec: RunSpec) -> str:
     """The run as ``MODE[:KEY=VALUE,...]`` text (its name included)."""
-    items = [f"{key}={value}" for key, value in (("p", spec.p), ("r", spec.r), ("name", spec.name)) if value is not None]
+    items = [f"{key}={value}" for key, value in spec.short_keys()]
+    items += [f"name={spec.name}"] if spec.name is not None else []
     items += spec.set
     return spec.mode + (":" + ",".join(items) if items else "")
 

@@ -7,61 +7,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from segprop_ray.config.adapter import AdapterConfig
 from segprop_ray.config.data import DataConfig
 from segprop_ray.config.placement import CpuWorkResources, ExportResources, StageModel, task_options
+from segprop_ray.config.segprop import SegPropConfig
 from segprop_ray.config.training import TRAINING_FIELDS, Strict, TrainingConfig
 from segprop_ray.storage.shard_sinks import WriteOptions
-from segprop_ray.core.adapter_spec import LoraSpec
 from segprop_ray.core.plan import MODES, SegPropPlan
-
-
-class SegPropConfig(Strict):
-    """The algorithm: which layers form the base prefix, which form LL, how Stage 2 is segmented, and which mode
-    runs."""
-
-    mode: Literal["segprop", "lw", "e2e", "lora"] = "segprop"
-    """``segprop`` (the paper), ``lw`` (layer-wise, LM head only, i.e. r = 0), ``e2e`` (full fine-tuning) or
-    ``lora`` (end-to-end LoRA fine-tuning: ``adapter``, PEFT's default LoRA when unset)."""
-    base_depth: int = Field(0, ge=0)
-    """p: Stage 1 trains decoder layers 0..p (inclusive) with LL; Stage 2 starts at layer p + 1."""
-    last_layers: int = Field(2, ge=0)
-    """r: decoder layers in LL (the last r layers, plus final norm and LM head); forced to 0 in ``lw`` mode."""
-    ll_baseline: Literal["input", "stage1"] = "input"
-    """Weights LL's decoder layers are reset to at the start of every Stage 2 iteration:
-    the input model's (``input``) or those trained in Stage 1 (``stage1``)."""
-    segment_layers: int = Field(1, ge=1)
-    """k: consecutive middle layers each Stage 2 iteration trains together with LL (the last segment may be
-    shorter). Snapshots and exits exist only at segment boundaries; k times fewer Ray Train start-ups for k times
-    the trainable set."""
-    granularity: Literal["layer", "sublayer"] = "layer"
-    """``sublayer``: every middle layer is two Stage 2 iterations, its attention half then its MLP half (each with
-    its norm; the other half frozen), both reading the same snapshot (needs ``segment_layers`` 1)."""
-    adapter: AdapterConfig | None = None
-    """LoRA adapters trained in Stage 1 and every Stage 2 iteration instead of full weights, merged into the
-    committed layers and exits (``mode: lora``: the adapter of the LoRA baseline)."""
-
-    def adapter_spec(self) -> LoraSpec | None:
-        """The adapter the run trains: ``adapter``, PEFT's default LoRA in ``lora`` mode when unset, else None."""
-        if self.adapter is not None:
-            return self.adapter.spec()
-        return LoraSpec() if self.mode == "lora" else None
-
-    @model_validator(mode="after")
-    def _segments_fit_the_mode(self) -> "SegPropConfig":
-        end_to_end = MODES[self.mode].end_to_end
-        if end_to_end and (self.segment_layers != 1 or self.granularity != "layer"):
-            raise ValueError(f"segment_layers and granularity apply to Stage 2, which mode {self.mode} does not have")
-        if self.granularity == "sublayer" and self.segment_layers != 1:
-            raise ValueError("granularity sublayer trains the halves of one layer at a time: it needs segment_layers 1")
-        if self.mode == "e2e" and self.adapter is not None:
-            raise ValueError("adapter with mode e2e: use mode lora for end-to-end LoRA fine-tuning")
-        return self
-
-    @property
-    def effective_last_layers(self) -> int:
-        """r as the algorithm uses it: 0 in ``lw`` mode (and in the end-to-end modes)."""
-        return self.last_layers if MODES[self.mode].uses_last_layers else 0
 
 
 class LayerExitConfig(Strict):

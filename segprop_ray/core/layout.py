@@ -73,7 +73,10 @@ class LayerHalves:
     with the norms it applies: what a ``granularity: sublayer`` iteration trains of the layer, the rest frozen."""
 
     attn: tuple[str, ...]
+    """Submodules of the attention half (its norm, the attention)."""
     mlp: tuple[str, ...]
+    """Submodules of the MLP half. A name a layer lacks is skipped, so one entry can list the names a module has had
+    across transformers releases; :func:`check_halves` still requires every parameter to fall in one half."""
 
     def of(self, part: str) -> tuple[str, ...]:
         """The submodules of half ``part`` (``attn`` or ``mlp``)."""
@@ -130,6 +133,9 @@ _ROPE_DECODER = dict(
     embed="model.embed_tokens", layers="model.layers", norm="model.norm", rotary="model.rotary_emb"
 )
 _SEQUENTIAL_HALVES = LayerHalves(attn=("input_layernorm", "self_attn"), mlp=("post_attention_layernorm", "mlp"))
+_MIXTRAL_HALVES = LayerHalves(attn=("input_layernorm", "self_attn"),
+                              mlp=("post_attention_layernorm", "mlp", "block_sparse_moe"))
+"""Mixtral's MoE block is ``block_sparse_moe`` in transformers 4.x and ``mlp`` in 5.x: both names are its MLP half."""
 _GEMMA2_HALVES = LayerHalves(attn=("input_layernorm", "self_attn", "post_attention_layernorm"),
                              mlp=("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"))
 _ROPE_DECODER_HALVES = dict(_ROPE_DECODER, halves=_SEQUENTIAL_HALVES)
@@ -138,7 +144,8 @@ _GEMMA = ModelMath(**_GEMMA_EMBED, softcap_field="final_logit_softcapping")
 
 LAYOUTS: dict[str, ArchLayout] = {
     **{family: ArchLayout(family, **_ROPE_DECODER_HALVES) for family in
-       ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "mixtral", "qwen3_moe")},
+       ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "qwen3_moe")},
+    "mixtral": ArchLayout("mixtral", **_ROPE_DECODER, halves=_MIXTRAL_HALVES),
     "gemma": ArchLayout("gemma", **_ROPE_DECODER_HALVES, math=ModelMath(**_GEMMA_EMBED)),
     "gemma2": ArchLayout("gemma2", **_ROPE_DECODER, math=_GEMMA, halves=_GEMMA2_HALVES),
     "gemma3_text": ArchLayout("gemma3_text", **_ROPE_DECODER, math=_GEMMA, halves=_GEMMA2_HALVES),

@@ -3,15 +3,17 @@ stays under its size limit."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 from helpers import tiny_model_dir
 from segprop_ray.storage import node_cache
 from segprop_ray.storage.errors import StorageError
-from segprop_ray.storage.model_stage import STAGED_MARKER, stage_model, staged_copy, staged_dir
+from segprop_ray.storage.model_stage import STAGED_MARKER, content_identity, stage_model, staged_copy, staged_dir
 from segprop_ray.storage.models import resolve_model_dir
 
 
@@ -75,3 +77,50 @@ def test_the_node_cache_evicts_what_was_not_used_lately_and_refuses_past_its_lim
     monkeypatch.delenv(node_cache.LIMIT_ENV)
     node_cache.make_room(root, 10**12)  # no limit set: nothing happens
     assert recent.exists()
+
+
+def test_the_staged_copy_carries_its_content_identity_and_outlives_a_changed_origin(tmp_path, run_layout):
+    model = tiny_model_dir(tmp_path)
+    body = stage_model(str(model), run_layout)
+    weights = (model / "model.safetensors").read_bytes()
+    assert body["revision"] is None and body["sha256"]["model.safetensors"] == hashlib.sha256(weights).hexdigest()
+    assert body["identity"] == content_identity(body["sha256"], None)
+
+    (model / "model.safetensors").write_bytes(b"the origin changed after staging")  # a resumed run keeps the copy
+    assert stage_model(str(model), run_layout) == body == staged_copy(run_layout, str(model))
+    assert run_layout.fs.cat_file(f"{staged_dir(run_layout)}/model.safetensors") == weights
+
+
+class FakeHub:
+    """huggingface_hub's calls, offline: the repo's head moves to commit ``new`` after its revision was resolved."""
+
+    def __init__(self, model):
+        self.model, self.head, self.downloads = model, "old", []
+
+    def model_info(self, repo_id):
+        head, self.head = self.head, "new"  # a push lands right after staging resolved the revision
+        return type("Info", (), {"sha": head})()
+
+    def list_repo_files(self, repo_id, revision=None):
+        return sorted(p.name for p in self.model.iterdir()) + (["added-later.json"] if revision != "old" else [])
+
+    def download(self, repo_id, name, revision=None, local_dir=None):
+        self.downloads.append((name, revision))
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / name).write_bytes((self.model / name).read_bytes() if revision == "old" else b"new")
+        return str(Path(local_dir) / name)
+
+
+def test_a_hub_model_is_staged_at_one_commit(tmp_path, run_layout, monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHub(tiny_model_dir(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: hub)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.download)
+
+    body = stage_model("org/tiny-model", run_layout)
+
+    assert body["revision"] == "old" and {revision for _, revision in hub.downloads} == {"old"}
+    assert "added-later.json" not in body["files"]
+    assert run_layout.fs.cat_file(f"{staged_dir(run_layout)}/model.safetensors") == \
+        (hub.model / "model.safetensors").read_bytes()

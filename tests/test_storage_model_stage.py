@@ -124,3 +124,70 @@ def test_a_hub_model_is_staged_at_one_commit(tmp_path, run_layout, monkeypatch):
     assert "added-later.json" not in body["files"]
     assert run_layout.fs.cat_file(f"{staged_dir(run_layout)}/model.safetensors") == \
         (hub.model / "model.safetensors").read_bytes()
+
+
+def fetch_in_a_process(uri: str, log: str, start, out: str) -> None:
+    """A worker process on the node: resolve the S3 model (its weights downloads logged, made slow) and note what it got."""
+    import asyncio
+    import json
+
+    import s3fs
+
+    original = s3fs.S3FileSystem._get_file
+
+    async def logged(self, rpath, lpath, **kwargs):
+        with open(log, "a") as handle:
+            handle.write(f"{rpath}\n")
+        await asyncio.sleep(0.5)  # a large file: the other processes arrive while it downloads
+        return await original(self, rpath, lpath, **kwargs)
+
+    s3fs.S3FileSystem._get_file = logged
+    start.wait()
+    local = resolve_model_dir(uri)
+    Path(out).write_text(json.dumps({"dir": str(local), "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                                                                  for p in sorted(local.iterdir()) if p.is_file()}}))
+
+
+@pytest.mark.slow
+def test_processes_on_a_node_fetch_a_model_once(tmp_path, s3_bucket, monkeypatch):
+    import json
+    import multiprocessing
+
+    from segprop_ray.storage.fs import resolve_filesystem
+
+    model = tiny_model_dir(tmp_path)
+    fs, _ = resolve_filesystem(f"s3://{s3_bucket}")
+    for file in model.iterdir():
+        fs.put_file(str(file), f"{s3_bucket}/models/tiny/{file.name}")
+    monkeypatch.setenv("SEGPROP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(node_cache.LIMIT_ENV, "1")
+    spawn = multiprocessing.get_context("spawn")
+    start, log = spawn.Barrier(3), tmp_path / "downloads.log"
+    workers = [spawn.Process(target=fetch_in_a_process,
+                             args=(f"s3://{s3_bucket}/models/tiny", str(log), start, str(tmp_path / f"out-{i}.json")))
+               for i in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0]
+
+    downloads = log.read_text().split()
+    assert len([d for d in downloads if d.endswith("model.safetensors")]) == 1  # one process fetched, two waited
+    results = [json.loads((tmp_path / f"out-{i}.json").read_text()) for i in range(3)]
+    expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in model.iterdir()}
+    assert all(r == results[0] for r in results) and expected.items() <= results[0]["files"].items()
+    assert not list((tmp_path / "cache" / "fetching").glob("*"))  # the finished fetch no longer counts
+
+
+def test_a_fetch_under_way_counts_against_the_cache_limit(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv(node_cache.LIMIT_ENV, str(1000 / 2**30))  # 1000 bytes
+    with node_cache.fetching(root, "first", 700):  # another entry's 700 bytes are on their way
+        with pytest.raises(StorageError, match="cannot take"):
+            node_cache.make_room(root, 400)
+    node_cache.make_room(root, 400)  # that fetch ended (published or not): room again
+    stale = root / "fetching" / "gone.999999999"
+    stale.write_text("700")  # the record of a process that died mid-fetch
+    node_cache.make_room(root, 400)
+    assert not stale.exists()

@@ -3,6 +3,8 @@ reads the staged copy: a run goes on with its origin gone, and makes the tokens 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from helpers import tiny_model_dir
@@ -73,3 +75,17 @@ def test_the_tokenize_job_reads_the_staged_tokenizer(local_ray, tmp_path, s3_buc
     model.rename(tmp_path / "moved-away")
 
     assert tokens(staged_run, body["uri"]) == from_origin and from_origin[0][1]
+
+
+def test_a_staged_copy_of_another_shape_than_planned_is_refused(tmp_path, run_uri):
+    from segprop_ray.pipeline.stage_job import check_same_model
+    from segprop_ray.storage.manifest import ModelInfo
+
+    model = tiny_model_dir(tmp_path)
+    body = stage_model(str(model), RunLayout.open(run_uri))
+    planned = dict(uri=str(model), architecture="LlamaForCausalLM", family="llama", hidden_size=32, tied_embeddings=False,
+                   untied=False)
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    check_same_model(ModelInfo(num_layers=6, vocab_size=vocab, **planned), body["uri"], {})
+    with pytest.raises(StorageError, match="changed at its origin while the run started"):
+        check_same_model(ModelInfo(num_layers=4, vocab_size=vocab, **planned), body["uri"], {})

@@ -67,10 +67,16 @@ class JobContext:
         """The run directory."""
         return RunLayout.open(self.cfg.run_dir, self.cfg.storage_options)
 
+    @property
+    def model_uri(self) -> str:
+        """Where this job reads the input model, weights and tokenizer alike: the staged copy once the model is
+        staged (never its origin again), else the config's ``model``."""
+        return self.model_source or self.cfg.model
+
     @cached_property
     def model_dir(self) -> str:
         """The input model as a local directory on this node."""
-        return str(resolve_model_dir(self.model_source or self.cfg.model, self.cfg.storage_options))
+        return str(resolve_model_dir(self.model_uri, self.cfg.storage_options))
 
     def parts(self, device: torch.device) -> ModelParts:
         """Piece factory for the input model on ``device``."""

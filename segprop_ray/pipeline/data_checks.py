@@ -26,11 +26,12 @@ class DataError(StorageError):
     """A record of the input data that the data format cannot use."""
 
 
-def check_data(cfg: Config) -> None:
-    """One-line :class:`DataError` for the first bad record found in the configured inputs."""
+def check_data(cfg: Config, model_source: str = "") -> None:
+    """One-line :class:`DataError` for the first bad record found in the configured inputs (the tokenizer read from
+    ``model_source``, the run's staged copy of the model, when given; else from the config's ``model``)."""
     data = cfg.data
     spec = data.format_spec()
-    encoder = _example_encoder(cfg) if data.format != "text" else None
+    encoder = _example_encoder(cfg, model_source) if data.format != "text" else None
     for setting, value in (("data.train", data.train), ("data.eval", data.eval)):
         if value is None:
             continue
@@ -54,11 +55,11 @@ def _check_one(where: str, record, spec, encoder) -> None:
         raise DataError(f"{where}: {error}") from None
 
 
-def _example_encoder(cfg: Config):
+def _example_encoder(cfg: Config, model_source: str):
     """The encoder the tokenize job will use (tokenizer files only), or a one-line error naming what is missing."""
     from segprop_ray.pipeline.tokenize_job import example_encoder
 
     try:
-        return example_encoder(cfg.model, cfg.data, cfg.storage_options)
+        return example_encoder(model_source or cfg.model, cfg.data, cfg.storage_options)
     except RecordError as error:
         raise DataError(f"model {cfg.model}: {error}") from None

@@ -8,6 +8,11 @@ reports a checkpoint of it and returns :data:`PREEMPTED` with the step; the driv
 again under the same Train run name, which resumes from that checkpoint on a node that is not draining
 (Ray schedules nothing new on a draining node). No step is lost and the grace period is spent on the
 checkpoint upload, not waiting.
+
+With :data:`PREEMPT_DIR_ENV` set (the chart sets it on worker pods), each rank leaves a marker on its node
+when it sees the notice (``<pid>-<step>.notice``, holding its process id) and another once the checkpoint
+of that step has been reported and uploaded (``<pid>-<step>.saved``); the pod's preStop hook waits until
+every notice has its ``saved`` marker (or its worker is gone) instead of guessing from running processes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -28,6 +34,8 @@ PREEMPTED = "preempted_at_step"
 """Key of a worker's return value when it stopped at a preemption notice (the value: the checkpointed step)."""
 DRAIN_ENV = "SEGPROP_TEST_DRAIN_AT"
 """Testing hook: ``"<depth>:<step>"`` makes the rank-0 worker drain its own node for preemption, once, at that step."""
+PREEMPT_DIR_ENV = "SEGPROP_PREEMPT_DIR"
+"""Directory on the node for the preemption markers the preStop hook waits on; unset: no markers."""
 DRAIN_DEADLINE_S = 120
 """Deadline the testing hook announces with its drain (the notice of a cloud's spot reclaim is about as long)."""
 
@@ -44,9 +52,35 @@ def preemption_watch(every_steps: int) -> Callable[[Any], bool]:
             return False
         logger.warning("preemption notice at step %d (nodes %s, deadline %s ms): checkpointing and handing over",
                        loop.state.step, sorted(notice.preempted_node_to_ranks), notice.deadline_ms)
+        mark_preemption("notice", loop.state.step)
         return True
 
     return interrupt
+
+
+def checkpoint_at_notice(step: int, save_steps: int, report: Callable[[], None]) -> None:
+    """At a notice after ``step``: ``report()`` the checkpoint of that step now (synchronously) unless a save step's
+    is already reported, then mark it saved. (A save step's checkpoint uploads in the background and Ray flushes it
+    before the worker process ends: the preStop hook waits for that process instead.)"""
+    if step % save_steps:
+        report()
+        mark_preemption("saved", step)
+
+
+def mark_preemption(stage: str, step: int) -> None:
+    """Leave the marker ``<pid>-<step>.<stage>`` (``notice`` or ``saved``) in :data:`PREEMPT_DIR_ENV`'s directory for
+    the preStop hook; nothing when unset, and a marker that cannot be written only logs (training goes on)."""
+    directory = os.environ.get(PREEMPT_DIR_ENV, "")
+    if not directory:
+        return
+    marker = Path(directory) / f"{os.getpid()}-{step}.{stage}"
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        partial = marker.with_name(f".{marker.name}.tmp")
+        partial.write_text(f"{os.getpid()}\n")
+        os.replace(partial, marker)  # the hook never sees a marker without its process id
+    except OSError as error:
+        logger.warning("preemption marker %s could not be written: %s", marker, error)
 
 
 def handed_over(result: dict[str, Any] | None) -> int | None:

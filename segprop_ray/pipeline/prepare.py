@@ -18,6 +18,7 @@ from segprop_ray.core.self_check import check_model_family
 from segprop_ray.storage.fs import cache_root, check_writable
 from segprop_ray.pipeline.data_checks import check_data
 from segprop_ray.pipeline.plan_checks import check_devices, check_segments
+from segprop_ray.pipeline.stage_job import staged_source
 from segprop_ray.storage.inputs import expand_inputs, read_chat_template
 from segprop_ray.storage.layout import RunLayout
 from segprop_ray.storage.lease import RunLease
@@ -77,13 +78,13 @@ def digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def inspect_model(cfg: Config) -> tuple[ModelInfo, ModelParts]:
+def inspect_model(cfg: Config, model_source: str = "") -> tuple[ModelInfo, ModelParts]:
     """The input model's facts (one-line errors for a missing or unsupported model, or segment settings it cannot
-    take)."""
+    take), read from ``model_source`` (the run's staged copy) when given, else from the config's ``model``."""
     from transformers import AutoConfig
 
     check_transformers_version()
-    hf_config = AutoConfig.from_pretrained(model_config_dir(cfg.model, cfg.storage_options))
+    hf_config = AutoConfig.from_pretrained(model_config_dir(model_source or cfg.model, cfg.storage_options))
     parts = ModelParts(hf_config)
     check_model_family(hf_config, cache_root())  # exact on a small random copy, or refused here in one line
     arch = (getattr(hf_config, "architectures", None) or [type(parts.skeleton).__name__])[0]
@@ -98,11 +99,12 @@ def inspect_model(cfg: Config) -> tuple[ModelInfo, ModelParts]:
 
 def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
     """Validate, take the run directory's driver lease (refused while another driver holds it), then open or
-    create the run in ``cfg.run_dir``."""
-    check_inputs(cfg)
+    create the run in ``cfg.run_dir``. Once the model is staged there, the staged copy is what is read (its
+    config and tokenizer), never its origin again."""
     check_devices(cfg)
     check_writable(cfg.run_dir, cfg.storage_options)
     layout = RunLayout.open(cfg.run_dir, cfg.storage_options)
+    check_inputs(cfg, staged_source(cfg, layout))
     lease = RunLease(layout, cfg.resources.driver_lease_s)
     lease.acquire()
     try:
@@ -114,7 +116,7 @@ def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
 
 def _open_run(cfg: Config, layout: RunLayout, lease: RunLease, restart: bool) -> RunSetup:
     _check_conflict(cfg, layout, restart)
-    info, parts = inspect_model(cfg)  # the config only: weights are fetched where they are used
+    info, parts = inspect_model(cfg, staged_source(cfg, layout))  # the config only: weights are fetched where they are used
     snap = cfg.snapcheck
     spec = ShardSpec.for_snapcheck(cfg.data.seq_len, info.hidden_size, snap.dtype, snap.rows_per_group,
                                    snap.groups_per_file, snap.compression)
@@ -124,9 +126,10 @@ def _open_run(cfg: Config, layout: RunLayout, lease: RunLease, restart: bool) ->
     return RunSetup(layout, manifest, plan, spec, tokens_hash, info, lease)
 
 
-def check_inputs(cfg: Config) -> None:
-    """Every input file setting names at least one file, and the data's records hold what its format needs."""
-    check_data(cfg)
+def check_inputs(cfg: Config, model_source: str = "") -> None:
+    """Every input file setting names at least one file, and the data's records hold what its format needs (the
+    tokenizer read from ``model_source``, the staged copy, when given)."""
+    check_data(cfg, model_source)
     for setting, value in (("evaluation.mc_path", cfg.evaluation.mc_path),
                            ("evaluation.mc_dev_path", cfg.evaluation.mc_dev_path)):
         if value is not None:

@@ -114,7 +114,7 @@ def file_documents(ctx: JobContext, files: list[str], start: int) -> Iterator[tu
     fmt = input_format(files, cfg.data.file_format)
     dataset = read_records(files[start:], fmt, cfg.data.format_spec().fields, cfg.storage_options).map_batches(
         TokenizeActor,
-        fn_constructor_kwargs={"model": cfg.model, "storage_options": cfg.storage_options,
+        fn_constructor_kwargs={"model": ctx.model_uri, "storage_options": cfg.storage_options,
                                "data": cfg.data.model_dump(mode="json"), "file_format": fmt},
         batch_size=256,
         compute=ray.data.ActorPoolStrategy(size=cfg.resources.tokenize_actors),
@@ -149,8 +149,8 @@ class _Place:
 
 
 def example_encoder(model: str, data: DataConfig, storage_options: dict[str, Any]) -> ExampleEncoder:
-    """The encoder of the run's data format with the model's own tokenizer (tokenizer files only are fetched) and
-    the configured chat template."""
+    """The encoder of the run's data format with the tokenizer of ``model`` (the staged copy once staged; tokenizer
+    files only are fetched, into the node cache) and the configured chat template."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model, storage_options, patterns=TOKENIZER_FILE_PATTERNS))
@@ -175,7 +175,7 @@ def tokenize_and_pack(ctx: JobContext, spec: ShardSpec, tokens_hash: str,
     if state is not None:
         log.warning("tokenize: continuing at %s input file %d/%d (%s)", state.stream, state.next_file + 1,
                     len(inputs[state.stream]), ", ".join(f"{s} {p.count} blocks" for s, p in state.splits.items()))
-    tokenizer = example_encoder(ctx.cfg.model, data, ctx.cfg.storage_options).tokenizer
+    tokenizer = example_encoder(ctx.model_uri, data, ctx.cfg.storage_options).tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokenization = Tokenization(layout, data, spec, state or TokenizeState(tokens_hash, inputs, sizes),
                                 on_input_file=on_input_file, pad_id=pad_id or 0)

@@ -25,7 +25,8 @@ from ray.train.torch import TorchTrainer
 
 from segprop_ray.core.sharded_state import load_sharded, save_sharded
 from segprop_ray.pipeline.context import JobContext, forwarded_env
-from segprop_ray.pipeline.preemption import DRAIN_ENV, PREEMPTED, drain_switch, handed_over, preemption_watch
+from segprop_ray.pipeline.preemption import (DRAIN_ENV, PREEMPTED, checkpoint_at_notice, drain_switch, handed_over,
+                                             preemption_watch)
 from segprop_ray.pipeline.progress import poster, run_with_bar
 from segprop_ray.pipeline.segment_run import SegmentRun
 
@@ -50,8 +51,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     run.loop.hooks.interrupt = preemption_watch(ctx.cfg.resources.preemption_check_steps)
     run.train()
     if run.loop.interrupted:  # a node is being preempted: checkpoint this step now, continue on another node
-        if run.loop.state.step % run.args.save_steps:  # (a save step's checkpoint is already reported)
-            _report_checkpoint(run, rank, upload="SYNC")
+        checkpoint_at_notice(run.loop.state.step, run.args.save_steps,  # (a save step's is already reported)
+                             lambda: _report_checkpoint(run, rank, upload="SYNC"))
         return {PREEMPTED: run.loop.state.step} if rank == 0 else None
     result = run.commit(write=rank == 0)
     _report_checkpoint(run, rank, final=True)

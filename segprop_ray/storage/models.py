@@ -32,9 +32,9 @@ def resolve_model_dir(model: str, storage_options: dict[str, Any] | None = None,
                       patterns: tuple[str, ...] = MODEL_FILE_PATTERNS) -> Path:
     """A local directory holding ``model``'s files matching ``patterns`` (default: config, tokenizer, weights).
 
-    Remote files are fetched once per node and pattern set; concurrent callers (several actors on one
-    node) each fetch into a private directory and the first to finish publishes it by a rename, so no
-    reader ever sees a partly written file.
+    Remote files are fetched once per node and pattern set: concurrent callers (several actors on one node)
+    take the entry's file lock, one fetches into a private directory and publishes it by a rename (no reader
+    ever sees a partly written file), the others wait and then use it.
     """
     if is_gguf(model):  # converted once per node: config and tokenizer, and the weights when asked for
         return gguf_model_dir(model, storage_options, cache_dir, weights=any("safetensors" in p for p in patterns))
@@ -87,16 +87,33 @@ def _from_fsspec(model: str, storage_options: dict[str, Any] | None, cache_dir: 
                  patterns: tuple[str, ...]) -> Path:
     key = hashlib.sha256(repr((model, patterns)).encode()).hexdigest()[:16]
     target = Path(cache_dir or cache_root() / "models") / key
+    if _cached(target):
+        return target
+    with node_cache.entry_lock(target.parent / f".{key}.lock"):  # one process per node fetches, the others wait
+        if _cached(target):  # fetched by another process while this one waited
+            return target
+        fs, root = _remote(model, storage_options)
+        names = [p for p in _listing(fs, root, model) if any(Path(p).match(pat) for pat in patterns)]
+        if not names:
+            raise StorageError(f"model {redact_uri(model)}: no model files found")
+        if cache_dir is not None:
+            _fetch(fs, names, target, model)
+        else:  # the node's cache: kept under its size limit, this fetch counted while it runs
+            with node_cache.fetching(cache_root(), key, sum(fs.size(name) for name in names)):
+                _fetch(fs, names, target, model)
+    return target
+
+
+def _cached(target: Path) -> bool:
     if (target / ".complete").is_file():
         node_cache.touch(target / ".complete")
-        return target
-    fs, root = _remote(model, storage_options)
-    names = [p for p in _listing(fs, root, model) if any(Path(p).match(pat) for pat in patterns)]
-    if not names:
-        raise StorageError(f"model {redact_uri(model)}: no model files found")
-    if cache_dir is None:  # the node's cache: keep it under its size limit
-        node_cache.make_room(cache_root(), sum(fs.size(name) for name in names))
-    staging = target.parent / f".{key}.{uuid.uuid4().hex}"
+        return True
+    return False
+
+
+def _fetch(fs: Any, names: list[str], target: Path, model: str) -> None:
+    """Download ``names`` into a private directory and publish it as ``target``."""
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex}"
     try:
         staging.mkdir(parents=True)
         for remote in names:
@@ -107,7 +124,6 @@ def _from_fsspec(model: str, storage_options: dict[str, Any] | None, cache_dir: 
         raise StorageError(f"model {redact_uri(model)} could not be read: {one_line(error)}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _publish(staging: Path, target: Path) -> None:

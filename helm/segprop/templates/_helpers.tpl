@@ -207,10 +207,18 @@ Arguments: dict "group" <worker group values> "root" <top-level context>.
 
 {{/*
 preStop hook of a worker: mark this Ray node as preempted, so Ray Train takes a checkpoint and moves
-its workers, then wait (bounded) until no task or actor process is left on the node. Idle
-worker processes (`ray::IDLE`) do not count.
+its workers, then wait (bounded by the budget). Once a training worker has seen the notice (a
+`<pid>-<step>.notice` marker in SEGPROP_PREEMPT_DIR), wait until every notice has its `.saved` marker
+(the checkpoint of that step is uploaded) or its worker process is gone; before any notice, wait while
+a task or actor process is left on the node (idle workers, `ray::IDLE`, do not count).
+SEGPROP_PROC_ROOT (default /proc) exists for the chart's tests.
 Argument: the wait budget in seconds.
 */}}
+
+{{/* Where training workers leave their preemption markers (the container's own /tmp: the hook runs there). */}}
+{{- define "segprop.preemptDir" -}}
+/tmp/segprop-preempt
+{{- end }}
 {{- define "segprop.preStopDrain" -}}
 lifecycle:
   preStop:
@@ -222,12 +230,25 @@ lifecycle:
           budget={{ . }}
           timeout 20 ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION \
             --reason-message "pod terminating" --deadline-remaining-seconds "$budget" || true
+          proc="${SEGPROP_PROC_ROOT:-/proc}"
+          marks="${SEGPROP_PREEMPT_DIR:-}"
           busy() {
-            for f in /proc/[0-9]*/cmdline; do
+            for f in "$proc"/[0-9]*/cmdline; do
               cmd=$(tr '\0' ' ' < "$f" 2>/dev/null) || continue
               case "$cmd" in "ray::IDLE"*) ;; "ray::"*) return 0 ;; esac
             done
             return 1
           }
-          while busy && [ "$SECONDS" -lt "$budget" ]; do sleep 2; done
+          noticed() { [ -n "$marks" ] && compgen -G "$marks/*.notice" > /dev/null; }
+          unsaved() {
+            for n in "$marks"/*.notice; do
+              [ -e "$n" ] && [ ! -e "${n%.notice}.saved" ] || continue
+              [ -d "$proc/$(head -n1 "$n")" ] && return 0
+            done
+            return 1
+          }
+          while [ "$SECONDS" -lt "$budget" ]; do
+            if noticed; then unsaved || break; else busy || break; fi
+            sleep 1
+          done
 {{- end }}

@@ -95,8 +95,9 @@ def _add_compare(sub: Any) -> None:
     compare.add_argument("source", metavar="SPEC_OR_CONFIG",
                          help="a compare spec (YAML with config:, runs:, optional out: and set:) or a run config")
     compare.add_argument("--runs", action="append", default=[], metavar="MODE[:KEY=VALUE,...]",
-                         help="a run, e.g. segprop:p=1, lw:p=18, e2e, segprop:p=18,r=4,name=deep; keys p (base depth), "
-                              "r (last layers), name, or any config field (repeatable; replaces the spec's runs)")
+                         help="a run, e.g. segprop:p=1, lw:p=18, e2e, segprop:p=18,ll=4,name=deep, lora:lora_r=16; keys p "
+                              "(base depth), ll (last layers), lora_r (LoRA rank), name, or any config field "
+                              "(repeatable; replaces the spec's runs)")
     compare.add_argument("--out", default=None, help="compare directory (local path or URI): runs/<name>/ and report/")
     _add_overrides(compare)
     compare.add_argument("--report-only", action="store_true",

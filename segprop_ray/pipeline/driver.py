@@ -238,6 +238,7 @@ class Driver:
             return True
         # Shards this process did not write (a resumed run) are re-hashed against their marker once (by Ray tasks on
         # workers: the driver reads no shard bytes), so a corrupted file of the right size is regenerated, not used.
+        check_cluster(self.cfg, when="(a node joined the cluster)")  # before the Ray tasks that check the files
         marker, reason = check_committed(layout, split, depth, expected, tokens["num_blocks"], self.setup.spec,
                                          self.cfg.resources.cpu.ray_options())
         if marker is not None:
@@ -254,6 +255,8 @@ class Driver:
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _context(self, depth: int, input_hash: str = "", part: str = "layer") -> JobContext:
+        """The context of a Ray job about to start, after checking that the cluster still suits the run directory."""
+        check_cluster(self.cfg, when="(a node joined the cluster)")  # every job the driver launches gets a context
         blocks = {split: info.get("num_blocks", 0) for split, info in self.manifest.tokens.items()}
         return JobContext(self.cfg.model_dump(mode="json"), depth, self.setup.spec.group_size, blocks,
                           self.manifest.committed_files(), input_hash, model_source(self.manifest), part)

@@ -121,3 +121,21 @@ def test_a_sigterm_in_the_middle_of_a_job_releases_the_lease_and_records_the_sto
     finally:
         end_session(driver)
     assert_stopped_and_free(driver, log, layout, config)
+
+
+def test_ray_init_keeps_our_handler_and_a_library_caller_keeps_rays():
+    from segprop_ray.pipeline.termination import Terminated, keep_sigterm_handler, stop_on_sigterm
+
+    def ray_init() -> None:  # what ray.init does to the driver's SIGTERM handler
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+    before = signal.getsignal(signal.SIGTERM)
+    with keep_sigterm_handler():
+        ray_init()
+    assert signal.getsignal(signal.SIGTERM) is not before  # not ours to restore: Ray's stays
+    signal.signal(signal.SIGTERM, before)
+    with pytest.raises(Terminated, match="stopped by SIGTERM"), stop_on_sigterm():
+        with keep_sigterm_handler():
+            ray_init()
+        signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before

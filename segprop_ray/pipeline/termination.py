@@ -52,13 +52,11 @@ def stop_on_sigterm() -> Iterator[None]:
 
 @contextlib.contextmanager
 def keep_sigterm_handler() -> Iterator[None]:
-    """The SIGTERM handler in force before the block is in force after it (``ray.init`` replaces it)."""
-    if not _in_main_thread():
-        yield
-        return
-    handler = signal.getsignal(signal.SIGTERM)
+    """If :func:`stop_on_sigterm`'s handler is in force before the block, it is in force after it (``ray.init``
+    replaces it); any other handler is left as the block leaves it (a library caller keeps Ray's)."""
+    ours = _in_main_thread() and signal.getsignal(signal.SIGTERM) is _raise_terminated
     try:
         yield
     finally:
-        if handler is not None:
-            signal.signal(signal.SIGTERM, handler)
+        if ours:
+            signal.signal(signal.SIGTERM, _raise_terminated)

@@ -10,20 +10,27 @@ import time
 from typing import Any, Callable
 
 from segprop_ray.pipeline.failures import one_line_reason
+from segprop_ray.pipeline.termination import Terminated, stop_on_sigterm
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code (0 ok, 2 bad input, 1 failure), reason on one line."""
+    """Entry point; returns the process exit code (0 ok, 2 bad input, 1 failure, 128 + 15 stopped by SIGTERM),
+    reason on one line. SIGTERM (a RayJob stopped, ``kill``) unwinds like Ctrl-C: a driver releases its run
+    directory's lease and records why it stopped."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.handler(args) or 0)
+        with stop_on_sigterm():
+            return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("segprop: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
+    except Terminated as stopped:
+        print(f"segprop: {stopped}", file=sys.stderr)
+        return int(stopped.code)
     except Exception as error:  # noqa: BLE001 - every failure ends as one line (traceback with SEGPROP_DEBUG=1)
         if os.environ.get("SEGPROP_DEBUG"):
             raise

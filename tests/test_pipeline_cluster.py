@@ -1,6 +1,6 @@
 """Cluster settings the driver applies (no Ray cluster needed): Ray Train's worker-group start timeout reaches its
-controller, Ray Data jobs get the CPU group's labels only while asked, and the config's placement options are ones
-Ray accepts for tasks and actors."""
+controller, Ray Data jobs get the CPU group's labels only while asked, the config's placement options are ones
+Ray accepts for tasks and actors, and a local run directory is refused before a job once a second node joined."""
 
 from __future__ import annotations
 
@@ -60,3 +60,37 @@ def test_placement_options_are_valid_ray_options(tmp_path):
     validate_actor_options(snapshot, in_options=True)
     for options in (snapshot, cfg.resources.export.ray_options(), cfg.resources.cpu.ray_options()):
         validate_task_options(options, in_options=True)
+
+
+def fake_nodes(monkeypatch, count: int) -> None:
+    """``ray.nodes()`` reporting ``count`` alive nodes with CPUs (no Ray started)."""
+    import ray
+
+    nodes = [{"Alive": True, "NodeID": f"node-{i}", "Resources": {"CPU": 2.0}} for i in range(count)]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+
+
+def test_a_local_run_dir_is_refused_before_a_job_once_a_second_node_joined(monkeypatch, tmp_path):
+    from pipeline_setup import make_inputs, pipeline_config, write_config
+    from segprop_ray.config import ConfigError, load_config
+    from segprop_ray.pipeline import driver as driver_module
+
+    model, train, evaluation = make_inputs(tmp_path)
+    run_dir = str(tmp_path / "run")
+    config = write_config(tmp_path / "config.yaml", pipeline_config(run_dir, str(model), str(train), str(evaluation)))
+    driver = driver_module.Driver(load_config(str(config)))
+    driver.prepare()
+    launched: list[int] = []
+    monkeypatch.setattr(driver_module, "tokenize_and_pack", lambda ctx, *args: launched.append(ctx.depth))
+    try:
+        fake_nodes(monkeypatch, 1)
+        driver._context(depth=-1)  # one node: a local run directory is fine
+        fake_nodes(monkeypatch, 2)  # the autoscaler adds a worker node while the run goes on
+        with pytest.raises(ConfigError) as refused:
+            driver.tokenize()
+    finally:
+        driver.setup.lease.release()
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"run_dir {run_dir} is a local path")
+    assert "has 2 nodes (a node joined the cluster)" in message
+    assert launched == []  # refused before the job started

@@ -1,5 +1,7 @@
 """The driver lease of a run directory, on file:// and on moto's S3 (conditional writes): one holder at a time,
-a refusal naming the holder, takeover of a stale lease, renewal, and a taken-over driver that stops writing."""
+a refusal naming the holder, takeover of a stale lease, renewal, a taken-over driver that stops writing, a driver
+whose renewals fail that stops writing before it could be taken over, and a release that never deletes a
+successor's lease."""
 
 from __future__ import annotations
 
@@ -10,13 +12,18 @@ import time
 import pytest
 
 from segprop_ray.storage.layout import RunLayout
-from segprop_ray.storage.lease import LEASE_NAME, LeaseHeld, LeaseLost, RunLease
+from segprop_ray.storage.lease import LEASE_NAME, SAFETY_FRACTION, LeaseHeld, LeaseLost, RunLease, _body
 from segprop_ray.storage.manifest import ManifestStore
 
 
 def other_driver(layout: RunLayout, timeout_s: float = 120.0) -> RunLease:
     """A lease as another driver process would take it (another process identity)."""
     return RunLease(layout, timeout_s, process="another-driver-process")
+
+
+def lease_body(lease: RunLease) -> bytes:
+    """The body ``lease`` writes for its holder now."""
+    return _body(lease.holder)
 
 
 def write_lease(layout: RunLayout, **fields) -> None:
@@ -111,3 +118,69 @@ def test_renewal_keeps_the_lease_and_a_silent_holder_loses_it(run_layout):
         store.write(None)  # the guard refuses before anything is written
     holder.release()
     assert successor.read_holder().lease == successor.holder.lease  # not removed by the old holder
+
+
+def break_renewals(lease: RunLease, monkeypatch) -> None:
+    """Make the storage under ``lease`` fail every write from now on (an unreachable or erroring store): on S3 the
+    filesystem's writes raise, on local disk the lease file's writes."""
+    def unreachable(*_args, **_kwargs):
+        raise OSError("storage unreachable")
+
+    if lease.store.fs.protocol == "file" or "file" in lease.store.fs.protocol:
+        monkeypatch.setattr(lease.store, "_write_temporary", unreachable)
+    else:
+        monkeypatch.setattr(lease.store.fs, "pipe_file", unreachable)
+
+
+def test_a_holder_whose_renewals_fail_stops_writing_before_a_successor_may_take_over(run_layout, monkeypatch):
+    holder = RunLease(run_layout, timeout_s=1.2)
+    holder.acquire()
+    holder.start_renewing()
+    store = ManifestStore(run_layout, guard=holder.check)
+    time.sleep(0.5)
+    holder.check()  # renewing: may write
+    break_renewals(holder, monkeypatch)
+
+    time.sleep(1.2 * (1 - SAFETY_FRACTION) + 0.2)  # the renewals of this span all failed (logged, swallowed)
+
+    assert not holder.lost  # no renewal saw another holder: the age of the last good renewal is what refuses
+    with pytest.raises(LeaseLost) as refused:
+        store.write(None)
+    message = str(refused.value)
+    assert "\n" not in message and run_layout.describe() in message
+    assert "last renewed" in message and "renewals failing" in message
+    age = float(message.split("last renewed ")[1].split(" s ago")[0])
+    assert 1.2 * (1 - SAFETY_FRACTION) <= age + 0.5 < 3.0
+    monkeypatch.undo()  # storage back: the next renewal (still our version) lets it write again
+    time.sleep(0.6)
+    holder.check()
+    holder.release()
+
+
+def test_the_old_holders_release_leaves_a_successors_lease(run_layout):
+    """The successor takes the stale lease over between the old holder's last read and its delete."""
+    old = RunLease(run_layout, timeout_s=5)
+    old.acquire()
+    old.holder.renewed = time.time() - 60  # as if it had hung: stale to anyone reading it
+    old.version = old.store.replace(old.path, lease_body(old), old.version)
+    successor = other_driver(run_layout, timeout_s=5)
+    takeover = threading.Thread(target=successor.acquire)
+    read = old.store.read
+
+    def read_then_lose_the_race(path):
+        current = read(path)
+        if not takeover.is_alive() and successor.version is None:
+            takeover.start()
+            takeover.join(timeout=2)  # done at once, unless the release holds the lease's lock
+        return current
+
+    old.store.read = read_then_lose_the_race
+    old.release()
+    takeover.join(timeout=30)
+
+    assert successor.version is not None  # the successor holds the run
+    assert run_layout.fs.exists(run_layout.join(LEASE_NAME))
+    assert successor.read_holder().lease == successor.holder.lease
+    successor.check()
+    successor.release()
+    assert not run_layout.fs.exists(run_layout.join(LEASE_NAME))

@@ -207,6 +207,10 @@ class ResourcesConfig(Strict):
     """Stage 2 segment training workers."""
     max_failures: int = Field(3, ge=0)
     """Worker failures Ray Train retries per iteration (preemptions have their own unlimited budget)."""
+    max_preemption_handovers: int = Field(20, ge=0)
+    """How many times one iteration may hand over to a new node after a preemption notice (checkpoint, new trainer)
+    before the run fails: a spot pool reclaimed again and again makes no progress, and then on-demand capacity or
+    another pool is the answer."""
     preemption_check_steps: int = Field(1, ge=1)
     """Every how many steps the training workers ask Ray Train for a preemption notice (a barrier over the ranks,
     a round trip to one actor); on one they checkpoint that step and the iteration continues on another node."""

@@ -5,7 +5,8 @@
   Ray Train propagates it to its controller (``get_env_vars_to_propagate``).
 - A local ``run_dir`` is refused on a cluster of more than one node (each node would write to its own
   disk), and on a head that offers no CPU (its workers are still to come: a KubeRay head with
-  ``num-cpus: 0``).
+  ``num-cpus: 0``); checked at start and again before every Ray job the driver launches, since nodes
+  join an autoscaling cluster later (one ``ray.nodes()`` call; nothing for a remote ``run_dir``).
 - The CPU work of Ray Data jobs (the tokenize job's reads and tokenizer actors) is sent to the CPU group
   by Ray Data's per-dataset label selector.
 """
@@ -41,14 +42,16 @@ def apply_train_settings(cfg: Config) -> str:
     return os.environ[START_TIMEOUT_ENV]
 
 
-def check_cluster(cfg: Config) -> None:
-    """Refuse, in one line, a local ``run_dir`` that the cluster's nodes cannot share."""
+def check_cluster(cfg: Config, when: str = "") -> None:
+    """Refuse, in one line, a local ``run_dir`` that the cluster's nodes cannot share (``when``: the moment checked,
+    e.g. ``before the tokenize job``, for the message)."""
     if split_protocol(cfg.run_dir)[0] != "file":
         return
     alive = [node for node in ray.nodes() if node.get("Alive")]
     if len(alive) > 1:
-        raise ConfigError(f"run_dir {cfg.run_dir} is a local path, but the Ray cluster has {len(alive)} nodes: each "
-                          "would write its own disk; use shared storage (run_dir: s3://...)")
+        joined = f" {when}" if when else ""
+        raise ConfigError(f"run_dir {cfg.run_dir} is a local path, but the Ray cluster has {len(alive)} nodes{joined}: "
+                          "each would write its own disk; use shared storage (run_dir: s3://...)")
     if alive and not alive[0].get("Resources", {}).get("CPU"):
         raise ConfigError(f"run_dir {cfg.run_dir} is a local path, but the Ray cluster's only node offers no CPU "
                           "(its workers are still to join); use shared storage (run_dir: s3://...)")

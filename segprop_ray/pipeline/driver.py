@@ -25,6 +25,7 @@ from segprop_ray.pipeline.progress import ProgressBoard, Throttle
 from segprop_ray.pipeline.runtime import connect
 from segprop_ray.pipeline.snapshot_job import run_snapshot_job
 from segprop_ray.pipeline.stage_job import ensure_staged, model_source
+from segprop_ray.pipeline.termination import keep_sigterm_handler
 from segprop_ray.pipeline.tokenize_job import tokenize_and_pack
 from segprop_ray.pipeline.train_job import run_trainer
 from segprop_ray.pipeline.verify_job import check_committed
@@ -64,14 +65,14 @@ class Driver:
         if self.setup is None:
             self.prepare()
         try:
-            self._start()
             self._run_recording_failure()
         finally:
             self.setup.lease.release()
         return self.manifest
 
     def _start(self) -> None:
-        connect(self.cfg)
+        with keep_sigterm_handler():  # a SIGTERM still releases the lease and records why (see .termination)
+            connect(self.cfg)
         check_cluster(self.cfg)
         apply_train_settings(self.cfg)
         self.board = ProgressBoard.remote()
@@ -79,7 +80,10 @@ class Driver:
         self._save(lambda m: setattr(m, "state", "running"))  # also when continuing a failed run
 
     def _run_recording_failure(self) -> None:
+        """Connect and run the steps; any failure, a SIGTERM's :class:`~.termination.Terminated` included, is recorded
+        in the manifest with its cause (``failed``: the same command continues)."""
         try:
+            self._start()
             self._run_steps()
         except BaseException as error:
             self._save(lambda m: m.mark_failed(one_line_reason(error, with_type=True)))
@@ -238,6 +242,7 @@ class Driver:
             return True
         # Shards this process did not write (a resumed run) are re-hashed against their marker once (by Ray tasks on
         # workers: the driver reads no shard bytes), so a corrupted file of the right size is regenerated, not used.
+        check_cluster(self.cfg, when="(a node joined the cluster)")  # before the Ray tasks that check the files
         marker, reason = check_committed(layout, split, depth, expected, tokens["num_blocks"], self.setup.spec,
                                          self.cfg.resources.cpu.ray_options())
         if marker is not None:
@@ -254,6 +259,8 @@ class Driver:
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _context(self, depth: int, input_hash: str = "", part: str = "layer") -> JobContext:
+        """The context of a Ray job about to start, after checking that the cluster still suits the run directory."""
+        check_cluster(self.cfg, when="(a node joined the cluster)")  # every job the driver launches gets a context
         blocks = {split: info.get("num_blocks", 0) for split, info in self.manifest.tokens.items()}
         return JobContext(self.cfg.model_dump(mode="json"), depth, self.setup.spec.group_size, blocks,
                           self.manifest.committed_files(), input_hash, model_source(self.manifest), part)

@@ -146,14 +146,24 @@ def run_trainer(ctx: JobContext, name: str, stage: str, board: Any = None, label
     """Run one iteration as a TorchTrainer named ``name`` (the same name resumes it); returns rank 0's result.
 
     With a progress ``board``, a bar labelled ``label`` follows the workers' steps. A worker group that handed
-    over at a preemption notice is followed by a new trainer of the same name, which resumes at that step.
+    over at a preemption notice is followed by a new trainer of the same name, which resumes at that step, at most
+    ``resources.max_preemption_handovers`` times (then :class:`TooManyPreemptions`).
     """
-    while True:
+    limit = ctx.cfg.resources.max_preemption_handovers
+    for handovers in range(limit + 1):
         value = _fit(_trainer(ctx, name, stage, board), board, name, label, on_progress)
         step = handed_over(value)
         if step is None:
             return value
-        logger.warning("%s: a node was preempted; checkpointed at step %d, resuming on another node", name, step)
+        logger.warning("%s: a node was preempted; checkpointed at step %d, resuming on another node (hand-over %d "
+                       "of at most %d)", name, step, handovers + 1, limit)
+    raise TooManyPreemptions(f"{label or name}: preempted {limit + 1} times, more than "
+                             f"resources.max_preemption_handovers ({limit}); last checkpoint at step {step}: the same "
+                             "command continues from it (raise the limit, or use on-demand capacity)")
+
+
+class TooManyPreemptions(RuntimeError):
+    """An iteration was handed over after preemption notices more often than ``resources.max_preemption_handovers``."""
 
 
 def _trainer(ctx: JobContext, name: str, stage: str, board: Any) -> TorchTrainer:

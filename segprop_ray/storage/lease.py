@@ -10,17 +10,18 @@ when it last renewed). A driver takes it before it writes anything:
 - a stale lease (not renewed for ``timeout_s``, or its process gone on this host): taken over by a write
   conditional on the version read (S3 ``If-Match: <ETag>``; on local disk under an ``flock``).
 
-The holder renews every quarter of ``timeout_s`` the same way; a renewal that finds another lease marks
-this one lost, and :meth:`RunLease.check` (called before every manifest write) then raises
-:class:`LeaseLost`, so a driver that was taken over never overwrites the new driver's manifest.
+The holder renews every quarter of ``timeout_s`` the same way. :meth:`RunLease.check` (called before
+every manifest write) raises :class:`LeaseLost` once a renewal found another lease, and also once the last
+successful renewal is older than ``timeout_s`` less a safety margin (renewals failing on storage errors:
+a successor may take over at ``timeout_s``), so a driver that was, or may have been, taken over never
+overwrites the new driver's manifest. Releasing deletes the lease only if it is still this driver's
+version (:mod:`.lease_stores`), never a successor's.
 Staleness compares the holder's clock with the reader's: keep the clocks in sync (NTP) to well within
-``timeout_s``. Filesystems other than local disk and S3 get the same protocol without the atomicity.
+the margin. Filesystems other than local disk and S3 get the same protocol without the atomicity.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -30,18 +31,19 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator
 
-from segprop_ray.storage.documents import describe_path
 from segprop_ray.storage.errors import StorageError
-from segprop_ray.storage.fs import S3_PROTOCOLS, ensure_parent_dir, is_local
 from segprop_ray.storage.layout import RunLayout
+from segprop_ray.storage.lease_stores import LeaseConflict, store_for
 
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "driver.lease"
 PROCESS_TOKEN = uuid.uuid4().hex
 """This process's identity in a lease: a driver process may take over its own lease (a second Driver object)."""
+SAFETY_FRACTION = 0.25
+"""A holder stops writing once its last successful renewal is older than ``(1 - SAFETY_FRACTION) * timeout_s``: a
+margin for clock skew and for a write already under way when a successor takes over at ``timeout_s``."""
 
 
 class LeaseHeld(StorageError):
@@ -50,10 +52,6 @@ class LeaseHeld(StorageError):
 
 class LeaseLost(StorageError):
     """This driver's lease was taken over by another driver: it must not write the run directory again."""
-
-
-class LeaseConflict(Exception):
-    """A conditional write found another version of the lease than the one expected."""
 
 
 @dataclass
@@ -99,9 +97,11 @@ class RunLease:
         self.path = layout.join(LEASE_NAME)
         now = time.time()
         self.holder = Holder(socket.gethostname(), os.getpid(), process, uuid.uuid4().hex, now, now, timeout_s)
-        self.store = _store_for(layout)
+        self.store = store_for(layout.fs)
         self.version: str | None = None
         self.lost = False
+        self.renewed_at = time.monotonic()
+        """When the last successful write of this lease (taking or renewing it) began, on this process's clock."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -113,7 +113,7 @@ class RunLease:
                 if self._try(lambda body: self.store.create(self.path, body)):
                     return
                 continue
-            holder, version = current
+            holder, version = _parse(current[0]), current[1]
             if holder is not None and not self._may_take(holder):
                 raise LeaseHeld(f"run directory {self.layout.describe()} is in use by another driver "
                                 f"({holder.describe()}); wait for it to end, or for its lease to go stale "
@@ -128,31 +128,38 @@ class RunLease:
         return holder.process == self.holder.process or holder.stale(time.time())
 
     def _try(self, write) -> bool:
-        self.holder.renewed = time.time()
+        began, self.holder.renewed = time.monotonic(), time.time()
         try:
             self.version = write(_body(self.holder))
         except (FileExistsError, FileNotFoundError, LeaseConflict):  # another driver moved first: read again
             return False
-        self.lost = False
+        self.lost, self.renewed_at = False, began
         return True
 
     def renew(self) -> None:
         """Rewrite the lease with a new renewal time, if it is still ours (else mark it lost)."""
         if self.lost:
             return
-        self.holder.renewed = time.time()
+        began, self.holder.renewed = time.monotonic(), time.time()
         try:
             self.version = self.store.replace(self.path, _body(self.holder), self.version)
+            self.renewed_at = began
         except (LeaseConflict, FileNotFoundError):
             self.lost = True
             log.warning("driver lease on %s was taken over by another driver: this driver stops writing",
                         self.layout.describe())
 
     def check(self) -> None:
-        """Raise :class:`LeaseLost` if another driver took the run directory over."""
+        """Raise :class:`LeaseLost` if another driver took the run directory over, or may have: the last successful
+        renewal is older than the timeout less its safety margin (:data:`SAFETY_FRACTION`)."""
         if self.lost:
             raise LeaseLost(f"run directory {self.layout.describe()} was taken over by another driver "
                             "(this one did not renew its lease in time); this driver stops")
+        age, limit = time.monotonic() - self.renewed_at, (1 - SAFETY_FRACTION) * self.timeout_s
+        if age > limit:
+            raise LeaseLost(f"run directory {self.layout.describe()}: this driver's lease was last renewed {age:.0f} s "
+                            f"ago (renewals failing), past the {limit:.0f} s it may write for before another driver "
+                            "may take over (resources.driver_lease_s); this driver stops")
 
     def start_renewing(self) -> "RunLease":
         """Renew every quarter of the timeout on a daemon thread, until :meth:`release` (or the lease is lost)."""
@@ -168,21 +175,26 @@ class RunLease:
         return self
 
     def release(self) -> None:
-        """Stop renewing and remove the lease if it is still ours."""
+        """Stop renewing and remove the lease if it is still the version this driver wrote last (a successor's
+        lease stays); a storage error leaves it to go stale."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        if self.lost:
+        if self.lost or self.version is None:
             return
-        current = self.store.read(self.path)
-        if current is not None and current[0] is not None and current[0].lease == self.holder.lease:
-            self.store.delete(self.path)
         self.lost = True
+        try:
+            self.store.delete(self.path, self.version)
+        except (LeaseConflict, FileNotFoundError):  # taken over (or removed) since: not ours to delete
+            pass
+        except Exception as error:  # noqa: BLE001 - releasing is a courtesy: the lease goes stale after its timeout
+            log.warning("releasing the driver lease on %s failed (%s): it goes stale after %.0f s",
+                        self.layout.describe(), error, self.timeout_s)
 
     def read_holder(self) -> Holder | None:
         """The lease's current holder, if any (for messages and tests)."""
         current = self.store.read(self.path)
-        return None if current is None else current[0]
+        return None if current is None else _parse(current[0])
 
 
 def _body(holder: Holder) -> bytes:
@@ -197,121 +209,3 @@ def _parse(body: bytes) -> Holder | None:
         return Holder(**{key: data[key] for key in Holder.__dataclass_fields__})
     except (ValueError, KeyError, TypeError):
         return None
-
-
-def _store_for(layout: RunLayout) -> "_Store":
-    if is_local(layout.fs):
-        return _LocalStore(layout.fs)
-    protocols = (layout.fs.protocol,) if isinstance(layout.fs.protocol, str) else tuple(layout.fs.protocol)
-    if any(p in S3_PROTOCOLS for p in protocols):
-        return _S3Store(layout.fs)
-    return _Store(layout.fs)
-
-
-class _Store:
-    """Lease documents on a filesystem without conditional writes: the same steps, not atomic."""
-
-    def __init__(self, fs: Any):
-        self.fs = fs
-
-    def read(self, path: str) -> tuple[Holder | None, str] | None:
-        """``(holder, version)`` of the lease at ``path``, or None if there is none."""
-        try:
-            body = self.fs.cat_file(path)
-        except FileNotFoundError:
-            return None
-        holder = _parse(body)
-        return holder, holder.lease if holder is not None else ""
-
-    def create(self, path: str, body: bytes) -> str:
-        """Write ``body`` unless ``path`` exists (FileExistsError); returns the new version."""
-        if self.fs.exists(path):
-            raise FileExistsError(path)
-        ensure_parent_dir(self.fs, path)
-        self.fs.pipe_file(path, body)
-        return _parse(body).lease
-
-    def replace(self, path: str, body: bytes, version: str | None) -> str:
-        """Write ``body`` if the lease at ``path`` is still ``version`` (LeaseConflict otherwise)."""
-        current = self.read(path)
-        if current is None:
-            raise FileNotFoundError(path)
-        if current[1] != version:
-            raise LeaseConflict(describe_path(self.fs, path))
-        self.fs.pipe_file(path, body)
-        return _parse(body).lease
-
-    def delete(self, path: str) -> None:
-        """Remove the lease document."""
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(path)
-
-
-class _LocalStore(_Store):
-    """Local disk: create by hard link (atomic, fails if the name exists); replace under an ``flock``."""
-
-    def create(self, path: str, body: bytes) -> str:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(temporary, "wb") as file:
-            file.write(body)
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(temporary, path)
-        finally:
-            os.unlink(temporary)
-        return _parse(body).lease
-
-    def replace(self, path: str, body: bytes, version: str | None) -> str:
-        with self._locked(path):
-            current = self.read(path)
-            if current is None:
-                raise FileNotFoundError(path)
-            if current[1] != version:
-                raise LeaseConflict(path)
-            temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(temporary, "wb") as file:
-                file.write(body)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        return _parse(body).lease
-
-    @contextlib.contextmanager
-    def _locked(self, path: str) -> Iterator[None]:
-        with open(f"{path}.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-class _S3Store(_Store):
-    """S3: create with ``If-None-Match: *``, replace with ``If-Match: <ETag>`` (the version is the ETag)."""
-
-    def read(self, path: str) -> tuple[Holder | None, str] | None:
-        for _ in range(5):  # the body and the ETag from one version of the object
-            try:
-                before = self.fs.info(path, refresh=True)["ETag"]
-                body = self.fs.cat_file(path)
-                after = self.fs.info(path, refresh=True)["ETag"]
-            except FileNotFoundError:
-                return None
-            if before == after:
-                return _parse(body), before
-        raise StorageError(f"{describe_path(self.fs, path)}: changing too fast to read")
-
-    def create(self, path: str, body: bytes) -> str:
-        return self.fs.pipe_file(path, body, mode="create")["ETag"]  # FileExistsError when it exists
-
-    def replace(self, path: str, body: bytes, version: str | None) -> str:
-        try:
-            return self.fs.pipe_file(path, body, IfMatch=version)["ETag"]
-        except FileNotFoundError:
-            raise
-        except OSError as error:  # s3fs maps 412 PreconditionFailed to OSError(EINVAL)
-            if "pre-condition" in str(error).lower() or "precondition" in str(error).lower():
-                raise LeaseConflict(describe_path(self.fs, path)) from None
-            raise

@@ -16,6 +16,9 @@ from segprop_ray.storage.lease import LEASE_NAME, SAFETY_FRACTION, LeaseHeld, Le
 from segprop_ray.storage.manifest import ManifestStore
 
 
+TIMEOUT_S = 2.5
+"""Lease timeout of the renewal tests: renewals every 0.6 s, long enough for a loaded 2-core machine's S3 writes."""
+
 def other_driver(layout: RunLayout, timeout_s: float = 120.0) -> RunLease:
     """A lease as another driver process would take it (another process identity)."""
     return RunLease(layout, timeout_s, process="another-driver-process")
@@ -97,20 +100,20 @@ def test_a_lease_whose_process_is_gone_on_this_host_is_taken_over_at_once(run_la
 
 
 def test_renewal_keeps_the_lease_and_a_silent_holder_loses_it(run_layout):
-    holder = RunLease(run_layout, timeout_s=0.8)
+    holder = RunLease(run_layout, timeout_s=TIMEOUT_S)
     holder.acquire()
     holder.start_renewing()
     store = ManifestStore(run_layout, guard=holder.check)
-    time.sleep(1.5)  # longer than the timeout: only the renewals keep it
+    time.sleep(1.6 * TIMEOUT_S)  # longer than the timeout: only the renewals keep it
     with pytest.raises(LeaseHeld):
         other_driver(run_layout).acquire()
     renewed = holder.read_holder().renewed
-    assert time.time() - renewed < 0.8
+    assert time.time() - renewed < TIMEOUT_S
 
     holder._stop.set()  # the driver hangs: no more renewals, but it still thinks it holds the run
     holder._thread.join()
-    time.sleep(1.0)
-    successor = other_driver(run_layout, timeout_s=0.8)
+    time.sleep(1.2 * TIMEOUT_S)
+    successor = other_driver(run_layout, timeout_s=TIMEOUT_S)
     successor.acquire()
     holder.renew()  # its next renewal finds the successor's lease
     assert holder.lost and successor.read_holder().lease == successor.holder.lease
@@ -133,15 +136,15 @@ def break_renewals(lease: RunLease, monkeypatch) -> None:
 
 
 def test_a_holder_whose_renewals_fail_stops_writing_before_a_successor_may_take_over(run_layout, monkeypatch):
-    holder = RunLease(run_layout, timeout_s=1.2)
+    holder = RunLease(run_layout, timeout_s=TIMEOUT_S)
     holder.acquire()
     holder.start_renewing()
     store = ManifestStore(run_layout, guard=holder.check)
-    time.sleep(0.5)
+    time.sleep(TIMEOUT_S / 2)
     holder.check()  # renewing: may write
     break_renewals(holder, monkeypatch)
 
-    time.sleep(1.2 * (1 - SAFETY_FRACTION) + 0.2)  # the renewals of this span all failed (logged, swallowed)
+    time.sleep(TIMEOUT_S * (1 - SAFETY_FRACTION) + 0.2)  # the renewals of this span all failed (logged, swallowed)
 
     assert not holder.lost  # no renewal saw another holder: the age of the last good renewal is what refuses
     with pytest.raises(LeaseLost) as refused:
@@ -150,9 +153,9 @@ def test_a_holder_whose_renewals_fail_stops_writing_before_a_successor_may_take_
     assert "\n" not in message and run_layout.describe() in message
     assert "last renewed" in message and "renewals failing" in message
     age = float(message.split("last renewed ")[1].split(" s ago")[0])
-    assert 1.2 * (1 - SAFETY_FRACTION) <= age + 0.5 < 3.0
+    assert TIMEOUT_S * (1 - SAFETY_FRACTION) <= age + 0.5 < 2 * TIMEOUT_S
     monkeypatch.undo()  # storage back: the next renewal (still our version) lets it write again
-    time.sleep(0.6)
+    time.sleep(TIMEOUT_S / 2)
     holder.check()
     holder.release()
 

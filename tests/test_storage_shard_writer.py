@@ -242,3 +242,22 @@ def wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> No
         assert process.poll() is None, f"the writer exited early ({process.returncode})"
         assert time.monotonic() < deadline, "the writer never got to group 1"
         time.sleep(0.1)
+
+
+def test_a_local_sink_starts_writeback_as_it_goes_and_stores_every_byte(tmp_path, monkeypatch):
+    """Every WRITEBACK_BYTES written, the kernel is asked to start writing them out (so the fsync on close waits for
+    the tail only); the file holds exactly the bytes given, and on Linux the call exists."""
+    from segprop_ray.storage import shard_sinks
+
+    if sys.platform.startswith("linux"):
+        assert shard_sinks._SYNC_FILE_RANGE is not None
+    calls = []
+    monkeypatch.setattr(shard_sinks, "start_writeback", lambda fd, offset, length: calls.append((offset, length)))
+    segment, step = os.urandom(shard_sinks.MIB), shard_sinks.WRITEBACK_BYTES
+    sink = shard_sinks.LocalSink(str(tmp_path / "f.bin"))
+    for _ in range(40):
+        sink.write(segment)
+    sink.close()
+    total = 40 * shard_sinks.MIB
+    assert calls == [(offset, step) for offset in range(0, total - step + 1, step)]
+    assert (tmp_path / "f.bin").read_bytes() == segment * 40

@@ -190,8 +190,8 @@ class ShardWriter:
         try:
             self._thread.put(lambda: self._encoder.finish(self._output.write))
             self._thread.finish()
+            self._sink.close()  # made durable (fsync, or the upload completed) while the hash catches up
             sha256 = self._output.finish()
-            self._sink.close()
         except BaseException:
             self._abort()
             raise

@@ -103,3 +103,16 @@ def test_a_transformers_too_old_for_packed_masks_is_refused_in_one_line(tmp_path
     with pytest.raises(RuntimeError) as refused, torch.no_grad():
         whole.logits(blocks.input_ids, position_ids=blocks.position_ids)
     assert str(refused.value) == message
+
+
+def test_rows_with_the_same_positions_share_one_rotary_table_and_packed_rows_keep_their_own():
+    import torch
+
+    from segprop_ray.core.stack import shared_positions
+
+    plain = torch.arange(6).repeat(3, 1)  # (3, 6): one sequence per block
+    assert shared_positions(plain).shape == (1, 6) and torch.equal(shared_positions(plain)[0], plain[0])
+    packed = plain.clone()
+    packed[1, 3:] = torch.arange(3)  # row 1 holds two examples
+    assert shared_positions(packed) is packed
+    assert shared_positions(plain[:1]) is not None and shared_positions(plain[:1]).shape == (1, 6)

@@ -80,6 +80,15 @@ class LMHead(nn.Module):
                                     normalizer=normalizer, logit_math=self.logit_math)
 
 
+def shared_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """``position_ids`` (B, T) as (1, T) when every row holds the same positions (blocks of one sequence each, the
+    usual unpacked case), as HF's models pass them: the rotary tables and masks are then made once and broadcast,
+    with the same values; rows that differ (packed examples) are kept as they are."""
+    if position_ids.shape[0] > 1 and bool((position_ids == position_ids[:1]).all()):
+        return position_ids[:1]  # (B, T) -> (1, T)
+    return position_ids
+
+
 class DecoderStack(nn.Module):
     """Decoder layers applied in the given order; each keeps its original index for its attention type."""
 
@@ -96,6 +105,7 @@ class DecoderStack(nn.Module):
         which gives every example its own block of the causal mask (transformers' packed-sequence masks)."""
         if not self.indices:
             return hidden
+        position_ids = shared_positions(position_ids)
         kinds = set(self._kinds)
         rope = rotary_embeddings(self.rotary, hidden, position_ids, kinds) if self.rotary is not None else {}
         masks = attention_masks(self.config, hidden, position_ids, kinds)

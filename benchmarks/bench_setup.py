@@ -129,6 +129,8 @@ class BenchPlan:
     threads: int = 0
     snap_files: int = 1
     """Files the snap_write variant writes at once (as ``resources.snapshot.files_per_actor``)."""
+    snap_tokens: int = 0
+    """Tokens snap_write transforms at least (passes over the train split; 0: one pass)."""
     files: dict[str, str] = field(default_factory=dict)
     """Exit files put in the run directory: run-relative path -> sha256."""
     snapshot_depths: list[int] = field(default_factory=list)
@@ -215,7 +217,7 @@ def make_plan(args: Any, work_dir: Path) -> BenchPlan:
                      eval_blocks=args.batch, work_dir=str(work_dir), lr=args.lr, max_grad_norm=args.max_grad_norm,
                      loss_chunk_tokens=args.loss_chunk_tokens, head_loss=getattr(args, "head_loss", "auto"),
                      threads=args.threads,
-                     snap_files=getattr(args, "snap_files", 1))
+                     snap_files=getattr(args, "snap_files", 1), snap_tokens=getattr(args, "snap_tokens", 0))
 
 
 def prepare(plan: BenchPlan) -> BenchPlan:

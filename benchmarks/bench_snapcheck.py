@@ -49,46 +49,54 @@ def run_snap_write(plan: BenchPlan, prefix: int, device: torch.device, files: in
         return result
 
     spec, options, written = plan.spec(), cfg.snapcheck.write_options(), {}
+    passes = {"eval": 1, "train": max(1, -(-plan.snap_tokens // (plan.train_blocks * plan.seq)))}
     for split, count in (("eval", plan.eval_blocks), ("train", plan.train_blocks)):
         spent["fn_s"] = 0.0
         begin = time.perf_counter()
         with ThreadPoolExecutor(files) as pool:
-            written[split] = list(pool.map(lambda i, split=split: transform_file(
-                ctx.layout, split, i, source_depth=prefix, depth=depth, fn=apply, spec=spec, options=options,
-                pin_memory=device.type == "cuda"), range(spec.num_files(count))))
+            for _ in range(passes[split]):  # each pass rewrites the split's files, as a job writes further files
+                written[split] = list(pool.map(lambda i, split=split: transform_file(
+                    ctx.layout, split, i, source_depth=prefix, depth=depth, fn=apply, spec=spec, options=options,
+                    pin_memory=device.type == "cuda"), range(spec.num_files(count))))
         wall = time.perf_counter() - begin
     for split, infos in written.items():
         commit_depth(ctx.layout, split, depth, infos, snapshot_hash(depth), spec)
-    tokens, out_bytes = plan.train_blocks * plan.seq, sum(info.bytes for info in written["train"])
-    raw_s = raw_copy_seconds(plan, prefix, [info.bytes for info in written["train"]])
+    tokens = passes["train"] * plan.train_blocks * plan.seq
+    out_bytes = passes["train"] * sum(info.bytes for info in written["train"])
+    raw_s = raw_copy_seconds(plan, prefix, [info.bytes for info in written["train"]], passes["train"])
     return {"tokens": tokens, "wall_s": round(wall, 4), "tokens_per_s": round(tokens / wall, 1),
             "median_step_s": None, "fn_s": round(spent["fn_s"], 4), "fn_share": round(spent["fn_s"] / wall, 4),
             "forward_tokens_per_s": round(tokens / spent["fn_s"], 1),  # snapshot_forward alone, as the job calls it
             "io_s": round(wall - spent["fn_s"], 4), "files": len(written["train"]), "files_at_once": files,
+            "passes": passes["train"],
             "written_bytes": out_bytes, "written_mb_per_s": round(out_bytes / wall / 1e6, 1),
             "raw_copy_s": round(raw_s, 4), "time_vs_raw_copy": round(wall / raw_s, 3),
             "upload_part_bytes": options.upload_part_bytes, "build_s": round(build_s, 3), "trainable_params": 0,
             "frozen_params_in_forward": sum(p.numel() for p in producer.parameters())}
 
 
-def raw_copy_seconds(plan: BenchPlan, prefix: int, sizes: list[int]) -> float:
-    """Seconds to read each train file of S[p] cold and write its output's size as a plain fsynced file."""
+def raw_copy_seconds(plan: BenchPlan, prefix: int, sizes: list[int], passes: int = 1) -> float:
+    """Seconds to read each train file of S[p] cold and write its output's size as a plain fsynced file, ``passes``
+    times (as snap_write's passes)."""
     from segprop_ray.storage.layout import RunLayout
 
     layout, out = RunLayout.open(plan.run_dir), Path(plan.work_dir) / "raw-copy"
     out.mkdir(exist_ok=True)
     sources = [layout.shard_file("train", prefix, i) for i in range(len(sizes))]
-    for source in sources:
-        evict(source)
-    begin = time.perf_counter()
-    for index, (source, size) in enumerate(zip(sources, sizes)):
-        data = Path(source).read_bytes()
-        data = data[:size] if len(data) >= size else data + bytes(size - len(data))
-        with open(out / f"part-{index:05d}.bin", "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-    return time.perf_counter() - begin
+    seconds = 0.0
+    for _ in range(passes):
+        for source in sources:
+            evict(source)
+        begin = time.perf_counter()
+        for index, (source, size) in enumerate(zip(sources, sizes)):
+            data = Path(source).read_bytes()
+            data = data[:size] if len(data) >= size else data + bytes(size - len(data))
+            with open(out / f"part-{index:05d}.bin", "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+        seconds += time.perf_counter() - begin
+    return seconds
 
 
 def evict(path: str) -> None:

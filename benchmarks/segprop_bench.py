@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "threads stall at every op's barrier whenever another process runs (10x swings seen)")
     ap.add_argument("--groups-per-file", type=int, default=4)
     ap.add_argument("--snap-files", type=int, default=1, help="files snap_write writes at once (files_per_actor)")
+    ap.add_argument("--snap-tokens", type=int, default=65_536,
+                    help="tokens snap_write transforms at least, in passes over the train split that each rewrite its "
+                         "files (a job's steady state, not one pass's start-up; 0: one pass)")
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="the project's default (HF's) is 1.0")
     ap.add_argument("--loss-chunk-tokens", type=int, default=0, help="training.loss_chunk_tokens (0: the default)")

@@ -64,6 +64,14 @@ def test_the_head_has_a_memory_backed_dev_shm(rendered):
     assert shm["emptyDir"]["medium"] == "Memory" and dc.quantity(shm["emptyDir"]["sizeLimit"]) >= 2**30
 
 
+def test_a_stopped_jobs_driver_has_time_to_release_its_lease(rendered):
+    """Ray's job supervisor kills a stopped job's driver 3 s after SIGTERM unless told otherwise: too short for the
+    manifest write and the conditional lease release on S3."""
+    _, docs = rendered
+    env = {e["name"]: e.get("value") for e in head_pod(dc.the_job(docs))["spec"]["containers"][0]["env"]}
+    assert int(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30
+
+
 def test_the_job_has_an_active_deadline(rendered):
     _, docs = rendered
     spec = dc.the_job(docs)["spec"]

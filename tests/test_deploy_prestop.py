@@ -108,3 +108,22 @@ def test_no_markers_without_the_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     checkpoint_at_notice(5, 4, lambda: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_markers_left_by_an_earlier_notice_do_not_end_the_hook_before_todays_checkpoint(tmp_path, node):
+    """Every rank sees every notice, so a node keeps saved markers of workers long gone: the hook must wait for the
+    worker training now, through its notice, to its own saved marker."""
+    notice(tmp_path, 501, 4).write_text("501\n")  # an earlier notice, saved, its worker gone
+    worker(tmp_path, 4343)
+    saved = None
+
+    def todays_notice() -> None:
+        nonlocal saved
+        saved = notice(tmp_path, 4343, 9)
+        threading.Timer(2.0, lambda: saved.write_text("4343\n")).start()
+
+    threading.Timer(2.0, todays_notice).start()
+
+    seconds, _ = node()
+
+    assert 4.0 <= seconds < 7.5  # the notice after 2 s, its checkpoint saved 2 s later

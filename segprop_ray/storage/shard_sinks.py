@@ -15,7 +15,6 @@ written and costs no second pass. Sinks:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import os
 import sys
@@ -110,7 +109,7 @@ waits for the last few only (the disk works while later bytes are laid out and h
 def _sync_file_range() -> Any:
     """libc's ``sync_file_range`` (Linux), else None."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has loaded
         function = libc.sync_file_range
     except (OSError, AttributeError):
         return None
@@ -150,17 +149,20 @@ class LocalSink:
 
     def close(self) -> None:
         """fsync and close: the file is durable once this returns."""
+        fd, self._fd = self._fd, -1
         try:
-            os.fsync(self._fd)
+            os.fsync(fd)
         finally:
-            os.close(self._fd)
+            os.close(fd)
 
     def abort(self) -> None:
-        """Close and remove the file."""
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
+        """Close (unless closed already: the number may be another file's by now) and remove the file."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         if os.path.exists(self.path):
             os.unlink(self.path)
 

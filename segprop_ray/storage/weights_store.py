@@ -13,6 +13,7 @@ of the embedding file and of layers 0..q.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -106,8 +107,13 @@ class WeightStore:
             node_cache.touch(cached)
             return cached
         remote = self.layout.join(*rel_path.split("/"))
-        if self.node_cache:
-            node_cache.make_room(self.cache_dir.parent, self.layout.fs.size(remote))
+        room = (node_cache.fetching(self.cache_dir.parent, sha256, self.layout.fs.size(remote)) if self.node_cache
+                else contextlib.nullcontext())
+        with room:  # counted against the node's cache limit while it downloads, as model fetches are
+            self._download(remote, rel_path, sha256, cached)
+        return cached
+
+    def _download(self, remote: str, rel_path: str, sha256: str, cached: Path) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.cache_dir, delete=False, suffix=".part") as handle:
             partial = Path(handle.name)
@@ -120,7 +126,6 @@ class WeightStore:
             os.replace(partial, cached)
         finally:
             partial.unlink(missing_ok=True)
-        return cached
 
     def source(self, files: Mapping[str, str]) -> SafetensorsSource:
         """A lazy tensor source over committed files given as ``{rel_path: sha256}``."""

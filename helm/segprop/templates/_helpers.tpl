@@ -210,7 +210,9 @@ preStop hook of a worker: mark this Ray node as preempted, so Ray Train takes a 
 its workers, then wait (bounded by the budget). Once a training worker has seen the notice (a
 `<pid>-<step>.notice` marker in SEGPROP_PREEMPT_DIR), wait until every notice has its `.saved` marker
 (the checkpoint of that step is uploaded) or its worker process is gone; before any notice, wait while
-a task or actor process is left on the node (idle workers, `ray::IDLE`, do not count).
+a task or actor process is left on the node (idle workers, `ray::IDLE`, do not count). Only the notices
+of live processes count: markers an earlier notice left (every rank sees every notice) say nothing of
+the workers training now.
 SEGPROP_PROC_ROOT (default /proc) exists for the chart's tests.
 Argument: the wait budget in seconds.
 */}}
@@ -239,11 +241,14 @@ lifecycle:
             done
             return 1
           }
-          noticed() { [ -n "$marks" ] && compgen -G "$marks/*.notice" > /dev/null; }
+          live() { [ -e "$1" ] && [ -d "$proc/$(head -n1 "$1")" ]; }
+          noticed() {
+            for n in "$marks"/*.notice; do live "$n" && return 0; done
+            return 1
+          }
           unsaved() {
             for n in "$marks"/*.notice; do
-              [ -e "$n" ] && [ ! -e "${n%.notice}.saved" ] || continue
-              [ -d "$proc/$(head -n1 "$n")" ] && return 0
+              live "$n" && [ ! -e "${n%.notice}.saved" ] && return 0
             done
             return 1
           }

@@ -117,6 +117,17 @@ def test_short_keys_set_what_they_name_and_the_shared_config_gives_a_mode_only_w
                      "e2e": (0, 2, 0, 1)}
 
 
+def test_a_shared_adapter_and_ll_baseline_reach_only_the_modes_that_use_them(tmp_path, inputs):
+    """A set whose shared config trains LoRA segments still runs its lw and e2e baselines: they take no adapter (lw and
+    e2e refuse one) and e2e keeps the input model's LL (it has no Stage 2)."""
+    config = base_config(tmp_path, inputs, segprop={"base_depth": 1, "ll_baseline": "stage1",
+                                                    "adapter": {"type": "lora", "r": 4}})
+    compare = load_compare(config, runs=["segprop", "lw", "e2e", "lora"], out=str(tmp_path / "cmp"))
+    runs = {run.name: run.cfg.segprop for run in compare.runs}
+    assert {name: (s.adapter is not None, s.ll_baseline) for name, s in runs.items()} == {
+        "segprop": (True, "stage1"), "lw": (False, "stage1"), "e2e": (False, "input"), "lora": (True, "input")}
+
+
 def test_no_compare_directory_is_refused(tmp_path, inputs):
     with pytest.raises(ConfigError, match=r"^no compare directory: pass --out DIR \(or out: in the compare spec\)$"):
         load_compare(base_config(tmp_path, inputs), runs=["e2e"])

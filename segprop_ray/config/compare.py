@@ -28,7 +28,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from segprop_ray.config.loading import ConfigError, format_validation_error, load_config
 from segprop_ray.config.schema import Config
-from segprop_ray.config.segprop import USED_BY, SegPropConfig, unused_settings
+from segprop_ray.config.segprop import ADAPTER_REFUSED, USED_BY, SegPropConfig, unused_settings
 from segprop_ray.config.training import Strict
 from segprop_ray.core.plan import MODES
 
@@ -92,6 +92,9 @@ class RunSpec(Strict):
         (whatever the config gave them), its short keys, then its own."""
         fields = [f"segprop.mode={self.mode}"]
         fields += [f"segprop.{name}={SegPropConfig.model_fields[name].default}" for name in unused_settings(self.mode)]
+        own_adapter = self.lora_r is not None or any(item.startswith("segprop.adapter") for item in self.set)
+        if self.mode in ADAPTER_REFUSED and not own_adapter:  # the set's LoRA runs' adapter is not this run's
+            fields.append("segprop.adapter=null")
         fields += [f"{RUN_KEYS[key]}={value}" for key, value in self.short_keys()]
         return fields + list(self.set)
 

@@ -17,6 +17,7 @@ USED_BY: dict[str, tuple[str, ...]] = {
     "last_layers": ("segprop",),
     "segment_layers": ("segprop", "lw"),
     "granularity": ("segprop", "lw"),
+    "ll_baseline": ("segprop", "lw"),
 }
 """Settings of the segmented algorithm -> the modes that use them. Set in another mode (to other than its default: a
 config travels to the workers with every field written out, so a value equal to the default cannot be told from one

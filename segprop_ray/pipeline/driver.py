@@ -62,12 +62,13 @@ class Driver:
 
     def run(self) -> Manifest:
         """The whole pipeline; returns the final manifest."""
-        if self.setup is None:
-            self.prepare()
-        try:
+        try:  # prepared inside: a SIGTERM between preparing and running still releases the lease
+            if self.setup is None:
+                self.prepare()
             self._run_recording_failure()
         finally:
-            self.setup.lease.release()
+            if self.setup is not None:
+                self.setup.lease.release()
         return self.manifest
 
     def _start(self) -> None:

@@ -106,8 +106,8 @@ def prepare_run(cfg: Config, restart: bool = False) -> RunSetup:
     layout = RunLayout.open(cfg.run_dir, cfg.storage_options)
     check_inputs(cfg, staged_source(cfg, layout))
     lease = RunLease(layout, cfg.resources.driver_lease_s)
-    lease.acquire()
-    try:
+    try:  # taken inside: a SIGTERM right after taking it still releases it
+        lease.acquire()
         return _open_run(cfg, layout, lease.start_renewing(), restart)
     except BaseException:
         lease.release()

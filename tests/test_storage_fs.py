@@ -192,3 +192,22 @@ def test_inputs_expand_directories_and_globs_in_order_and_refuse_a_file_named_tw
         expand_inputs([str(data), str(data / "a.jsonl")], setting="data.train")
     with pytest.raises(StorageError, match=r"evaluation.mc_path '.*nothing\*' matches no file"):
         expand_inputs(str(data / "nothing*"), setting="evaluation.mc_path")
+
+
+def test_a_remote_model_written_again_under_the_same_uri_is_fetched_again(s3_bucket, tmp_path):
+    """A model staged again after --restart keeps its URI: the node cache keys on the files' versions too, so no
+    process reads the copy it fetched before."""
+    from helpers import tiny_model_dir, upload
+    from segprop_ray.storage.models import resolve_model_dir
+
+    first, second = tiny_model_dir(tmp_path / "a", "llama", 2), tiny_model_dir(tmp_path / "b", "llama", 3)
+    uri, cache = f"s3://{s3_bucket}/models/again", tmp_path / "cache"
+    upload(first, uri)
+    before = resolve_model_dir(uri, cache_dir=cache)
+    assert (before / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+    upload(second, uri)
+    after = resolve_model_dir(uri, cache_dir=cache)
+    assert after != before
+    assert {p.name: p.read_bytes() for p in after.iterdir() if p.suffix} == \
+        {p.name: p.read_bytes() for p in second.iterdir()}
+    assert resolve_model_dir(uri, cache_dir=cache) == after  # unchanged: the same entry

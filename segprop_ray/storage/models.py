@@ -76,24 +76,35 @@ def _remote(model: str, storage_options: dict[str, Any] | None) -> tuple[Any, st
         raise StorageError(f"model {redact_uri(model)} could not be read: {one_line(error)}") from None
 
 
-def _listing(fs: Any, root: str, model: str) -> list[str]:
+def _listing(fs: Any, root: str, model: str, detail: bool = False) -> list[Any]:
     try:
-        return fs.ls(root, detail=False)
+        fs.invalidate_cache(root)  # this process may have listed it before it was written again
+        return fs.ls(root, detail=detail)
     except Exception as error:  # noqa: BLE001 - one line naming the model
         raise StorageError(f"model {redact_uri(model)} could not be read: {one_line(error)}") from None
 
 
+VERSION_FIELDS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "LastModified", "updated", "mtime")
+"""Fields of an fsspec listing entry that change when the object is replaced (S3, GCS, local files...)."""
+
+
 def _from_fsspec(model: str, storage_options: dict[str, Any] | None, cache_dir: str | Path | None,
                  patterns: tuple[str, ...]) -> Path:
-    key = hashlib.sha256(repr((model, patterns)).encode()).hexdigest()[:16]
+    fs, root = _remote(model, storage_options)
+    entries = [entry for entry in _listing(fs, root, model, detail=True)
+               if any(Path(entry["name"]).match(pat) for pat in patterns)]
+    # the key names the files' versions too: a directory written again under the same URI (a model staged again after
+    # --restart) is a new cache entry, never the copy a node fetched before
+    versions = sorted((entry["name"].rsplit("/", 1)[-1], entry.get("size"),
+                       [str(entry.get(field)) for field in VERSION_FIELDS if field in entry]) for entry in entries)
+    key = hashlib.sha256(repr((model, patterns, versions)).encode()).hexdigest()[:16]
     target = Path(cache_dir or cache_root() / "models") / key
     if _cached(target):
         return target
     with node_cache.entry_lock(target.parent / f".{key}.lock"):  # one process per node fetches, the others wait
         if _cached(target):  # fetched by another process while this one waited
             return target
-        fs, root = _remote(model, storage_options)
-        names = [p for p in _listing(fs, root, model) if any(Path(p).match(pat) for pat in patterns)]
+        names = [entry["name"] for entry in entries]
         if not names:
             raise StorageError(f"model {redact_uri(model)}: no model files found")
         if cache_dir is not None:

@@ -28,8 +28,10 @@ GOAL_SNAP_RATIO = 0.90
 STEP_KINDS = ("lw_snap", "seg_snap")
 
 
-def run_snap_write(plan: BenchPlan, prefix: int, device: torch.device, files: int = 1) -> dict[str, Any]:
-    """S[p+1] = f_{p+1}(S[p]) for every file (warm-up: the eval split), then the raw copy of the train files."""
+def run_snap_write(plan: BenchPlan, prefix: int, device: torch.device, files: int = 1,
+                   cold: bool = True) -> dict[str, Any]:
+    """S[p+1] = f_{p+1}(S[p]) for every file (warm-up: the eval split), then the raw copy of the train files; with
+    ``cold``, the source files leave the page cache before every pass, as before the raw copy's."""
     from bench_variants import job_context
     from segprop_ray.core.iteration import build_segment, snapshot_forward
     from segprop_ray.storage.snapcheck import commit_depth, transform_file
@@ -51,14 +53,17 @@ def run_snap_write(plan: BenchPlan, prefix: int, device: torch.device, files: in
     spec, options, written = plan.spec(), cfg.snapcheck.write_options(), {}
     passes = {"eval": 1, "train": max(1, -(-plan.snap_tokens // (plan.train_blocks * plan.seq)))}
     for split, count in (("eval", plan.eval_blocks), ("train", plan.train_blocks)):
-        spent["fn_s"] = 0.0
-        begin = time.perf_counter()
+        spent["fn_s"], wall = 0.0, 0.0
         with ThreadPoolExecutor(files) as pool:
             for _ in range(passes[split]):  # each pass rewrites the split's files, as a job writes further files
+                if cold:
+                    for i in range(spec.num_files(count)):
+                        evict(ctx.layout.shard_file(split, prefix, i))
+                begin = time.perf_counter()
                 written[split] = list(pool.map(lambda i, split=split: transform_file(
                     ctx.layout, split, i, source_depth=prefix, depth=depth, fn=apply, spec=spec, options=options,
                     pin_memory=device.type == "cuda"), range(spec.num_files(count))))
-        wall = time.perf_counter() - begin
+                wall += time.perf_counter() - begin
     for split, infos in written.items():
         commit_depth(ctx.layout, split, depth, infos, snapshot_hash(depth), spec)
     tokens = passes["train"] * plan.train_blocks * plan.seq

@@ -235,7 +235,7 @@ def run_variant(plan: BenchPlan, name: str, cold: bool = True) -> dict[str, Any]
         elif kind == "seg_recompute":
             result = run_recompute(plan, prefix, device)
         elif kind == "snap_write":
-            result = run_snap_write(plan, prefix, device, files_at_once(name, plan))
+            result = run_snap_write(plan, prefix, device, files_at_once(name, plan), cold)
         else:
             result = run_read_shards(plan, prefix, device)
     sync(device)

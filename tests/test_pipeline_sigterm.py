@@ -77,21 +77,31 @@ def config_for(tmp_path):
     return write_config(tmp_path / "config.yaml", raw), RunLayout.open(str(tmp_path / "run"))
 
 
-def test_a_sigterm_before_ray_is_connected_releases_the_lease(tmp_path):
+def terminate_when_ready(tmp_path, driver_args: tuple[str, ...], wait_ready, stop_timeout_s: float) -> None:
+    """Start a driver (``driver_args``), wait with ``wait_ready(layout, driver, log, deadline)``, check it holds the
+    lease, SIGTERM it, end whatever it started, and check it stopped cleanly and freed the run directory."""
     config, layout = config_for(tmp_path)
     log = tmp_path / "driver.log"
-    driver = start_driver(tmp_path, config, log, "-c", CONNECTING)
+    driver = start_driver(tmp_path, config, log, *driver_args)
     try:
-        deadline = time.monotonic() + START_BUDGET_S
-        while "connecting" not in log.read_text():
-            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
+        wait_ready(layout, driver, log, time.monotonic() + START_BUDGET_S)
         assert layout.fs.exists(layout.join(LEASE_NAME))
         driver.send_signal(signal.SIGTERM)
-        driver.wait(timeout=60)
+        driver.wait(timeout=stop_timeout_s)
     finally:
         end_session(driver)
     assert_stopped_and_free(driver, log, layout, config)
+
+
+def wait_until_connecting(_layout: RunLayout, proc: subprocess.Popen, log, deadline: float) -> None:
+    """Block until the driver says it is connecting to Ray."""
+    while "connecting" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def test_a_sigterm_before_ray_is_connected_releases_the_lease(tmp_path):
+    terminate_when_ready(tmp_path, ("-c", CONNECTING), wait_until_connecting, stop_timeout_s=60)
 
 
 def wait_until_a_job_runs(layout: RunLayout, proc: subprocess.Popen, log, deadline: float) -> str:
@@ -110,17 +120,7 @@ def wait_until_a_job_runs(layout: RunLayout, proc: subprocess.Popen, log, deadli
 
 
 def test_a_sigterm_in_the_middle_of_a_job_releases_the_lease_and_records_the_stop(tmp_path):
-    config, layout = config_for(tmp_path)
-    log = tmp_path / "driver.log"
-    driver = start_driver(tmp_path, config, log, "-m", "segprop_ray.cli", "run")
-    try:
-        wait_until_a_job_runs(layout, driver, log, time.monotonic() + START_BUDGET_S)
-        assert layout.fs.exists(layout.join(LEASE_NAME))
-        driver.send_signal(signal.SIGTERM)
-        driver.wait(timeout=120)
-    finally:
-        end_session(driver)
-    assert_stopped_and_free(driver, log, layout, config)
+    terminate_when_ready(tmp_path, ("-m", "segprop_ray.cli", "run"), wait_until_a_job_runs, stop_timeout_s=120)
 
 
 def test_ray_init_keeps_our_handler_and_a_library_caller_keeps_rays():

@@ -110,7 +110,7 @@ def _from_fsspec(model: str, storage_options: dict[str, Any] | None, cache_dir: 
         if cache_dir is not None:
             _fetch(fs, names, target, model)
         else:  # the node's cache: kept under its size limit, this fetch counted while it runs
-            with node_cache.fetching(cache_root(), key, sum(fs.size(name) for name in names)):
+            with node_cache.fetching(cache_root(), key, sum(int(entry.get("size") or 0) for entry in entries)):
                 _fetch(fs, names, target, model)
     return target
 
